@@ -1,0 +1,265 @@
+"""The data stage: raw sources -> one templated, tokenized, label-masked, packed dataset.
+
+Entry point :func:`build_templated_dataset`, called by ``rules/data.smk``, ``tunemake build-data``
+and the tests. Its output directory (named by the recipe's hash, see ``tunemake.config``) holds a
+``datasets.save_to_disk`` DatasetDict (``train`` packed, ``heldout`` unpacked), ``heldout.jsonl``,
+``stats.json`` and ``recipe.json``. Supported: local .json/.jsonl/.parquet/.txt and hub datasets,
+the formats in ``tunemake.formats``, every template in ``tunemake.templates``. Not supported:
+streaming datasets larger than memory (records are held in memory while encoding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from tunemake.atomic import atomic_dir, write_json
+from tunemake.config import expand_sources
+from tunemake.encode import IGNORE_INDEX, Encoded, encode_record, encode_records, pack
+from tunemake.errors import DataError
+from tunemake.formats import read_dataset
+from tunemake.templates import HF, Template
+
+log = logging.getLogger("tunemake.data")
+
+ENCODE_CHUNK = 4096  # records per encode_batch call: big enough to keep the threads busy
+
+
+def template_from_recipe(recipe_template: dict) -> Template | str:
+    """The template a recipe names (its fields are part of the recipe, so it is self-contained)."""
+    if recipe_template["name"] == HF:
+        return HF
+    return Template(**recipe_template)
+
+
+def load_tokenizer(tokenizer: dict):
+    """Load the tokenizer a recipe names (a local model directory or a hub id)."""
+    from transformers import AutoTokenizer
+
+    path = tokenizer["path"]
+    try:
+        return AutoTokenizer.from_pretrained(
+            path, revision=tokenizer.get("revision"),
+            trust_remote_code=tokenizer.get("trust_remote_code", False),
+        )
+    except Exception as exc:
+        where = "directory" if os.path.isdir(path) else "model directory or hub id"
+        raise DataError(f"{path}: cannot load a tokenizer from this {where}: {exc}") from None
+
+
+def split_heldout(turns: list[dict], fraction: float, seed: int) -> bool:
+    """Whether a record is held out: decided by a hash of its content, not its position.
+
+    Adding or reordering records never moves an existing record between train and held-out.
+    """
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{seed}\0{json.dumps(turns, sort_keys=True, ensure_ascii=False)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="rec", mininterval=1.0, dynamic_ncols=True)
+
+
+def build_templated_dataset(
+    recipe: dict, out_dir: str | os.PathLike, files: dict[str, list[str]] | None = None, threads: int = 1
+) -> dict:
+    """Build the templated dataset a recipe describes into ``out_dir``, atomically.
+
+    Args:
+        recipe: ``tunemake.config.data_recipe`` of an experiment (tokenizer, template, datasets,
+            max_length, packing, data_seed).
+        out_dir: where the dataset goes; replaced only once everything is written.
+        files: per dataset name, the local files to read (globs expanded); default: expand the
+            recipe's paths now.
+        threads: tokenizer threads (the rule's ``threads``).
+
+    Returns:
+        The statistics written to ``stats.json``.
+
+    Raises:
+        DataError: unreadable or malformed data (naming file and line), or a dataset with no
+            trainable record left; nothing is written to ``out_dir`` then.
+    """
+    os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(recipe["tokenizer"])
+    template = template_from_recipe(recipe["template"])
+    max_length = recipe["max_length"]
+
+    train: list[Encoded] = []
+    heldout: list[Encoded] = []
+    heldout_records: list[dict] = []
+    stats: dict = {"datasets": {}}
+    for dataset in recipe["datasets"]:
+        name = dataset["name"]
+        paths = None if "hub" in dataset else (files or {}).get(name) or expand_sources(dataset, name)
+        ds_stats, ds_train, ds_heldout, ds_records = _encode_dataset(dataset, paths, tokenizer, template, max_length)
+        stats["datasets"][name] = ds_stats
+        train += ds_train
+        heldout += ds_heldout
+        heldout_records += ds_records
+
+    packed = pack(train, max_length, seed=recipe["data_seed"], packing=recipe["packing"])
+    tokens = int(len(packed.input_ids))
+    stats.update({
+        "records_in": sum(s["records_in"] for s in stats["datasets"].values()),
+        "records_out": {"train": len(train), "heldout": len(heldout)},
+        "dropped": _sum_dicts(s["dropped"] for s in stats["datasets"].values()),
+        "truncated": sum(s["truncated"] for s in stats["datasets"].values()),
+        "tokens": tokens,
+        "trained_tokens": int((packed.labels != IGNORE_INDEX).sum()),
+        "heldout_tokens": sum(len(e.input_ids) for e in heldout),
+        "rows": packed.num_rows,
+        "max_length": max_length,
+        "packing": recipe["packing"],
+        "packing_efficiency": round(tokens / (packed.num_rows * max_length), 6) if packed.num_rows else 0.0,
+    })
+
+    with atomic_dir(out_dir) as tmp:
+        _dataset_dict(packed, heldout).save_to_disk(str(tmp))
+        with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as handle:
+            for record in heldout_records:
+                handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+        write_json(tmp / "stats.json", stats)
+        write_json(tmp / "recipe.json", recipe)
+    seconds = time.perf_counter() - started
+    log.info(
+        "%s: %d records in, %d train / %d held out, %d tokens in %d rows (packing efficiency %.1f%%), "
+        "%.1f s (%.0f tokens/s)",
+        out_dir, stats["records_in"], len(train), len(heldout), tokens, packed.num_rows,
+        100 * stats["packing_efficiency"], seconds, tokens / max(seconds, 1e-9),
+    )
+    return stats
+
+
+def _encode_dataset(dataset: dict, paths, tokenizer, template, max_length: int):
+    """Read, map, split and encode one configured dataset."""
+    name = dataset["name"]
+    pretrain = dataset["format"] == "pretrain"
+    dropped = {"empty_conversation": 0, "no_labels": 0}
+    records: list[tuple[list[dict], dict]] = []  # turns, fields kept for the held-out file
+    for location, raw, turns in read_dataset(dataset, paths):
+        if not turns or (pretrain and not turns[0]["output"]):
+            dropped["empty_conversation"] += 1
+            continue
+        extra = {k: v for k, v in raw.items() if k == "task"} if isinstance(raw, dict) else {}
+        records.append((turns, extra))
+    records_in = len(records) + dropped["empty_conversation"]
+
+    fraction, seed = dataset.get("heldout_fraction", 0.0), dataset.get("split_seed", 0)
+    flags = [split_heldout(turns, fraction, seed) for turns, _ in records]
+    if fraction > 0 and not any(flags) and len(records) > 1:
+        flags[0] = True  # a tiny dataset still gets one held-out record
+
+    encoded: list[Encoded] = []
+    with _progress(len(records), f"encode {name}") as bar:
+        for start in range(0, len(records), ENCODE_CHUNK):
+            chunk = records[start:start + ENCODE_CHUNK]
+            encoded += encode_records(((turns, pretrain) for turns, _ in chunk), tokenizer, template, max_length)
+            bar.update(len(chunk))
+
+    train, heldout, heldout_records = [], [], []
+    truncated = 0
+    for (turns, extra), is_heldout, enc in zip(records, flags, encoded):
+        if all(label == IGNORE_INDEX for label in enc.labels):
+            dropped["no_labels"] += 1
+            continue
+        truncated += enc.truncated
+        if is_heldout:
+            heldout.append(enc)
+            heldout_records.append({"dataset": name, "conversation": turns, **extra})
+        else:
+            train.append(enc)
+    if not train:
+        source = dataset.get("hub") or ", ".join(paths or [])
+        raise DataError(
+            f"{source}: dataset {name!r} has no trainable record left "
+            f"({records_in} read, {dropped['empty_conversation']} empty, "
+            f"{dropped['no_labels']} without a labelled token after truncation to {max_length}, "
+            f"{len(heldout)} held out)"
+        )
+    ds_stats = {
+        "records_in": records_in, "train": len(train), "heldout": len(heldout),
+        "dropped": dropped, "truncated": truncated,
+    }
+    return ds_stats, train, heldout, heldout_records
+
+
+def _sum_dicts(dicts) -> dict:
+    total: dict = {}
+    for d in dicts:
+        for key, value in d.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def _dataset_dict(packed, heldout: list[Encoded]):
+    """A DatasetDict built straight from flat arrays (no per-row Python objects for train)."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    def lists(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=pa.int32()))
+
+    train = pa.table({
+        "input_ids": lists(packed.input_ids, packed.offsets),
+        "labels": lists(packed.labels, packed.offsets),
+        "position_ids": lists(packed.position_ids, packed.offsets),
+    })
+    lengths = np.array([len(e.input_ids) for e in heldout], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]) if len(lengths) else np.zeros(1, dtype=np.int64)
+    flat = lambda attr: np.array([t for e in heldout for t in getattr(e, attr)], dtype=np.int32)  # noqa: E731
+    heldout_table = pa.table({
+        "input_ids": lists(flat("input_ids"), offsets),
+        "labels": lists(flat("labels"), offsets),
+    })
+    return datasets.DatasetDict({
+        "train": datasets.Dataset(InMemoryTable(train)),
+        "heldout": datasets.Dataset(InMemoryTable(heldout_table)),
+    })
+
+
+def check_dataset(dataset: dict, paths, tokenizer, template, max_length: int, count: int = 3,
+                  color: bool = False) -> str:
+    """Render the first ``count`` records as the model sees them, trained tokens marked.
+
+    Trained (labelled) spans are wrapped in ``[[`` ``]]``, or shown in green with ``color``.
+    Like ``xtuner check-custom-dataset``: for eyeballing a format, a field mapping or a template.
+    """
+    pretrain = dataset["format"] == "pretrain"
+    blocks = []
+    for location, _raw, turns in read_dataset(dataset, paths):
+        if len(blocks) == count:
+            break
+        if not turns:
+            blocks.append(f"--- {location} (dropped: empty conversation)")
+            continue
+        enc = encode_record(turns, tokenizer, template, max_length, pretrain)
+        trained = sum(label != IGNORE_INDEX for label in enc.labels)
+        header = f"--- {location}: {len(enc.input_ids)} tokens, {trained} trained"
+        header += " (truncated)" if enc.truncated else ""
+        header += " (dropped: no labelled token)" if not trained else ""
+        blocks.append(header + "\n" + _mark_labels(tokenizer, enc, color))
+    return "\n".join(blocks)
+
+
+def _mark_labels(tokenizer, enc: Encoded, color: bool) -> str:
+    open_, close = ("\x1b[32m", "\x1b[0m") if color else ("[[", "]]")
+    out, start = [], 0
+    ids, labelled = enc.input_ids, [label != IGNORE_INDEX for label in enc.labels]
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or labelled[i] != labelled[start]:
+            text = tokenizer.decode(ids[start:i])
+            out.append(f"{open_}{text}{close}" if labelled[start] else text)
+            start = i
+    return "".join(out)

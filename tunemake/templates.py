@@ -1,0 +1,188 @@
+"""Prompt templates: XTuner's exact strings, custom templates from the config, and ``hf``.
+
+A template turns a unified conversation into the text pieces the encoder tokenizes, and into a
+Jinja ``chat_template`` that renders the same text, so training and chat never disagree.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+
+from tunemake.errors import ConfigError
+
+LLAMA2_DEFAULT_SYSTEM = (
+    " You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
+    "while being safe. Your answers should not include any harmful, unethical, racist, sexist, "
+    "toxic, dangerous, or illegal content. Please ensure that your responses are socially "
+    "unbiased and positive in nature.\n"
+)
+VICUNA_PREAMBLE = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the user's questions. "
+)
+
+
+@dataclass(frozen=True)
+class Template:
+    """XTuner's six template fields. ``{system}``, ``{input}`` and ``{round}`` are substituted."""
+
+    name: str
+    system: str = ""
+    instruction: str = "{input}"
+    suffix: str = ""
+    suffix_as_eos: bool = False
+    sep: str = ""
+    stop_words: tuple[str, ...] = field(default_factory=tuple)
+
+    def render_input(self, text: str, system: str | None, round_: int) -> str:
+        """The (system +) instruction text of one turn, exactly as XTuner's template_map_fn."""
+        rendered = self.instruction.format(input=text, round=round_)
+        if system:
+            rendered = self.system.format(system=system) + rendered
+        return rendered
+
+    def render_output(self, text: str) -> str:
+        """The assistant output followed by the suffix, when the template has one."""
+        return text + self.suffix
+
+    def special_tokens(self) -> list[str]:
+        """Tokens a tokenizer trained for this template should treat as single special tokens."""
+        found: list[str] = []
+        for text in (self.system, self.instruction, self.suffix, *self.stop_words):
+            for token in re.findall(r"<\|[^|<>\s]+\|>|<eo[ha]>|<reserved_\d+>", text):
+                if token not in found:
+                    found.append(token)
+        return found
+
+    def chat_template(self) -> str:
+        """A Jinja ``chat_template`` that renders exactly the text tunemake trains on.
+
+        ``apply_chat_template(messages, add_generation_prompt=True)`` ends with the instruction
+        of the last user turn, which already holds the assistant prefix, so the generation prompt
+        adds nothing. bos opens the text and follows every eos, as in XTuner's encoder.
+        """
+        return _jinja_for(self)
+
+
+# fmt: off
+_BUILTIN = [
+    Template("default", "<|System|>:{system}\n", "<|User|>:{input}\n<|Bot|>:", sep="\n"),
+    Template("zephyr", "<|system|>\n{system}\n", "<|user|>\n{input}\n<|assistant|>\n", sep="\n"),
+    Template("internlm_chat", "<|System|>:{system}\n", "<|User|>:{input}<eoh>\n<|Bot|>:",
+             suffix="<eoa>", suffix_as_eos=True, sep="\n", stop_words=("<eoa>",)),
+    Template("internlm2_chat", "<|im_start|>system\n{system}<|im_end|>\n",
+             "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+             suffix="<|im_end|>", suffix_as_eos=True, sep="\n", stop_words=("<|im_end|>",)),
+    Template("qwen_chat", "<|im_start|>system\n{system}<|im_end|>\n",
+             "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+             suffix="<|im_end|>", suffix_as_eos=True, sep="\n",
+             stop_words=("<|im_end|>", "<|endoftext|>")),
+    Template("llama2_chat", "[INST] <<SYS>>\n" + LLAMA2_DEFAULT_SYSTEM + "{system}\n<</SYS>>\n [/INST] ",
+             "[INST] {input} [/INST]", sep="\n"),
+    Template("llama3_chat", "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+             "<|start_header_id|>user<|end_header_id|>\n\n{input}<|eot_id|>"
+             "<|start_header_id|>assistant<|end_header_id|>\n\n",
+             suffix="<|eot_id|>", suffix_as_eos=True, stop_words=("<|eot_id|>",)),
+    Template("chatglm3", "<|system|>\n{system}", "<|user|>\n{input}<|assistant|>\n", sep="\n"),
+    Template("mistral", "[INST] {system} [/INST]\n", "[INST] {input} [/INST]", sep="\n"),
+    Template("baichuan2_chat", "{system}\n", "<reserved_106>{input}<reserved_107>", sep="\n"),
+    Template("vicuna", VICUNA_PREAMBLE + "{system}\n ", "USER: {input} ASSISTANT:", sep="\n"),
+    Template("chatglm2", "", "[Round {round}]\n\n问：{input}\n\n答：", sep="\n\n"),
+]
+# fmt: on
+_ALIASES = {"mixtral": "mistral", "deepseek_moe": "mistral", "wizardlm": "vicuna"}
+
+TEMPLATES: dict[str, Template] = {t.name: t for t in _BUILTIN}
+for _alias, _target in _ALIASES.items():
+    TEMPLATES[_alias] = Template(**{**TEMPLATES[_target].__dict__, "name": _alias})
+
+#: The template that uses the tokenizer's own ``chat_template`` instead of XTuner's strings.
+HF = "hf"
+
+_FIELDS = ("system", "instruction", "suffix", "suffix_as_eos", "sep", "stop_words")
+_ALLOWED_PLACEHOLDERS = {"system": {"system"}, "instruction": {"input", "round"}}
+
+
+def template_from_config(name: str, fields: dict, key: str) -> Template:
+    """Build a custom template from the config's six fields, checking its placeholders.
+
+    Raises:
+        ConfigError: a field holds a placeholder other than ``{system}`` / ``{input}`` / ``{round}``.
+    """
+    for field_name, allowed in _ALLOWED_PLACEHOLDERS.items():
+        text = fields.get(field_name, "")
+        try:
+            used = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+        except ValueError as exc:
+            raise ConfigError(f"{key}.{field_name}: {exc} (write a literal brace as {{{{ or }}}})")
+        if used - allowed:
+            raise ConfigError(
+                f"{key}.{field_name}: unknown placeholder {{{sorted(used - allowed)[0]}}}; "
+                f"allowed: {', '.join('{' + a + '}' for a in sorted(allowed))}"
+            )
+    if "{input}" not in fields.get("instruction", "{input}"):
+        raise ConfigError(f"{key}.instruction: must contain {{input}}")
+    values = {k: fields[k] for k in _FIELDS if k in fields}
+    if "stop_words" in values:
+        values["stop_words"] = tuple(values["stop_words"])
+    return Template(name=name, **values)
+
+
+def get_template(name: str, custom: dict | None = None) -> Template | str:
+    """Look up a template by name: a custom one from the config first, then the built-ins.
+
+    Returns the string ``"hf"`` for the tokenizer's own chat template.
+
+    Raises:
+        ConfigError: the name is unknown.
+    """
+    custom = custom or {}
+    if name in custom:
+        return template_from_config(name, custom[name], f"templates.{name}")
+    if name == HF:
+        return HF
+    if name in TEMPLATES:
+        return TEMPLATES[name]
+    known = sorted([*TEMPLATES, HF, *custom])
+    raise ConfigError(f"unknown template {name!r}; known templates: {', '.join(known)}")
+
+
+def _jinja_literal(text: str) -> str:
+    """Quote ``text`` as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _jinja_format(text: str, values: dict[str, str]) -> str:
+    """Turn ``text`` with ``{name}`` placeholders into a Jinja expression concatenating pieces."""
+    parts = []
+    for literal, name, _, _ in string.Formatter().parse(text):
+        if literal:
+            parts.append(_jinja_literal(literal))
+        if name is not None:
+            parts.append(values[name])
+    return " ~ ".join(parts) if parts else "''"
+
+
+def _jinja_for(t: Template) -> str:
+    instruction = _jinja_format(t.instruction, {"input": "message['content']", "round": "(ns.round | string)"})
+    system = _jinja_format(t.system, {"system": "ns.system"})
+    end_of_turn = _jinja_literal(t.suffix)
+    if not t.suffix_as_eos:
+        end_of_turn += " ~ (eos_token or '')"
+    return (
+        "{%- set ns = namespace(system='', round=0, bos=true) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] -%}"
+        "{%- elif message['role'] == 'user' -%}"
+        "{%- set ns.round = ns.round + 1 -%}"
+        "{%- if ns.bos and bos_token -%}{{ bos_token }}{%- endif -%}"
+        "{%- if ns.system -%}{{ " + system + " }}{%- set ns.system = '' -%}{%- endif -%}"
+        "{{ " + instruction + " }}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{ message['content'] ~ " + end_of_turn + " ~ " + _jinja_literal(t.sep) + " }}"
+        "{%- set ns.bos = " + ("false" if t.suffix_as_eos else "true") + " -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
