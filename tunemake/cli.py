@@ -1,0 +1,142 @@
+"""The ``tunemake`` command: inspect a config, its templates, formats and datasets, and run stages.
+
+Each subcommand calls the same stage entry point the Snakemake rule calls. Bad input prints one
+``error: ...`` line naming the file and line (or config key) and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tunemake.errors import ConfigError, TunemakeError
+
+
+def _load(args):
+    from tunemake.config import load_config
+
+    return load_config(args.config)
+
+
+def cmd_list_templates(args) -> None:
+    from tunemake.templates import HF, TEMPLATES
+
+    for name, t in TEMPLATES.items():
+        print(f"{name:15} {t.instruction!r}" + (f"  suffix {t.suffix!r}" if t.suffix else ""))
+    print(f"{HF:15} the tokenizer's own chat_template")
+
+
+def cmd_list_formats(args) -> None:
+    from tunemake.formats import FORMATS
+
+    for name, description in FORMATS.items():
+        print(f"{name:13} {description}")
+
+
+def cmd_list_experiments(args) -> None:
+    from tunemake.paths import templated_dataset
+
+    config = _load(args)
+    for name, exp in config["experiments"].items():
+        base = f"experiment {exp['upstream']}" if exp["upstream"] else f"model {exp['root_model']}"
+        print(f"{name}\n  from {base}, method {exp['method']}, template {exp['template']}, "
+              f"{exp['epochs']} epochs\n  data {templated_dataset(exp['data_key'])} "
+              f"({' + '.join(exp['datasets'])}, max_length {exp['max_length']})")
+
+
+def _experiment(config: dict, name: str | None, dataset: str | None = None) -> dict:
+    experiments = config["experiments"]
+    if name is None:
+        matching = [e for e in experiments.values() if dataset is None or dataset in e["datasets"]]
+        if not matching:
+            raise ConfigError(f"no experiment uses dataset {dataset!r}; pass --model and --template")
+        return matching[0]
+    if name not in experiments:
+        raise ConfigError(f"unknown experiment {name!r}; experiments: {', '.join(experiments)}")
+    return experiments[name]
+
+
+def cmd_check_dataset(args) -> None:
+    from tunemake.config import expand_sources
+    from tunemake.templates import get_template
+    from tunemake.data import check_dataset, load_tokenizer
+
+    config = _load(args)
+    if args.dataset not in config["datasets"]:
+        raise ConfigError(f"unknown dataset {args.dataset!r}; datasets: {', '.join(config['datasets'])}")
+    dataset = {"name": args.dataset, **config["datasets"][args.dataset]}
+    if args.model:
+        if args.model not in config["models"]:
+            raise ConfigError(f"unknown model {args.model!r}; models: {', '.join(config['models'])}")
+        model = config["models"][args.model]
+        template_name = args.template or model["template"]
+        max_length = args.max_length or 2048
+    else:
+        exp = _experiment(config, args.experiment, args.dataset)
+        model = config["models"][exp["root_model"]]
+        template_name = args.template or exp["template"]
+        max_length = args.max_length or exp["max_length"]
+    template = get_template(template_name, config.get("templates"))
+    tokenizer = load_tokenizer({"path": model["path"], "revision": model.get("revision"),
+                                "trust_remote_code": model.get("trust_remote_code", False)})
+    paths = None if "hub" in dataset else expand_sources(dataset, args.dataset)
+    print(check_dataset(dataset, paths, tokenizer, template, max_length, args.count,
+                        color=sys.stdout.isatty() and not args.no_color))
+
+
+def cmd_build_data(args) -> None:
+    from tunemake.data import build_templated_dataset
+    from tunemake.paths import templated_dataset
+
+    config = _load(args)
+    exp = _experiment(config, args.experiment)
+    out = args.out or templated_dataset(exp["data_key"])
+    stats = build_templated_dataset(exp["data_recipe"], out, threads=args.threads)
+    print(f"{out}: {stats['records_out']['train']} train / {stats['records_out']['heldout']} held-out "
+          f"records, {stats['tokens']} tokens, packing efficiency {stats['packing_efficiency']:.1%}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunemake", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("--config", "-c", default="config.yaml", help="config file (default: config.yaml)")
+        return p
+
+    sub.add_parser("list-templates", help="prompt templates and their instruction strings").set_defaults(fn=cmd_list_templates)
+    sub.add_parser("list-formats", help="dataset formats and what each reads").set_defaults(fn=cmd_list_formats)
+    with_config(sub.add_parser("list-experiments", help="the config's experiments, resolved")).set_defaults(fn=cmd_list_experiments)
+
+    p = with_config(sub.add_parser("check-dataset", help="render records of a dataset with trained tokens marked"))
+    p.add_argument("dataset", help="a dataset name from the config")
+    p.add_argument("--experiment", help="take model, template and max_length from this experiment")
+    p.add_argument("--model", help="a model name from the config (instead of --experiment)")
+    p.add_argument("--template", help="override the template")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("-n", "--count", type=int, default=3, help="records to show (default 3)")
+    p.add_argument("--no-color", action="store_true", help="mark trained spans with [[ ]] even on a terminal")
+    p.set_defaults(fn=cmd_check_dataset)
+
+    p = with_config(sub.add_parser("build-data", help="build an experiment's templated dataset"))
+    p.add_argument("experiment")
+    p.add_argument("--out", help="output directory (default: where the workflow puts it)")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(fn=cmd_build_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        args.fn(args)
+    except TunemakeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Run a stage's entry point from a Snakemake ``script:`` with the rule's log and a clean error.
+
+The rule's log gets everything the stage prints (progress bars, logging); a
+:class:`~tunemake.errors.TunemakeError` is also printed to the console, without a traceback, so
+the user sees which file, line or key to fix, and the job fails with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+from tunemake.errors import TunemakeError
+
+
+def run(smk, entry: Callable, **kwargs):
+    """Call ``entry(**kwargs)`` with stdout/stderr going to the rule's log (when it has one)."""
+    console = os.fdopen(os.dup(2), "w")
+    if smk.log:
+        os.makedirs(os.path.dirname(smk.log[0]) or ".", exist_ok=True)
+        log_fd = os.open(smk.log[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s", force=True)
+    try:
+        return entry(**kwargs)
+    except TunemakeError as exc:
+        message = f"error: {exc}"
+        print(message, file=sys.stderr, flush=True)
+        if smk.log:
+            print(f"{message}\n(log: {smk.log[0]})", file=console, flush=True)
+        sys.exit(1)
