@@ -1,0 +1,219 @@
+"""The workflow through real Snakemake runs in a temp dir: what builds, what rebuilds, what fails.
+
+Uses tests/configs/demo_small.yaml, a scaled-down copy of the demo (synthetic data, a demo
+tokenizer and model built by the workflow, two experiments sharing one templated dataset).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_CONFIG = REPO / "tests" / "configs" / "demo_small.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the repo's Snakefile in ``workdir`` with ``workdir/config.yaml``."""
+    cmd = [
+        sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+        "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def planned_jobs(workdir: Path) -> dict[str, int]:
+    """Rule -> job count of what a dry run would execute ({} when nothing is to be done)."""
+    out = snakemake(workdir, "-n", "--quiet", "rules").stdout
+    jobs = {}
+    for line in out.splitlines():
+        match = re.match(r"^\s*([A-Za-z_]\w*)\s+(\d+)\s*$", line)
+        if match and match.group(1) not in ("total", "job"):
+            jobs[match.group(1)] = int(match.group(2))
+    return jobs
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def small_config() -> dict:
+    return yaml.safe_load(SMALL_CONFIG.read_text())
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """The small demo, built once; tests copy it before changing anything."""
+    workdir = tmp_path_factory.mktemp("built")
+    write_config(workdir, small_config())
+    snakemake(workdir)
+    return workdir
+
+
+def copy_of(built: Path, tmp_path: Path) -> Path:
+    # copytree keeps mtimes, so the copy is as up to date as the original
+    work = tmp_path / "work"
+    shutil.copytree(built, work, symlinks=True, ignore=shutil.ignore_patterns("locks", "incomplete"))
+    return work
+
+
+def templated_dirs(workdir: Path) -> list[Path]:
+    return sorted(p for p in (workdir / "data" / "templated").iterdir() if not p.name.startswith("."))
+
+
+def test_demo_builds_datasets_and_base_model(built):
+    dirs = templated_dirs(built)
+    # three experiments, two templated datasets: the corpus, and the tasks shared by two experiments
+    assert len(dirs) == 2
+    for d in dirs:
+        stats = json.loads((d / "stats.json").read_text())
+        assert stats["records_out"]["train"] > 0
+        assert 0.9 < stats["packing_efficiency"] <= 1.0
+        assert (d / "dataset_dict.json").exists() and (d / "heldout.jsonl").exists()
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(built / "models" / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(built / "models" / "tiny")
+    assert model.config.vocab_size == len(tokenizer)
+    tasks = next(d for d in dirs if json.loads((d / "stats.json").read_text())["records_out"]["heldout"])
+    dd = datasets.load_from_disk(str(tasks))
+    assert set(dd) == {"train", "heldout"}
+    assert max(len(r) for r in dd["train"]["input_ids"]) == 128
+
+
+def test_second_run_does_nothing(built):
+    assert planned_jobs(built) == {}
+
+
+def test_shared_data_is_one_job(tmp_path):
+    write_config(tmp_path, small_config())
+    jobs = planned_jobs(tmp_path)
+    assert jobs["templated_dataset"] == 2  # corpus + tasks; the tasks build serves two experiments
+    assert jobs["demo_data"] == 1 and jobs["demo_tokenizer"] == 1
+
+
+def test_training_settings_do_not_touch_data(built, tmp_path):
+    work = copy_of(built, tmp_path)
+    config = small_config()
+    for exp in config["experiments"]:
+        exp.update(lr=0.123, seed=42, epochs=5)
+    config["experiments"][2]["method"] = "full"
+    write_config(work, config)
+    assert planned_jobs(work) == {}
+
+
+def test_max_length_change_rebuilds_only_that_data(built, tmp_path):
+    work = copy_of(built, tmp_path)
+    config = small_config()
+    config["experiments"][0]["max_length"] = 64  # the corpus experiment only
+    write_config(work, config)
+    assert planned_jobs(work) == {"templated_dataset": 1, "all": 1}
+    snakemake(work)
+    assert len(templated_dirs(work)) == 3  # the old build stays, the new one sits beside it
+    assert planned_jobs(work) == {}
+
+
+def test_source_edit_rebuilds_in_place(built, tmp_path):
+    work = copy_of(built, tmp_path)
+    tasks = work / "data" / "demo" / "tasks.jsonl"
+    record = {"conversation": [{"input": "What is tunemake?", "output": "A build system."}]}
+    with open(tasks, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    assert planned_jobs(work) == {"templated_dataset": 1, "all": 1}
+
+
+def test_tokenizer_rebuild_rebuilds_data_not_sources(built, tmp_path):
+    work = copy_of(built, tmp_path)
+    config = small_config()
+    config["models"]["tiny"]["demo"]["vocab_size"] = 420
+    write_config(work, config)
+    jobs = planned_jobs(work)
+    assert jobs.get("demo_data") is None
+    assert jobs["demo_tokenizer"] == 1 and jobs["templated_dataset"] == 2
+
+
+def _assert_clean_failure(work: Path, proc, *fragments: str) -> None:
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    for fragment in fragments:
+        assert fragment in text, f"{fragment!r} not in output:\n{text[-4000:]}"
+    templated = work / "data" / "templated"
+    leftovers = sorted(p.name for p in templated.iterdir()) if templated.exists() else []
+    assert leftovers == [], f"left behind: {leftovers}"
+
+
+def test_malformed_line_fails_cleanly(tmp_path):
+    (tmp_path / "chat.jsonl").write_text(
+        '{"conversation": [{"input": "a", "output": "b"}]}\n{"conversation": [{"input": "a", "output": }]}\n'
+    )
+    config = small_config()
+    config["datasets"]["chat"] = {"path": "chat.jsonl"}
+    config["experiments"] = [{"model": "tiny", "datasets": "chat", "method": "lora", "max_length": 64}]
+    write_config(tmp_path, config)
+    proc = snakemake(tmp_path, check=False)
+    _assert_clean_failure(tmp_path, proc, "chat.jsonl:2: invalid JSON")
+
+
+def test_missing_field_fails_cleanly(tmp_path):
+    (tmp_path / "chat.jsonl").write_text('{"conversation": [{"input": "a", "reply": "b"}]}\n')
+    config = small_config()
+    config["datasets"]["chat"] = {"path": "chat.jsonl"}
+    config["experiments"] = [{"model": "tiny", "datasets": "chat", "method": "lora", "max_length": 64}]
+    write_config(tmp_path, config)
+    proc = snakemake(tmp_path, check=False)
+    _assert_clean_failure(tmp_path, proc, "chat.jsonl:1: conversation[0]: missing key 'output'")
+
+
+def test_empty_after_filtering_fails_cleanly(tmp_path):
+    (tmp_path / "alpaca.json").write_text(json.dumps([
+        {"instruction": "Say nothing", "input": "", "output": "<nooutput>"},
+    ]))
+    config = small_config()
+    config["datasets"]["alpaca"] = {"path": "alpaca.json", "format": "alpaca"}
+    config["experiments"] = [{"model": "tiny", "datasets": "alpaca", "method": "lora", "max_length": 64}]
+    write_config(tmp_path, config)
+    proc = snakemake(tmp_path, check=False)
+    _assert_clean_failure(tmp_path, proc, "alpaca.json: dataset 'alpaca' has no trainable record left")
+
+
+def test_missing_source_file_fails_before_any_job(tmp_path):
+    config = small_config()
+    config["datasets"]["chat"] = {"path": "nowhere/chat.jsonl"}
+    config["experiments"] = [{"model": "tiny", "datasets": "chat", "method": "lora"}]
+    write_config(tmp_path, config)
+    proc = snakemake(tmp_path, check=False)
+    _assert_clean_failure(tmp_path, proc, "nowhere/chat.jsonl")
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (lambda c: c["experiments"][0].update(max_length="long"), "experiments[0].max_length: 'long' is not of type 'integer'"),
+        (lambda c: c["experiments"][0].update(epochs=0), "experiments[0].epochs: 0 is less than the minimum of 1"),
+        (lambda c: c["datasets"]["tasks"].update(format="csv"), "datasets.tasks.format: 'csv' is not one of"),
+        (lambda c: c["experiments"][0].update(template="nope"), "experiments[0].template: unknown template 'nope'"),
+        (lambda c: c["datasets"]["tasks"].update(path="data/*.nothing"), "datasets.tasks.path: 'data/*.nothing' matches no file"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, change, fragment):
+    config = small_config()
+    change(config)
+    write_config(tmp_path, config)
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0
+    assert fragment in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
