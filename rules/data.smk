@@ -15,6 +15,8 @@ rule templated_dataset:
     resources:
         mem_mb=4000,
         runtime=60,
+    conda:
+        "../envs/tunemake.yaml"
     log:
         "logs/templated_dataset/{data_key}.log",
     script:

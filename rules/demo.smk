@@ -7,6 +7,8 @@ rule demo_data:
         tasks=f"{DEMO_DIR}/tasks.jsonl",
     params:
         demo=TM["demo"],
+    conda:
+        "../envs/tunemake.yaml"
     log:
         "logs/demo_data/demo.log",
     script:
@@ -21,6 +23,8 @@ rule demo_tokenizer:
     params:
         model=get_demo_model,
         templates=TM["templates"],
+    conda:
+        "../envs/tunemake.yaml"
     log:
         "logs/demo_tokenizer/{model_dir}.log",
     script:
@@ -34,6 +38,8 @@ rule demo_model:
         [f"{{model_dir}}/{name}" for name in MODEL_FILES],
     params:
         model=get_demo_model,
+    conda:
+        "../envs/tunemake.yaml"
     log:
         "logs/demo_model/{model_dir}.log",
     script:
