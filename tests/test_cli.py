@@ -1,0 +1,92 @@
+"""The tunemake command: listings, check-dataset, build-data, and errors as one line + exit 1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunemake.cli import main
+from tunemake.templates import TEMPLATES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_list_templates_names_every_template(capsys):
+    assert main(["list-templates"]) == 0
+    out = capsys.readouterr().out
+    listed = {line.split()[0] for line in out.splitlines()}
+    assert listed == set(TEMPLATES) | {"hf"}
+    assert repr("<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n") in out
+
+
+def test_list_formats(capsys):
+    assert main(["list-formats"]) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
+    assert listed == {"conversation", "oasst1", "alpaca", "openai", "pretrain", "custom"}
+
+
+def test_list_experiments_on_the_demo_config(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["list-experiments"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_full_corpus\n" in out
+    assert "tiny_full_corpus_lora_small_tasks\n  from experiment tiny_full_corpus" in out
+
+
+@pytest.fixture
+def project(tmp_path, tokenizer_dir):
+    tok = tokenizer_dir("internlm2_chat")
+    (tmp_path / "chat.jsonl").write_text(
+        json.dumps({"conversation": [{"system": "Be brief.", "input": "Hi", "output": "Hello!"}]}) + "\n"
+        + json.dumps({"conversation": [{"input": "2+2?", "output": "4"}, {"input": "Double it", "output": "8"}]}) + "\n"
+    )
+    config = {
+        "models": {"tok": {"path": str(tok), "template": "internlm2_chat"}},
+        "datasets": {"chat": {"path": "chat.jsonl"}},
+        "experiments": [{"model": "tok", "datasets": "chat", "method": "lora", "max_length": 64}],
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def test_check_dataset_marks_trained_spans(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert main(["check-dataset", "chat", "-n", "2", "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "chat.jsonl:1:" in out and "chat.jsonl:2:" in out
+    assert "[[Hello!<|im_end|>]]" in out
+    assert "[[4<|im_end|>]]" in out and "[[8<|im_end|>]]" in out
+    assert "[[Be brief" not in out
+
+
+def test_build_data_writes_where_the_workflow_would(project, monkeypatch, capsys):
+    from tunemake.config import load_config
+    from tunemake.paths import templated_dataset
+
+    monkeypatch.chdir(project)
+    assert main(["build-data", "tok_lora_chat"]) == 0
+    key = load_config("config.yaml")["experiments"]["tok_lora_chat"]["data_key"]
+    assert (project / templated_dataset(key) / "stats.json").exists()
+
+
+def test_errors_are_one_line_and_exit_1(project):
+    with open(project / "chat.jsonl", "a") as handle:
+        handle.write('{"conversation": [{"input": "x"}]}\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunemake.cli", "build-data", "tok_lora_chat"],
+        cwd=project, capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "error: chat.jsonl:3: conversation[0]: missing key 'output'"
+    assert not (project / "data" / "templated").exists() or not any((project / "data" / "templated").iterdir())
+
+
+def test_unknown_experiment(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert main(["build-data", "nope"]) == 1
+    assert "unknown experiment 'nope'" in capsys.readouterr().err
