@@ -11,7 +11,8 @@ rule templated_dataset:
     params:
         recipe=get_recipe,
         files=get_recipe_files,
-    threads: 2
+    # Tokenization scales with threads; Snakemake lowers this to --cores when it must.
+    threads: 8
     resources:
         mem_mb=4000,
         runtime=60,

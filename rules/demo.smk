@@ -7,6 +7,10 @@ rule demo_data:
         tasks=f"{DEMO_DIR}/tasks.jsonl",
     params:
         demo=TM["demo"],
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
     conda:
         "../envs/tunemake.yaml"
     log:
@@ -23,6 +27,10 @@ rule demo_tokenizer:
     params:
         model=get_demo_model,
         templates=TM["templates"],
+    threads: 2
+    resources:
+        mem_mb=2000,
+        runtime=10,
     conda:
         "../envs/tunemake.yaml"
     log:
@@ -38,6 +46,10 @@ rule demo_model:
         [f"{{model_dir}}/{name}" for name in MODEL_FILES],
     params:
         model=get_demo_model,
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     conda:
         "../envs/tunemake.yaml"
     log:

@@ -217,3 +217,9 @@ def test_config_errors_name_the_key(tmp_path, change, fragment):
     proc = snakemake(tmp_path, "-n", check=False)
     assert proc.returncode != 0
     assert fragment in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
+
+def test_base_weights_are_not_a_data_input(built, tmp_path):
+    work = copy_of(built, tmp_path)
+    (work / "models" / "tiny" / "model.safetensors").touch()  # newer weights, same tokenizer
+    assert planned_jobs(work) == {}
