@@ -156,8 +156,8 @@ def _encode_dataset(dataset: dict, paths, tokenizer, template, max_length: int):
 
     fraction, seed = dataset.get("heldout_fraction", 0.0), dataset.get("split_seed", 0)
     flags = [split_heldout(turns, fraction, seed) for turns, _ in records]
-    if fraction > 0 and not any(flags) and len(records) > 1:
-        flags[0] = True  # a tiny dataset still gets one held-out record
+    if fraction > 0 and not any(flags):
+        log.warning("dataset %r: no record of %d fell into the held-out %.1f%%", name, len(records), 100 * fraction)
 
     encoded: list[Encoded] = []
     with _progress(len(records), f"encode {name}") as bar:

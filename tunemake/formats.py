@@ -45,8 +45,9 @@ def read_file(path: str, text_unit: str = "line") -> Iterator[tuple[str, object]
     if suffix not in SUFFIXES:
         raise DataError(at(path, f"unsupported file type {suffix!r}; expected one of {', '.join(SUFFIXES)}"))
     text = _decode(path, p.read_bytes())
+    lines = _lines(text)
     if suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        for lineno, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -72,7 +73,7 @@ def read_file(path: str, text_unit: str = "line") -> Iterator[tuple[str, object]
             yield f"{path}:1", {"text": text}
         elif text_unit == "paragraph":
             lineno, start, buffer = 0, 1, []
-            for lineno, line in enumerate(text.splitlines(), start=1):
+            for lineno, line in enumerate(lines, start=1):
                 if line.strip():
                     if not buffer:
                         start = lineno
@@ -83,14 +84,24 @@ def read_file(path: str, text_unit: str = "line") -> Iterator[tuple[str, object]
             if buffer:
                 yield f"{path}:{start}", {"text": "\n".join(buffer)}
         else:
-            for lineno, line in enumerate(text.splitlines(), start=1):
+            for lineno, line in enumerate(lines, start=1):
                 if line.strip():
                     yield f"{path}:{lineno}", {"text": line}
 
 
+def _lines(text: str) -> list[str]:
+    """Split at newlines only: str.splitlines() also splits at U+2028, form feeds and others,
+    which may sit inside a JSON string or a line of text, and would shift line numbers."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def _decode(path: str, data: bytes) -> str:
+    """Decode UTF-8 (a leading byte-order mark, as Windows tools write, is dropped)."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise DataError(at(f"{path}:{line}", f"not valid UTF-8 (byte 0x{data[exc.start]:02x})")) from None

@@ -89,7 +89,7 @@ _BUILTIN = [
     Template("mistral", "[INST] {system} [/INST]\n", "[INST] {input} [/INST]", sep="\n"),
     Template("baichuan2_chat", "{system}\n", "<reserved_106>{input}<reserved_107>", sep="\n"),
     Template("vicuna", VICUNA_PREAMBLE + "{system}\n ", "USER: {input} ASSISTANT:", sep="\n"),
-    Template("chatglm2", "", "[Round {round}]\n\n问：{input}\n\n答：", sep="\n\n"),
+    Template("chatglm2", "{system}\n", "[Round {round}]\n\n问：{input}\n\n答：", sep="\n\n"),
 ]
 # fmt: on
 _ALIASES = {"mixtral": "mistral", "deepseek_moe": "mistral", "wizardlm": "vicuna"}
@@ -114,9 +114,16 @@ def template_from_config(name: str, fields: dict, key: str) -> Template:
     for field_name, allowed in _ALLOWED_PLACEHOLDERS.items():
         text = fields.get(field_name, "")
         try:
-            used = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+            parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(text) if f is not None]
         except ValueError as exc:
             raise ConfigError(f"{key}.{field_name}: {exc} (write a literal brace as {{{{ or }}}})")
+        used = {f for f, _, _ in parsed}
+        for f, spec, conv in parsed:
+            if spec or conv:
+                raise ConfigError(
+                    f"{key}.{field_name}: {{{f}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}: "
+                    "format specs and conversions are not supported; write the plain placeholder"
+                )
         if used - allowed:
             raise ConfigError(
                 f"{key}.{field_name}: unknown placeholder {{{sorted(used - allowed)[0]}}}; "
@@ -151,7 +158,7 @@ def get_template(name: str, custom: dict | None = None) -> Template | str:
 
 def _jinja_literal(text: str) -> str:
     """Quote ``text`` as a Jinja string literal."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r") + "'"
 
 
 def _jinja_format(text: str, values: dict[str, str]) -> str:

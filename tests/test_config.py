@@ -1,0 +1,337 @@
+"""Config: defaults, experiment names and chains, the data key, and errors that name the key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunemake.config import load_config
+from tunemake.errors import ConfigError
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+BASE = {
+    "models": {
+        "tiny": {"path": "/models/tiny"},
+        "other": {"path": "/models/other", "template": "internlm2_chat"},
+    },
+    "datasets": {
+        "chat": {"path": "data/chat.jsonl"},
+        "alpaca": {"path": ["data/a.json", "data/b.json"], "format": "alpaca"},
+    },
+    "experiments": [{"model": "tiny", "datasets": "chat", "method": "lora"}],
+}
+
+
+def config_with(**changes) -> dict:
+    config = copy.deepcopy(BASE)
+    config.update(copy.deepcopy(changes))
+    return config
+
+
+def experiments(*exps, **changes) -> dict:
+    return load_config(config_with(experiments=list(exps), **changes))["experiments"]
+
+
+def only(exps: dict) -> dict:
+    assert len(exps) == 1
+    return next(iter(exps.values()))
+
+
+def exp(**fields) -> dict:
+    return {"model": "tiny", "datasets": "chat", "method": "lora", **fields}
+
+
+# --- defaults -----------------------------------------------------------------------------------
+
+
+def test_experiment_defaults_are_xtuners():
+    e = only(experiments(exp()))
+    assert e["epochs"] == 3
+    assert e["lr"] == pytest.approx(2e-4)
+    assert e["packing"] is True
+    assert e["max_length"] == 2048
+    assert e["batch_size"] == 1 and e["grad_accumulation"] == 16
+    assert e["betas"] == [0.9, 0.999] and e["weight_decay"] == 0
+    assert e["max_grad_norm"] == 1.0
+    assert e["template"] == "default"  # the model's default template
+
+
+def test_method_defaults():
+    config = load_config(config_with(experiments=[exp(method="lora"), exp(method="qlora"), exp(method="full")]))
+    methods = config["methods"]
+    for name in ("lora", "qlora"):
+        m = methods[name]
+        assert (m["r"], m["alpha"], m["dropout"], m["bias"]) == (64, 16, 0.1, "none")
+    assert methods["qlora"]["gradient_checkpointing"] is True
+    assert methods["lora"]["gradient_checkpointing"] is False
+    assert methods["qlora"]["bits"] == 4 and methods["qlora"]["quant_type"] == "nf4"
+    assert methods["qlora"]["double_quant"] is True
+    assert config["experiments"]["tiny_qlora_chat"]["method_config"] == methods["qlora"]
+
+
+def test_custom_method_gradient_checkpointing_explicit_and_default():
+    methods = {
+        "q8": {"type": "qlora", "bits": 8, "r": 16},
+        "lora_gc": {"type": "lora", "gradient_checkpointing": True},
+        "q_nogc": {"type": "qlora", "gradient_checkpointing": False},
+    }
+    config = load_config(config_with(methods=methods, experiments=[exp(method="q8")]))
+    assert config["methods"]["q8"]["gradient_checkpointing"] is True
+    assert config["methods"]["q8"]["r"] == 16 and config["methods"]["q8"]["alpha"] == 16
+    assert config["methods"]["lora_gc"]["gradient_checkpointing"] is True
+    assert config["methods"]["q_nogc"]["gradient_checkpointing"] is False
+
+
+def test_dataset_defaults():
+    config = load_config(config_with())
+    chat = config["datasets"]["chat"]
+    assert chat["format"] == "conversation"
+    assert chat["heldout_fraction"] == 0 and chat["text_unit"] == "line"
+
+
+def test_load_config_does_not_mutate_its_input():
+    source = config_with()
+    before = copy.deepcopy(source)
+    load_config(source)
+    assert source == before
+
+
+def test_load_config_from_yaml_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_with()), encoding="utf-8")
+    assert list(load_config(path)["experiments"]) == ["tiny_lora_chat"]
+
+
+# --- names and chains ---------------------------------------------------------------------------
+
+
+def test_default_name_is_model_method_datasets():
+    exps = experiments(exp(datasets=["chat", "alpaca"], method="qlora"), exp(name="mine"))
+    assert list(exps) == ["tiny_qlora_chat+alpaca", "mine"]
+    assert exps["tiny_qlora_chat+alpaca"]["datasets"] == ["chat", "alpaca"]
+    assert exps["mine"]["datasets"] == ["chat"]  # a single name becomes a list
+
+
+def test_chained_experiment():
+    exps = experiments(
+        exp(model={"experiment": "tiny_lora_chat"}, datasets="alpaca", method="full"),  # before its upstream
+        exp(),
+    )
+    chained = exps["tiny_lora_chat_full_alpaca"]
+    assert chained["name"].startswith("tiny_lora_chat")
+    assert chained["upstream"] == "tiny_lora_chat"
+    assert chained["root_model"] == "tiny"
+    assert exps["tiny_lora_chat"]["upstream"] is None
+
+
+def test_chain_of_three_reaches_the_root_model():
+    exps = experiments(
+        exp(name="a", model="other"),
+        exp(name="b", model={"experiment": "a"}),
+        exp(model={"experiment": "b"}, method="qlora"),
+    )
+    c = exps["b_qlora_chat"]
+    assert c["upstream"] == "b" and c["root_model"] == "other"
+    assert c["template"] == "internlm2_chat"  # the root model's template
+    assert c["data_recipe"]["tokenizer"]["path"] == "/models/other"
+
+
+# --- the data key -------------------------------------------------------------------------------
+
+
+def data_keys(*variants) -> list[str]:
+    exps = experiments(*[exp(name=f"e{i}", **v) for i, v in enumerate(variants)])
+    return [e["data_key"] for e in exps.values()]
+
+
+def test_data_key_ignores_training_only_settings():
+    keys = data_keys({}, {"seed": 7}, {"lr": 1e-3}, {"method": "qlora"}, {"epochs": 5}, {"batch_size": 4},
+                     {"deepspeed": "zero2"})
+    assert len(set(keys)) == 1
+
+
+def test_data_key_of_a_chained_experiment_follows_its_root_model():
+    keys = data_keys({}, {"model": {"experiment": "e0"}, "method": "full"})
+    assert keys[0] == keys[1]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"max_length": 1024},
+        {"template": "zephyr"},
+        {"data_seed": 1},
+        {"packing": False},
+        {"datasets": ["chat", "alpaca"]},
+        {"datasets": "alpaca"},
+        {"model": "other", "template": "default"},  # another tokenizer, same template
+    ],
+)
+def test_data_key_changes_with_what_the_data_depends_on(change):
+    base, changed = data_keys({}, change)
+    assert base != changed
+
+
+def test_data_key_changes_with_dataset_settings():
+    keys = []
+    for heldout in (0.0, 0.1):
+        datasets = copy.deepcopy(BASE["datasets"])
+        datasets["chat"]["heldout_fraction"] = heldout
+        keys.append(only(experiments(exp(), datasets=datasets))["data_key"])
+    assert keys[0] != keys[1]
+
+
+def test_data_key_changes_with_custom_template_fields():
+    keys = []
+    for instruction in ("Q: {input}\nA: ", "Question: {input}\nAnswer: "):
+        templates = {"mine": {"instruction": instruction}}
+        keys.append(only(experiments(exp(template="mine"), templates=templates))["data_key"])
+    assert keys[0] != keys[1]
+
+
+def test_data_recipe_holds_the_template_fields():
+    e = only(experiments(exp(template="internlm2_chat")))
+    template = e["data_recipe"]["template"]
+    assert template["name"] == "internlm2_chat"
+    assert template["suffix"] == "<|im_end|>" and template["suffix_as_eos"] is True
+    assert e["data_recipe"]["datasets"][0]["name"] == "chat"
+    assert e["data_recipe"]["datasets"][0]["path"] == ["data/chat.jsonl"]
+
+
+def test_hf_template_recipe():
+    e = only(experiments(exp(template="hf")))
+    assert e["data_recipe"]["template"] == {"name": "hf"}
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def config_error(config) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"experiments": [exp(max_length="long")]}, "experiments[0].max_length"),
+        ({"experiments": [exp(epochs=0)]}, "experiments[0].epochs"),
+        ({"experiments": [exp(lr=0)]}, "experiments[0].lr"),
+        ({"experiments": [exp(packing="yes")]}, "experiments[0].packing"),
+        ({"methods": {"tiny_r": {"type": "lora", "r": 0}}, "experiments": [exp(method="tiny_r")]}, "methods.tiny_r.r"),
+        ({"methods": {"m": {"type": "dora"}}}, "methods.m.type"),
+        ({"datasets": {"chat": {"path": "x.jsonl", "heldout_fraction": 2}}}, "datasets.chat.heldout_fraction"),
+        ({"datasets": {"chat": {"path": "x.jsonl", "format": "sharegpt"}}}, "datasets.chat.format"),
+        ({"datasets": {"chat": {"format": "alpaca"}}}, "datasets.chat"),
+        ({"experiments": [exp(name="has space")]}, "experiments[0].name"),
+        ({"experiments": []}, "experiments"),
+    ],
+)
+def test_schema_errors_name_the_key(changes, key):
+    message = config_error(config_with(**changes))
+    assert message.startswith(f"config: {key}:"), message
+
+
+@pytest.mark.parametrize(
+    "changes, key, typo",
+    [
+        ({"experiments": [exp(epoch=3)]}, "experiments[0]", "epoch"),
+        ({"models": {"tiny": {"path": "/m", "tempalte": "default"}}}, "models.tiny", "tempalte"),
+        ({"experimnts": []}, "(top level)", "experimnts"),
+    ],
+)
+def test_unknown_key_is_named(changes, key, typo):
+    message = config_error(config_with(**changes))
+    assert message.startswith(f"config: {key}:"), message
+    assert "unknown key" in message and typo in message
+
+
+def test_origin_names_the_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_with(experiments=[exp(epochs=0)])), encoding="utf-8")
+    assert config_error(path).startswith(f"{path}: experiments[0].epochs:")
+
+
+@pytest.mark.parametrize(
+    "experiment, key, name",
+    [
+        (exp(model="huge"), "experiments[0].model", "'huge'"),
+        (exp(datasets=["chat", "nope"]), "experiments[0].datasets[1]", "'nope'"),
+        (exp(method="dora"), "experiments[0].method", "'dora'"),
+        (exp(template="nope"), "experiments[0].template", "'nope'"),
+        (exp(model={"experiment": "ghost"}), "experiments[0].model.experiment", "'ghost'"),
+        (exp(deepspeed="zero4"), "experiments[0].deepspeed", "'zero4'"),
+    ],
+)
+def test_unknown_references(experiment, key, name):
+    message = config_error(config_with(experiments=[experiment]))
+    assert message.startswith(f"config: {key}:"), message
+    assert name in message
+
+
+def test_named_experiment_with_unknown_upstream():
+    message = config_error(config_with(experiments=[exp(name="a", model={"experiment": "ghost"})]))
+    assert message.startswith("config: experiments[0].model.experiment:") and "'ghost'" in message
+
+
+def test_unknown_model_template():
+    message = config_error(config_with(models={"tiny": {"path": "/m", "template": "nope"}}))
+    assert "template" in message and "'nope'" in message
+
+
+def test_deepspeed_json_file_is_accepted():
+    assert only(experiments(exp(deepspeed="ds/my_zero.json")))["deepspeed"] == "ds/my_zero.json"
+
+
+def test_duplicate_names():
+    message = config_error(config_with(experiments=[exp(), exp(seed=1)]))
+    assert message.startswith("config: experiments[1]:") and "'tiny_lora_chat'" in message
+    message = config_error(config_with(experiments=[exp(name="x"), exp(name="x", method="full")]))
+    assert "'x'" in message and "twice" in message
+
+
+def test_chain_cycle():
+    message = config_error(config_with(experiments=[
+        exp(name="a", model={"experiment": "b"}),
+        exp(name="b", model={"experiment": "a"}),
+    ]))
+    assert message.startswith("config: experiments[0].model:") and "cycle" in message
+    message = config_error(config_with(experiments=[exp(name="self", model={"experiment": "self"})]))
+    assert "cycle" in message
+
+
+def test_custom_template_errors_name_the_key():
+    message = config_error(config_with(templates={"mine": {"instruction": "{question}"}}))
+    assert "templates.mine.instruction" in message and "{question}" in message
+    message = config_error(config_with(templates={"mine": {"instruction": "no input here"}}))
+    assert "templates.mine.instruction" in message and "{input}" in message
+    message = config_error(config_with(templates={"mine": {"system": "{system}"}}))
+    assert "templates.mine" in message and "instruction" in message
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("models:\n  tiny:\n    path: /m: x\ndatasets: {}\n", encoding="utf-8")
+    message = config_error(path)
+    assert message.startswith(f"{path}:3:") and "invalid YAML" in message
+
+
+def test_missing_and_non_mapping_files(tmp_path):
+    assert "no such config file" in config_error(tmp_path / "absent.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n", encoding="utf-8")
+    assert config_error(path).startswith(f"{path}:")
+
+
+@pytest.mark.skipif(not EXAMPLES, reason="examples/ holds no config yet")
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_examples_load(path):
+    config = load_config(path)
+    assert config["experiments"]
+    for e in config["experiments"].values():
+        assert len(e["data_key"]) == 16

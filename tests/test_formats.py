@@ -1,0 +1,364 @@
+"""Formats: XTuner's map functions with their edge cases, and the readers' file:line errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tunemake.errors import DataError
+from tunemake.formats import (
+    MAP_FUNCTIONS,
+    map_alpaca,
+    map_conversation,
+    map_custom,
+    map_oasst1,
+    map_openai,
+    map_pretrain,
+    read_dataset,
+    read_file,
+)
+
+LOC = "data.jsonl:7"
+
+
+# --- map functions ------------------------------------------------------------------------------
+
+
+def test_alpaca_joins_instruction_and_input():
+    record = {"instruction": "Translate.", "input": "Hallo", "output": "Hello"}
+    assert map_alpaca(record, LOC) == [{"system": "", "input": "Translate.\nHallo", "output": "Hello"}]
+
+
+def test_alpaca_empty_input_leaves_trailing_newline():
+    record = {"instruction": "Say hi.", "input": "", "output": "Hi"}
+    assert map_alpaca(record, LOC) == [{"system": "", "input": "Say hi.\n", "output": "Hi"}]
+    record = {"instruction": "Say hi.", "output": "Hi"}  # no input key at all
+    assert map_alpaca(record, LOC)[0]["input"] == "Say hi.\n"
+
+
+def test_alpaca_nooutput_drops_the_record():
+    record = {"instruction": "Say hi.", "input": "", "output": "<nooutput>"}
+    assert map_alpaca(record, LOC) == []
+
+
+def test_alpaca_missing_instruction():
+    with pytest.raises(DataError, match=r"^data\.jsonl:7: missing key 'instruction'"):
+        map_alpaca({"output": "x"}, LOC)
+
+
+def test_oasst1_multi_turn():
+    text = (
+        "### Human: Can you explain xxx ### Assistant: Sure! xxx"
+        "### Human: I didn't understand how xxx### Assistant: It has to do with a process xxx."
+    )
+    assert map_oasst1({"text": text}, LOC) == [
+        {"system": "", "input": "Can you explain xxx", "output": "Sure! xxx"},
+        {"system": "", "input": "I didn't understand how xxx", "output": "It has to do with a process xxx."},
+    ]
+
+
+def test_oasst1_trailing_human_turn_dropped():
+    text = "### Human: Q1 ### Assistant: A1 ### Human: unanswered"
+    assert map_oasst1({"text": text}, LOC) == [{"system": "", "input": "Q1", "output": "A1"}]
+    assert map_oasst1({"text": "### Human: alone"}, LOC) == []
+
+
+def test_openai_roles():
+    messages = [
+        {"role": "assistant", "content": "leading, skipped"},
+        {"role": "assistant", "content": "also skipped"},
+        {"role": "user", "content": "Hel"},
+        {"role": "user", "content": "lo"},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Bye."},
+        {"role": "user", "content": "no answer, dropped"},
+    ]
+    assert map_openai({"messages": messages}, LOC) == [
+        {"system": "", "input": "Hello", "output": "Hi!"},
+        {"system": "Be terse.", "input": "Bye", "output": "Bye."},
+    ]
+
+
+def test_openai_system_first():
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "u2"},
+        {"role": "assistant", "content": "a2"},
+    ]
+    assert map_openai({"messages": messages}, LOC) == [
+        {"system": "S", "input": "u", "output": "a"},
+        {"system": "", "input": "u2", "output": "a2"},
+    ]
+
+
+def test_openai_unknown_role_names_the_location():
+    messages = [{"role": "user", "content": "u"}, {"role": "tool", "content": "x"}]
+    with pytest.raises(DataError) as info:
+        map_openai({"messages": messages}, LOC)
+    assert str(info.value).startswith("data.jsonl:7:")
+    assert "'tool'" in str(info.value)
+
+
+def test_openai_message_without_content():
+    with pytest.raises(DataError, match=r"^data\.jsonl:7: messages\[1\]: missing key 'content'"):
+        map_openai({"messages": [{"role": "user", "content": "u"}, {"role": "assistant"}]}, LOC)
+
+
+def test_pretrain_strips_text():
+    assert map_pretrain({"text": "  \n some text \n\n"}, LOC) == [{"system": "", "input": "", "output": "some text"}]
+
+
+def test_custom_field_mapping_with_system():
+    fields = {"input": "question", "output": "answer", "system": "persona"}
+    record = {"question": "Q", "answer": "A", "persona": "P", "other": 1}
+    assert map_custom(record, LOC, fields) == [{"system": "P", "input": "Q", "output": "A"}]
+    record = {"question": "Q", "answer": "A"}  # system column missing: empty
+    assert map_custom(record, LOC, fields) == [{"system": "", "input": "Q", "output": "A"}]
+    with pytest.raises(DataError, match=r"^data\.jsonl:7: missing key 'answer'"):
+        map_custom({"question": "Q"}, LOC, fields)
+
+
+def test_custom_defaults_to_input_output():
+    assert map_custom({"input": "i", "output": "o"}, LOC, {"input": "input", "output": "output", "system": None}) == [
+        {"system": "", "input": "i", "output": "o"}
+    ]
+
+
+def test_conversation_passthrough():
+    record = {"conversation": [
+        {"system": "S", "input": "i1", "output": "o1"},
+        {"input": "i2", "output": "o2"},
+        {"output": "o3"},
+    ]}
+    assert map_conversation(record, LOC) == [
+        {"system": "S", "input": "i1", "output": "o1"},
+        {"system": "", "input": "i2", "output": "o2"},
+        {"system": "", "input": "", "output": "o3"},
+    ]
+
+
+def test_conversation_errors_name_the_turn():
+    with pytest.raises(DataError, match=r"^data\.jsonl:7: conversation\[1\]: missing key 'output'"):
+        map_conversation({"conversation": [{"input": "a", "output": "b"}, {"input": "c"}]}, LOC)
+    with pytest.raises(DataError, match=r"^data\.jsonl:7: key 'conversation' should be list, got str"):
+        map_conversation({"conversation": "hi"}, LOC)
+    with pytest.raises(DataError, match=r"^data\.jsonl:7: expected a JSON object, got list"):
+        map_conversation([1, 2], LOC)
+
+
+def test_every_format_has_a_map_function():
+    assert set(MAP_FUNCTIONS) == {"conversation", "oasst1", "alpaca", "openai", "pretrain", "custom"}
+
+
+# --- readers ------------------------------------------------------------------------------------
+
+
+def write_jsonl(path, records, blank_after=None):
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    if blank_after is not None:
+        lines.insert(blank_after, "")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_jsonl_locations_are_line_numbers(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two"}, {"text": "three"}], blank_after=1)
+    assert list(read_file(path)) == [
+        (f"{path}:1", {"text": "one"}),
+        (f"{path}:3", {"text": "two"}),
+        (f"{path}:4", {"text": "three"}),
+    ]
+
+
+def test_jsonl_crlf_line_endings(tmp_path):
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(b'{"text": "a"}\r\n{"text": "b"}\r\n')
+    assert [loc for loc, _ in read_file(str(path))] == [f"{path}:1", f"{path}:2"]
+
+
+def test_jsonl_line_separator_inside_a_string(tmp_path):
+    records = [{"text": "first\u2028second"}, {"text": "next\u0085line"}]
+    path = write_jsonl(tmp_path / "u2028.jsonl", records)
+    assert list(read_file(path)) == [(f"{path}:1", records[0]), (f"{path}:2", records[1])]
+
+
+def test_txt_lines_split_only_at_newlines(tmp_path):
+    path = tmp_path / "ff.txt"
+    path.write_text("page one\x0cstill line one\nline two\n", encoding="utf-8")
+    assert list(read_file(str(path))) == [
+        (f"{path}:1", {"text": "page one\x0cstill line one"}),
+        (f"{path}:2", {"text": "line two"}),
+    ]
+
+
+def test_jsonl_malformed_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": oops}\n{"text": "ok"}\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        list(read_file(str(path)))
+    assert str(info.value).startswith(f"{path}:3:")
+    assert "invalid JSON" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "fmt, record, message",
+    [
+        ("alpaca", {"instruction": "i", "input": ""}, "missing key 'output'"),
+        ("alpaca", {"instruction": "i", "input": "", "output": 3}, "key 'output' should be str, got int"),
+        ("pretrain", {"txt": "x"}, "missing key 'text'"),
+        ("oasst1", {"text": None}, "missing key 'text'"),
+        ("openai", {"messages": {"role": "user"}}, "key 'messages' should be list, got dict"),
+        ("conversation", "just a string", "expected a JSON object, got str"),
+    ],
+)
+def test_read_dataset_field_errors_name_file_and_line(tmp_path, fmt, record, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [_valid(fmt), record])
+    with pytest.raises(DataError) as info:
+        list(read_dataset({"format": fmt}, [path]))
+    assert str(info.value).startswith(f"{path}:2: ")
+    assert message in str(info.value)
+
+
+def _valid(fmt):
+    return {
+        "alpaca": {"instruction": "i", "input": "", "output": "o"},
+        "pretrain": {"text": "t"},
+        "oasst1": {"text": "### Human: a ### Assistant: b"},
+        "openai": {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
+        "conversation": {"conversation": [{"input": "i", "output": "o"}]},
+    }[fmt]
+
+
+def test_read_dataset_yields_location_raw_and_turns(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "i", "input": "x", "output": "o"}])
+    assert list(read_dataset({"format": "alpaca"}, [path])) == [
+        (f"{path}:1", {"instruction": "i", "input": "x", "output": "o"},
+         [{"system": "", "input": "i\nx", "output": "o"}])
+    ]
+
+
+def test_read_dataset_unknown_format():
+    with pytest.raises(DataError, match="unknown format 'sharegpt'"):
+        list(read_dataset({"format": "sharegpt"}, []))
+
+
+def test_json_list(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([{"text": "a"}, {"text": "b"}]), encoding="utf-8")
+    records = list(read_file(str(path)))
+    assert [r for _, r in records] == [{"text": "a"}, {"text": "b"}]
+    assert records[1][0].startswith(str(path)) and "1" in records[1][0][len(str(path)):]
+
+
+def test_json_object_holding_data_list(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"version": 2, "data": [{"text": "a"}, {"text": "b"}]}), encoding="utf-8")
+    assert [r for _, r in read_file(str(path))] == [{"text": "a"}, {"text": "b"}]
+
+
+def test_json_errors(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n {"text": "a"},\n {"text": }\n]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3: invalid JSON"):
+        list(read_file(str(path)))
+    path.write_text('{"a": [], "b": []}', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: "):
+        list(read_file(str(path)))
+    path.write_text('"a string"', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: "):
+        list(read_file(str(path)))
+
+
+def test_parquet_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"input": ["q1", "q2", "q3"], "output": ["a1", "a2", "a3"]}), path)
+    records = list(read_file(str(path)))
+    assert [r for _, r in records] == [
+        {"input": "q1", "output": "a1"}, {"input": "q2", "output": "a2"}, {"input": "q3", "output": "a3"},
+    ]
+    assert [loc for loc, _ in records] == [f"{path}: row 0", f"{path}: row 1", f"{path}: row 2"]
+    dataset = {"format": "custom", "fields": {"input": "input", "output": "output"}}
+    turns = [t for _, _, t in read_dataset(dataset, [str(path)])]
+    assert turns[2] == [{"system": "", "input": "q3", "output": "a3"}]
+
+
+def test_parquet_damaged(tmp_path):
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"not a parquet file at all")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: cannot read parquet"):
+        list(read_file(str(path)))
+
+
+TXT = "first line\nsecond line\n\n\nthird paragraph line 1\nline 2\n  \nlast\n"
+
+
+def test_txt_lines(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text(TXT, encoding="utf-8")
+    assert list(read_file(str(path), "line")) == [
+        (f"{path}:1", {"text": "first line"}),
+        (f"{path}:2", {"text": "second line"}),
+        (f"{path}:5", {"text": "third paragraph line 1"}),
+        (f"{path}:6", {"text": "line 2"}),
+        (f"{path}:8", {"text": "last"}),
+    ]
+
+
+def test_txt_paragraphs(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text(TXT, encoding="utf-8")
+    assert list(read_file(str(path), "paragraph")) == [
+        (f"{path}:1", {"text": "first line\nsecond line"}),
+        (f"{path}:5", {"text": "third paragraph line 1\nline 2"}),
+        (f"{path}:8", {"text": "last"}),
+    ]
+
+
+def test_txt_file(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text(TXT, encoding="utf-8")
+    assert list(read_file(str(path), "file")) == [(f"{path}:1", {"text": TXT})]
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    for suffix in (".txt", ".jsonl"):
+        path = tmp_path / f"latin1{suffix}"
+        path.write_bytes(b'{"text": "a"}\n{"text": "b"}\n{"text": "caf\xe9"}\n')
+        with pytest.raises(DataError) as info:
+            list(read_file(str(path)))
+        assert str(info.value).startswith(f"{path}:3:")
+        assert "UTF-8" in str(info.value)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    path = tmp_path / "nope.jsonl"
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: no such file"):
+        list(read_file(str(path)))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}: "):
+        list(read_file(str(tmp_path)))
+
+
+def test_unsupported_suffix(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("a,b\n1,2\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        list(read_file(str(path)))
+    assert str(info.value).startswith(f"{path}:")
+    assert "'.csv'" in str(info.value)
+
+
+def test_read_dataset_reads_files_in_order(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": "1"}, {"text": "2"}])
+    b = tmp_path / "b.txt"
+    b.write_text("3\n\n4\n", encoding="utf-8")
+    got = [(loc, turns[0]["output"]) for loc, _, turns in read_dataset({"format": "pretrain"}, [a, str(b)])]
+    assert got == [(f"{a}:1", "1"), (f"{a}:2", "2"), (f"{b}:1", "3"), (f"{b}:3", "4")]
