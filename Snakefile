@@ -17,10 +17,19 @@ validate(config, "schemas/config.schema.yaml")
 
 include: "rules/demo.smk"
 include: "rules/data.smk"
+include: "rules/train.smk"
 
 
 rule all:
     default_target: True
+    input:
+        demo_models=all_demo_model_files(),
+        templated_datasets=all_templated_datasets(),
+        checkpoints=all_final_checkpoints(),
+
+
+# `snakemake datasets --cores all`: every experiment's templated dataset, and nothing after.
+rule datasets:
     input:
         demo_models=all_demo_model_files(),
         templated_datasets=all_templated_datasets(),

@@ -6,7 +6,7 @@ import re
 from snakemake.exceptions import WorkflowError
 
 from tunemake import paths
-from tunemake.config import expand_sources, is_local_model, load_config
+from tunemake.config import base_model_of, epoch_identity, expand_sources, is_local_model, load_config
 from tunemake.demo import MODEL_FILES, TOKENIZER_FILES
 from tunemake.errors import TunemakeError
 
@@ -35,6 +35,8 @@ def _alternatives(values):
 
 wildcard_constraints:
     data_key=_alternatives(DATA_EXPERIMENT),
+    experiment=_alternatives(EXPERIMENTS),
+    epoch=r"[1-9]\d*",
     model_dir=_alternatives(DEMO_MODELS),
 
 
@@ -80,3 +82,65 @@ def get_recipe_files(wildcards):
 
 def get_demo_model(wildcards):
     return TM["models"][DEMO_MODELS[wildcards.model_dir]]
+
+
+def all_final_checkpoints():
+    """The last epoch of every experiment that starts from a configured model.
+
+    Chained experiments train on their upstream's merged model, which the export stage builds.
+    """
+    return [paths.checkpoint(name, e["epochs"]) for name, e in EXPERIMENTS.items() if not e["upstream"]]
+
+
+def model_files(model: dict):
+    """The files a local base model is read from ([] for a hub id: nothing to watch)."""
+    if "demo" in model:
+        return [f"{model['path']}/{name}" for name in (*TOKENIZER_FILES, *MODEL_FILES)]
+    if os.path.isdir(model["path"]):
+        return sorted(f for f in glob.glob(os.path.join(model["path"], "*")) if os.path.isfile(f))
+    return []
+
+
+def get_train_epoch_input(wildcards):
+    exp = EXPERIMENTS[wildcards.experiment]
+    epoch = int(wildcards.epoch)
+    if epoch > exp["epochs"]:
+        raise WorkflowError(f"{wildcards.experiment} has {exp['epochs']} epochs; epoch {epoch} is not configured")
+    inputs = {"data": paths.templated_dataset(exp["data_key"])}
+    if exp["upstream"]:
+        inputs["base"] = base_model_of(exp, TM)["path"]
+    else:
+        inputs["base"] = model_files(TM["models"][exp["model"]])
+    if epoch > 1:
+        inputs["previous"] = paths.checkpoint(exp["name"], epoch - 1)
+        inputs["previous_state"] = paths.train_state(exp["name"], epoch - 1)
+    return inputs
+
+
+def get_epoch_identity(wildcards):
+    return epoch_identity(EXPERIMENTS[wildcards.experiment], int(wildcards.epoch), TM)
+
+
+def _weights_mb(exp):
+    model = TM["models"][exp["root_model"]]
+    files = glob.glob(os.path.join(model["path"], "*.safetensors")) + glob.glob(os.path.join(model["path"], "*.bin"))
+    return sum(os.path.getsize(f) for f in files) / 2**20
+
+
+def get_train_mem_mb(wildcards):
+    """Host memory: the weights a few times over (optimizer states for full fine-tuning)."""
+    exp = EXPERIMENTS[wildcards.experiment]
+    factor = 6 if exp["method_config"]["type"] == "full" else 2
+    return int(max(4000, factor * _weights_mb(exp) + 2000))
+
+
+def get_train_runtime(wildcards):
+    return 24 * 60
+
+
+def get_train_gpus(wildcards):
+    return EXPERIMENTS[wildcards.experiment]["gpus"] or 0
+
+
+def get_train_nodes(wildcards):
+    return EXPERIMENTS[wildcards.experiment]["nodes"]

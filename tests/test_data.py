@@ -315,3 +315,11 @@ def test_heldout_membership_stable_for_a_small_dataset(tmp_path, tokenizer_dir):
     after = [r["conversation"] for r in read_heldout_jsonl(tmp_path / "after")]
     originals = [turns(i) for i in train_only]
     assert [c for c in after if c in originals] == [c for c in before if c in originals]
+
+
+def test_dataset_without_heldout_loads_back(tmp_path, sources, tokenizer_dir):
+    recipe = make_recipe(tokenizer_dir("default"), sources["chat"], heldout=0.0)
+    build_templated_dataset(recipe, tmp_path / "out")
+    dd = datasets.load_from_disk(str(tmp_path / "out"))
+    assert len(dd["heldout"]) == 0 and len(dd["train"]) > 0
+    assert (tmp_path / "out" / "heldout.jsonl").read_text() == ""

@@ -23,11 +23,11 @@ SMALL_CONFIG = REPO / "tests" / "configs" / "demo_small.yaml"
 pytestmark = pytest.mark.slow
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the repo's Snakefile in ``workdir`` with ``workdir/config.yaml``."""
+def snakemake(workdir: Path, *args: str, check: bool = True, target: str = "datasets") -> subprocess.CompletedProcess:
+    """Run the repo's Snakefile in ``workdir`` with ``workdir/config.yaml`` (the data targets by default)."""
     cmd = [
         sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-        "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args,
+        "--configfile", str(workdir / "config.yaml"), "--cores", "2", target, *args,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if check and proc.returncode != 0:
@@ -121,7 +121,7 @@ def test_max_length_change_rebuilds_only_that_data(built, tmp_path):
     config = small_config()
     config["experiments"][0]["max_length"] = 64  # the corpus experiment only
     write_config(work, config)
-    assert planned_jobs(work) == {"templated_dataset": 1, "all": 1}
+    assert planned_jobs(work) == {"templated_dataset": 1, "datasets": 1}
     snakemake(work)
     assert len(templated_dirs(work)) == 3  # the old build stays, the new one sits beside it
     assert planned_jobs(work) == {}
@@ -133,7 +133,7 @@ def test_source_edit_rebuilds_in_place(built, tmp_path):
     record = {"conversation": [{"input": "What is tunemake?", "output": "A build system."}]}
     with open(tasks, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
-    assert planned_jobs(work) == {"templated_dataset": 1, "all": 1}
+    assert planned_jobs(work) == {"templated_dataset": 1, "datasets": 1}
 
 
 def test_tokenizer_rebuild_rebuilds_data_not_sources(built, tmp_path):
@@ -223,3 +223,14 @@ def test_base_weights_are_not_a_data_input(built, tmp_path):
     work = copy_of(built, tmp_path)
     (work / "models" / "tiny" / "model.safetensors").touch()  # newer weights, same tokenizer
     assert planned_jobs(work) == {}
+
+
+def test_the_readme_demo_data_builds(tmp_path):
+    """`snakemake datasets --cores all` on the shipped config.yaml: the README's demo data."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    snakemake(tmp_path)
+    dirs = templated_dirs(tmp_path)
+    assert len(dirs) == 2
+    stats = [json.loads((d / "stats.json").read_text()) for d in dirs]
+    assert sorted(s["records_out"]["heldout"] > 0 for s in stats) == [False, True]
+    assert planned_jobs(tmp_path) == {}

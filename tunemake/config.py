@@ -337,3 +337,74 @@ def expand_sources(dataset: dict, name: str) -> list[str]:
 def is_local_model(model: dict) -> bool:
     """A model is read from disk when it is built by the demo or its path exists locally."""
     return "demo" in model or os.path.exists(model["path"])
+
+
+#: Experiment keys that change what training computes (the rest only change logging).
+TRAIN_KEYS = ("seed", "batch_size", "grad_accumulation", "lr", "weight_decay", "betas", "max_grad_norm",
+              "precision", "deepspeed", "gpus", "nodes", "nproc")
+
+
+def epoch_identity(exp: dict, epoch: int, config: dict) -> dict:
+    """Everything epoch ``epoch``'s result depends on besides its input files (a Snakemake param).
+
+    The total epoch count enters only where the schedule makes the epoch depend on it (see
+    ``tunemake.schedule.epoch_schedule_identity``), so raising ``epochs`` re-runs only what it
+    really changes.
+    """
+    from tunemake.schedule import epoch_schedule_identity
+    from tunemake.versions import TRAIN_CODE_VERSION
+
+    return {
+        "code_version": TRAIN_CODE_VERSION,
+        "method": exp["method_config"],
+        "train": {key: exp[key] for key in TRAIN_KEYS},
+        "schedule": epoch_schedule_identity(exp["schedule"], epoch, exp["epochs"]),
+        "data_key": exp["data_key"],
+        "base_model": base_model_of(exp, config),
+    }
+
+
+def base_model_of(exp: dict, config: dict) -> dict:
+    """The model an experiment trains on: a config model, or (chained) its upstream's final merge."""
+    if exp["upstream"]:
+        from tunemake.paths import final_merge
+
+        upstream = config["experiments"][exp["upstream"]]
+        root = config["models"][exp["root_model"]]
+        return {"path": final_merge(upstream["name"], upstream["epochs"]), "revision": None,
+                "dtype": root["dtype"], "trust_remote_code": root["trust_remote_code"]}
+    model = config["models"][exp["model"]]
+    return {"path": model["path"], "revision": model.get("revision"), "dtype": model["dtype"],
+            "trust_remote_code": model["trust_remote_code"]}
+
+
+def train_spec(exp: dict, epoch: int, config: dict, threads: int = 1) -> dict:
+    """The full specification ``tunemake.train.train_epoch`` runs (paths included)."""
+    from tunemake import paths
+    from tunemake.templates import HF, get_template
+
+    template = get_template(exp["template"], config.get("templates"))
+    root = config["models"][exp["root_model"]]
+    fmt = dict(experiment=exp["name"], epoch=epoch)
+    previous = None
+    if epoch > 1:
+        previous = {"pth": paths.checkpoint(exp["name"], epoch - 1), "state": paths.train_state(exp["name"], epoch - 1)}
+    return {
+        "experiment": exp["name"],
+        "epoch": epoch,
+        "method": exp["method_config"],
+        "train": {**{key: exp[key] for key in TRAIN_KEYS}, "epochs": exp["epochs"], "schedule": exp["schedule"],
+                  "save_steps": exp["save_steps"], "evaluation_inputs": exp["evaluation_inputs"]},
+        "base_model": base_model_of(exp, config),
+        "tokenizer_path": root["path"],
+        "template": {"name": HF} if template == HF else {
+            "name": template.name, "system": template.system, "instruction": template.instruction,
+            "suffix": template.suffix, "suffix_as_eos": template.suffix_as_eos, "sep": template.sep,
+            "stop_words": list(template.stop_words)},
+        "data_dir": paths.templated_dataset(exp["data_key"]),
+        "previous": previous,
+        "out": {"pth": paths.CHECKPOINT.format(**fmt), "state": paths.TRAIN_STATE.format(**fmt),
+                "resume": paths.RESUME_POINT.format(**fmt)},
+        "log_dir": paths.TRAIN_LOG_DIR.format(experiment=exp["name"]),
+        "threads": threads,
+    }

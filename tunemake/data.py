@@ -124,7 +124,9 @@ def build_templated_dataset(
     })
 
     with atomic_dir(out_dir) as tmp:
-        _dataset_dict(packed, heldout).save_to_disk(str(tmp))
+        dataset_dict = _dataset_dict(packed, heldout)
+        # An empty split must still get one (empty) shard, or load_from_disk cannot read it back.
+        dataset_dict.save_to_disk(str(tmp), num_shards={k: 1 for k, v in dataset_dict.items() if len(v) == 0})
         with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as handle:
             for record in heldout_records:
                 handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")

@@ -12,3 +12,26 @@ LOG = "logs/{rule}/{job}.log"
 
 def templated_dataset(data_key: str) -> str:
     return TEMPLATED_DATASET.format(data_key=data_key)
+
+#: Epoch n of an experiment: the checkpoint, the state epoch n+1 resumes from, the mid-epoch resume point.
+CHECKPOINT = "checkpoints/{experiment}/epoch_{epoch}.pth"
+TRAIN_STATE = "checkpoints/{experiment}/epoch_{epoch}.state"
+RESUME_POINT = "checkpoints/{experiment}/epoch_{epoch}.resume"
+
+#: Per-step metrics (JSONL) and TensorBoard events of an experiment's training.
+TRAIN_LOG_DIR = "logs/train/{experiment}"
+
+
+def checkpoint(experiment: str, epoch: int) -> str:
+    return CHECKPOINT.format(experiment=experiment, epoch=epoch)
+
+
+def train_state(experiment: str, epoch: int) -> str:
+    return TRAIN_STATE.format(experiment=experiment, epoch=epoch)
+
+#: The merged model of an epoch (the export stage); a chained experiment trains on its upstream's last one.
+MERGE = "merges/{experiment}/epoch_{epoch}"
+
+
+def final_merge(experiment: str, epochs: int) -> str:
+    return MERGE.format(experiment=experiment, epoch=epochs)

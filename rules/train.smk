@@ -1,0 +1,25 @@
+# Templated dataset + base model -> one checkpoint per epoch. Epoch n starts from epoch n-1's
+# checkpoint and state; its params hold exactly what else its result depends on, so raising
+# `epochs` re-runs only the epochs whose learning rates change.
+
+
+rule train_epoch:
+    input:
+        unpack(get_train_epoch_input),
+    output:
+        checkpoint=paths.CHECKPOINT,
+        state=directory(paths.TRAIN_STATE),
+    params:
+        identity=get_epoch_identity,
+    threads: 2
+    resources:
+        mem_mb=get_train_mem_mb,
+        runtime=get_train_runtime,
+        gpu=get_train_gpus,
+        nodes=get_train_nodes,
+    conda:
+        "../envs/tunemake.yaml"
+    log:
+        "logs/train/{experiment}/epoch_{epoch}.log",
+    script:
+        "../scripts/train_epoch.py"

@@ -1,0 +1,756 @@
+"""The train stage: one epoch of one experiment, started from the previous epoch's artefacts.
+
+Entry point :func:`train_epoch` runs in every training process (one per GPU, or ``nproc`` on
+CPU over gloo); :func:`launch` starts those processes with torchrun, or runs the epoch in-process
+when there is one. Supported: full fine-tuning, LoRA and QLoRA (bitsandbytes 4-bit NF4 / 8-bit),
+plain DDP, AdamW with the schedules in ``tunemake.schedule``, gradient accumulation and clipping,
+packed rows with attention kept inside each document, mid-epoch resume points. Not supported yet:
+DeepSpeed (a config naming it is refused with a clear error), pipeline or tensor parallelism.
+
+Outputs of epoch n:
+- ``epoch_{n}.pth``: trainable weights (LoRA weights only for LoRA/QLoRA) gathered on rank 0,
+  counters, the fingerprint of what it was trained with, library versions, the epoch's metrics;
+  loads with ``torch.load(path, weights_only=True)``.
+- ``epoch_{n}.state/``: what epoch n+1 resumes from: optimizer state and RNG states per rank.
+- while running, ``epoch_{n}.resume/``: a resume point every ``save_steps`` optimizer steps and
+  on SIGTERM / SIGUSR1; a rerun continues from it if its fingerprint matches, and gives the same
+  tensors as an uninterrupted run on CPU. Removed when the epoch is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunemake.atomic import atomic_dir, atomic_file, write_json
+from tunemake.errors import TunemakeError
+from tunemake.schedule import lr_factor
+from tunemake.versions import TRAIN_CODE_VERSION
+
+log = logging.getLogger("tunemake.train")
+
+IGNORE_INDEX = -100
+CHECKPOINT_FORMAT = "tunemake.epoch/1"
+PRUNED_MARKER = "PRUNED"
+RESUME_EXIT_CODE = 75  # EX_TEMPFAIL: interrupted with a resume point written; rerun to continue
+
+
+class TrainError(TunemakeError):
+    """Training cannot start or go on (bad configuration, non-finite loss, missing state)."""
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.all_reduce(tensor, op=op or td.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+
+def setup_processes(gpus: int) -> Dist:
+    """Join the process group torchrun set up (if any) and pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = gpus > 0 and torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            td.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local_rank, device)
+
+
+def processes_per_node(train: dict) -> int:
+    """One process per GPU; on a machine without GPUs, ``nproc`` CPU processes (default 1)."""
+    gpus = train.get("gpus")
+    visible = torch.cuda.device_count()
+    if gpus is None:
+        gpus = visible
+    if gpus > visible:
+        raise TrainError(f"gpus: {gpus} requested but {visible} visible on this node")
+    return gpus if gpus > 0 else max(1, int(train.get("nproc", 1)))
+
+
+def launch(spec: dict) -> int:
+    """Run one epoch: in this process, or in ``nproc`` processes started with torchrun.
+
+    Returns the exit status (0, or :data:`RESUME_EXIT_CODE` after an interruption).
+    """
+    check_spec(spec)
+    nproc = processes_per_node(spec["train"])
+    nodes = spec["train"].get("nodes", 1)
+    if nproc == 1 and nodes == 1:
+        return train_epoch(spec)
+    import subprocess
+    import tempfile
+
+    Path(spec["out"]["pth"]).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=Path(spec["out"]["pth"]).parent,
+                                     prefix=".spec-", delete=False) as handle:
+        json.dump(spec, handle)
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
+               f"--nproc-per-node={nproc}"]
+        if nodes == 1:
+            cmd += ["--standalone"]
+        else:
+            endpoint = os.environ.get("TUNEMAKE_RDZV_ENDPOINT")
+            if not endpoint:
+                raise TrainError("nodes > 1 needs a rendezvous endpoint (TUNEMAKE_RDZV_ENDPOINT=host:port)")
+            cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                    f"--rdzv-id={os.environ.get('TUNEMAKE_RDZV_ID', spec['experiment'])}"]
+        cmd += ["-m", "tunemake.train", handle.name]
+        return subprocess.call(cmd)
+    finally:
+        os.unlink(handle.name)
+
+
+def check_spec(spec: dict) -> None:
+    """Refuse what cannot work before any compute: clear errors, nothing written."""
+    method = spec["method"]
+    if method["type"] not in ("full", "lora", "qlora"):
+        raise TrainError(f"method: unknown type {method['type']!r}")
+    if method["type"] != "full" and method["r"] <= 0:
+        raise TrainError(f"method: LoRA rank r must be >= 1, got {method['r']}")
+    if spec["train"]["epochs"] < 1 or not 1 <= spec["epoch"] <= spec["train"]["epochs"]:
+        raise TrainError(f"epoch {spec['epoch']} is outside 1..{spec['train']['epochs']}")
+    if spec["train"].get("deepspeed"):
+        raise TrainError("deepspeed: not supported by this version of the train stage yet; remove it to use DDP")
+    base = spec["base_model"]["path"]
+    if not os.path.isdir(base):
+        raise TrainError(f"{base}: base model directory does not exist")
+    config_file = Path(base) / "config.json"
+    if not config_file.exists():
+        raise TrainError(f"{base}: not a model directory (no config.json)")
+    arch = json.loads(config_file.read_text()).get("architectures") or []
+    if arch and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in arch):
+        raise TrainError(f"{base}: not a causal language model (architectures: {', '.join(arch)})")
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+class Rows:
+    """Rows of a templated dataset split as flat arrays (no per-row Python objects)."""
+
+    def __init__(self, data_dir: str, split: str):
+        import datasets
+
+        table = datasets.load_from_disk(data_dir)[split].data.table
+        self.columns = {}
+        for name in table.column_names:
+            arr = table.column(name).combine_chunks()
+            self.columns[name] = (arr.offsets.to_numpy().astype(np.int64), arr.values.to_numpy())
+        self.num_rows = len(table)
+
+    def row(self, name: str, index: int) -> np.ndarray:
+        offsets, values = self.columns[name]
+        return values[offsets[index]:offsets[index + 1]]
+
+
+def make_batch(rows: Rows, indices, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad rows to the longest and build a block-diagonal causal mask from ``position_ids``.
+
+    A document piece starts where ``position_ids`` is 0; tokens attend only within their piece,
+    and the first token of a piece is not a target (nothing in its document precedes it).
+    Padding forms its own piece, with no targets.
+    """
+    length = max(len(rows.row("input_ids", i)) for i in indices)
+    n = len(indices)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((n, length), dtype=torch.long)
+    for b, i in enumerate(indices):
+        ids = torch.from_numpy(rows.row("input_ids", i).astype(np.int64))
+        k = len(ids)
+        input_ids[b, :k] = ids
+        labels[b, :k] = torch.from_numpy(rows.row("labels", i).astype(np.int64))
+        if "position_ids" in rows.columns:
+            position_ids[b, :k] = torch.from_numpy(rows.row("position_ids", i).astype(np.int64))
+        else:
+            position_ids[b, :k] = torch.arange(k)
+        position_ids[b, k:] = torch.arange(length - k)
+    labels[position_ids == 0] = IGNORE_INDEX
+    doc = torch.cumsum(position_ids == 0, dim=1)
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "attention_mask": mask[:, None]}
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def layout(num_rows: int, batch_size: int, world: int, accumulation: int) -> tuple[int, int]:
+    """(micro-batches per rank per epoch, optimizer steps per epoch); incomplete batches dropped."""
+    micro = num_rows // (batch_size * world)
+    if micro == 0:
+        raise TrainError(
+            f"the dataset has {num_rows} rows, fewer than one batch of batch_size {batch_size} "
+            f"x {world} processes; lower batch_size or gpus, or add data"
+        )
+    return micro, math.ceil(micro / accumulation)
+
+
+# --- model -------------------------------------------------------------------------------------
+
+
+def torch_dtype(name: str, device: torch.device):
+    if name in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise TrainError("precision: fp16 is not supported on the CPU; use bf16 or fp32")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def lora_targets(model) -> list[str]:
+    """Every linear layer's name but the output head: XTuner's ``find_all_linear_names``."""
+    import bitsandbytes as bnb  # noqa: F401  (registers Linear4bit / Linear8bitLt)
+
+    linear_types = [torch.nn.Linear]
+    try:
+        from bitsandbytes.nn import Linear4bit, Linear8bitLt
+
+        linear_types += [Linear4bit, Linear8bitLt]
+    except ImportError:
+        pass
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, tuple(linear_types)) and module is not head:
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def build_model(spec: dict, device: torch.device):
+    """The base model with the method applied; trainable parameters in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    method, base = spec["method"], spec["base_model"]
+    kwargs = {"dtype": torch_dtype(base.get("dtype"), device),
+              "trust_remote_code": base.get("trust_remote_code", False)}
+    if method["type"] == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        compute = autocast_dtype(spec["train"]["precision"], device) or torch.float32
+        if method["bits"] == 4:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=method["quant_type"],
+                bnb_4bit_use_double_quant=method["double_quant"], bnb_4bit_compute_dtype=compute,
+                llm_int8_threshold=6.0,
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(base["path"], **kwargs)
+    if method["type"] != "qlora":
+        model.to(device)
+    model.config.use_cache = False
+    if method["type"] == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=method["gradient_checkpointing"],
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif method["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method["type"] == "lora":
+            model.enable_input_require_grads()
+    if method["type"] in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        targets = method["target_modules"]
+        config = LoraConfig(
+            r=method["r"], lora_alpha=method["alpha"], lora_dropout=method["dropout"],
+            bias=method["bias"], task_type="CAUSAL_LM",
+            target_modules=lora_targets(model) if targets == "all-linear" else list(targets),
+        )
+        model = get_peft_model(model, config)
+    if device.type == "cpu":
+        _disable_bnb_cpu_repacking(model)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+def _disable_bnb_cpu_repacking(model) -> None:
+    # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs after a no-grad forward, after
+    # which LoRA gradients silently come out as zero: keep the portable kernel when training.
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name (for LoRA: only the adapter), detached, on the CPU."""
+    model = getattr(model, "module", model)
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, state: dict[str, torch.Tensor], source: str) -> None:
+    model = getattr(model, "module", model)
+    params = dict(model.named_parameters())
+    missing = [name for name, p in params.items() if p.requires_grad and name not in state]
+    unexpected = [name for name in state if name not in params]
+    if missing or unexpected:
+        raise TrainError(
+            f"{source}: its weights do not fit this experiment's model "
+            f"({len(missing)} missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})"
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+# --- fingerprint -------------------------------------------------------------------------------
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the result (read from metadata: no slow imports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("tunemake", "torch", "transformers", "peft", "bitsandbytes", "deepspeed", "datasets", "tokenizers"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def _hash_files(paths) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(str(Path(path).name).encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(spec: dict, previous: str | None) -> dict:
+    """What this epoch's result is a function of: config, data, base model, code, previous epoch."""
+    data_files = [p for p in Path(spec["data_dir"]).rglob("*") if p.is_file()]
+    base = Path(spec["base_model"]["path"])
+    base_files = [p for p in base.iterdir() if p.is_file() and p.name.endswith((".json", ".safetensors", ".bin"))]
+    parts = {
+        "config": hashlib.sha256(json.dumps(
+            {k: spec[k] for k in ("experiment", "epoch", "method", "train")}, sort_keys=True).encode()).hexdigest(),
+        "data": _hash_files(data_files),
+        "base_model": _hash_files(base_files),
+        "code": f"train/{TRAIN_CODE_VERSION}",
+        "previous": previous or "",
+    }
+    parts["fingerprint"] = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+    return parts
+
+
+# --- the epoch ---------------------------------------------------------------------------------
+
+
+class Interrupt:
+    """SIGTERM / SIGUSR1 (Slurm's warnings before preemption) set a flag checked every step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("received %s: writing a resume point at the next step", signal.Signals(signum).name)
+        self.requested = True
+
+
+def step_seed(seed: int, epoch: int, micro_step: int) -> int:
+    """A seed per micro-step, so dropout does not depend on where a run was resumed."""
+    return (seed * 1_000_003 + epoch * 10_007 + micro_step) % (2**63)
+
+
+def train_epoch(spec: dict) -> int:
+    """Train epoch ``spec['epoch']`` of ``spec['experiment']`` and write its artefacts.
+
+    Args:
+        spec: built by ``tunemake.config.train_spec``: ``experiment``, ``epoch``, ``method``,
+            ``train`` (optimisation settings, ``epochs``, ``gpus``, ``nodes``, ``nproc``...),
+            ``base_model`` (path, dtype, trust_remote_code), ``data_dir``, ``template``,
+            ``previous`` ({pth, state} of epoch n-1, or None), ``out`` ({pth, state, resume}),
+            ``threads``, ``log_dir``.
+
+    Returns:
+        0 when the epoch is done, :data:`RESUME_EXIT_CODE` when interrupted (resume point written).
+
+    Raises:
+        TrainError: bad configuration, non-finite loss, pruned previous state.
+    """
+    check_spec(spec)
+    train, method = spec["train"], spec["method"]
+    dist = setup_processes(train.get("gpus") or 0)
+    torch.set_num_threads(max(1, spec.get("threads", 1) // max(1, dist.world)))
+    torch.use_deterministic_algorithms(dist.device.type == "cpu", warn_only=True)
+    interrupt = Interrupt()
+    started = time.perf_counter()
+
+    previous = spec.get("previous")
+    prev_ckpt = None
+    if previous:
+        state_dir = Path(previous["state"])
+        if (state_dir / PRUNED_MARKER).exists():
+            raise TrainError(
+                f"{state_dir}: this resume state was pruned, so epoch {spec['epoch']} cannot start from it; "
+                f"rebuild the previous epoch with snakemake --forcerun {previous['pth']}"
+            )
+        prev_ckpt = torch.load(previous["pth"], map_location="cpu", weights_only=True)
+    fp = fingerprint(spec, prev_ckpt["fingerprint"] if prev_ckpt else None)
+
+    rows = Rows(spec["data_dir"], "train")
+    micro_per_epoch, steps_per_epoch = layout(rows.num_rows, train["batch_size"], dist.world, train["grad_accumulation"])
+    epochs, epoch, accumulation = train["epochs"], spec["epoch"], train["grad_accumulation"]
+
+    torch.manual_seed(train["seed"])
+    model = build_model(spec, dist.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train["lr"], betas=tuple(train["betas"]),
+                                  weight_decay=train["weight_decay"], eps=1e-8)
+    counters = {"global_step": 0, "tokens": 0, "trained_tokens": 0}
+    if prev_ckpt:
+        load_trainable(model, prev_ckpt["trainable"], previous["pth"])
+        optimizer.load_state_dict(torch.load(Path(previous["state"]) / "optimizer.pt", map_location="cpu", weights_only=True))
+        counters.update(prev_ckpt["counters"])
+
+    start_step, metrics_so_far = 0, {"loss_sum": 0.0, "loss_count": 0}
+    resume_dir = Path(spec["out"]["resume"])
+    if resume_dir.exists():
+        meta_file = resume_dir / "meta.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        if meta.get("fingerprint") == fp["fingerprint"] and meta.get("world") == dist.world:
+            load_trainable(model, torch.load(resume_dir / "trainable.pt", map_location="cpu", weights_only=True), str(resume_dir))
+            optimizer.load_state_dict(torch.load(resume_dir / f"optimizer.rank{dist.rank}.pt", map_location="cpu", weights_only=True))
+            start_step, counters, metrics_so_far = meta["epoch_step"], meta["counters"], meta["metrics"]
+            if dist.main:
+                log.info("resuming epoch %d at step %d/%d from %s", epoch, start_step, steps_per_epoch, resume_dir)
+        elif dist.main:
+            log.warning("%s: ignoring a resume point made with another config, data or code", resume_dir)
+
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    amp_dtype = autocast_dtype(train["precision"], dist.device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    pad_id = _pad_id(spec)
+
+    order = epoch_order(rows.num_rows, train["seed"], epoch)
+    mine = order[dist.rank::dist.world][: micro_per_epoch * train["batch_size"]]
+    metrics_file = Path(spec["log_dir"]) / f"epoch_{epoch}.metrics.jsonl"
+    writer = _tensorboard(spec) if dist.main else None
+    bar = _progress(steps_per_epoch, start_step, f"{spec['experiment']} epoch {epoch}", dist.main)
+    model.train()
+    step = start_step
+    last_lr = 0.0
+    with open(metrics_file, "a" if start_step else "w", encoding="utf-8") if dist.main else nullcontext() as metrics_out:
+        while step < steps_per_epoch:
+            t0 = time.perf_counter()
+            global_step = (epoch - 1) * steps_per_epoch + step
+            last_lr = train["lr"] * lr_factor(global_step, train["schedule"], steps_per_epoch, epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = last_lr
+            first, last = step * accumulation, min((step + 1) * accumulation, micro_per_epoch)
+            step_loss, step_tokens, step_trained = torch.zeros(2), 0, 0
+            for micro in range(first, last):
+                torch.manual_seed(step_seed(train["seed"], epoch, micro * dist.world + dist.rank))
+                indices = mine[micro * train["batch_size"]:(micro + 1) * train["batch_size"]]
+                batch = {k: v.to(dist.device) for k, v in make_batch(rows, indices, pad_id).items()}
+                sync = micro == last - 1 or dist.world == 1
+                with (nullcontext() if sync else model.no_sync()):
+                    with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss = model(**batch, use_cache=False).loss
+                    if not torch.isfinite(loss):
+                        raise TrainError(f"epoch {epoch}, step {step + 1} (global step {global_step + 1}): loss is {loss.item()}")
+                    scaled = loss / (last - first)
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                step_loss += torch.tensor([loss.item(), 1.0])
+                step_tokens += int(batch["input_ids"].numel())
+                step_trained += int((batch["labels"] != IGNORE_INDEX).sum())
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, train["max_grad_norm"])
+                         if train.get("max_grad_norm") else _grad_norm(params))
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            totals = dist.all_reduce(torch.tensor([step_loss[0].item(), step_loss[1].item(), step_tokens, step_trained, float(interrupt.requested)], dtype=torch.float64))
+            loss_mean = totals[0].item() / max(1.0, totals[1].item())
+            counters["global_step"] += 1
+            counters["tokens"] += int(totals[2].item())
+            counters["trained_tokens"] += int(totals[3].item())
+            metrics_so_far["loss_sum"] += loss_mean
+            metrics_so_far["loss_count"] += 1
+            step += 1
+            seconds = time.perf_counter() - t0
+            if dist.main:
+                record = {"epoch": epoch, "step": step, "global_step": counters["global_step"], "loss": loss_mean,
+                          "lr": last_lr, "grad_norm": float(grad_norm), "tokens_per_s": totals[2].item() / seconds,
+                          "memory_mb": _memory_mb(dist.device)}
+                metrics_out.write(json.dumps(record) + "\n")
+                metrics_out.flush()
+                if writer:
+                    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "memory_mb"):
+                        writer.add_scalar(f"train/{key}", record[key], counters["global_step"])
+                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{last_lr:.2e}")
+                bar.update(1)
+            stop = totals[4].item() > 0
+            if step < steps_per_epoch and (stop or step % train["save_steps"] == 0):
+                _save_resume_point(resume_dir, model, optimizer, dist, fp, step, counters, metrics_so_far)
+                if stop:
+                    if dist.main:
+                        log.warning("interrupted: resume point at step %d/%d in %s; rerun to continue", step, steps_per_epoch, resume_dir)
+                    return RESUME_EXIT_CODE
+    bar.close()
+
+    heldout_loss = evaluate_heldout(model, spec, dist, pad_id, amp_dtype)
+    samples = sample_generations(model, spec, dist) if dist.main else []
+    epoch_metrics = {
+        "train_loss": metrics_so_far["loss_sum"] / max(1, metrics_so_far["loss_count"]),
+        "heldout_loss": heldout_loss,
+        "lr_last": last_lr,
+        "steps": steps_per_epoch,
+        "seconds": time.perf_counter() - started,
+        "samples": samples,
+    }
+    state = trainable_state(model)
+    _write_epoch(spec, dist, state, optimizer, fp, counters, epoch_metrics, steps_per_epoch)
+    if writer:
+        if heldout_loss is not None:
+            writer.add_scalar("heldout/loss", heldout_loss, counters["global_step"])
+        for s in samples:
+            writer.add_text(f"samples/{s['prompt'][:40]}", s["output"], counters["global_step"])
+        writer.close()
+    if dist.main:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        log.info("epoch %d done: train loss %.4f, held-out loss %s, %d steps in %.0f s", epoch,
+                 epoch_metrics["train_loss"], f"{heldout_loss:.4f}" if heldout_loss is not None else "n/a",
+                 steps_per_epoch, epoch_metrics["seconds"])
+    dist.barrier()
+    return 0
+
+
+def _pad_id(spec: dict) -> int:
+    config = json.loads((Path(spec["base_model"]["path"]) / "config.json").read_text())
+    pad = config.get("pad_token_id")
+    return pad if isinstance(pad, int) else 0
+
+
+def _grad_norm(params) -> torch.Tensor:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except ImportError:
+        return 0.0
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, mininterval=1.0)
+
+
+def _tensorboard(spec: dict):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: metrics go to the JSONL file only")
+        return None
+    return SummaryWriter(str(Path(spec["log_dir"]) / "tensorboard"), filename_suffix=f".epoch_{spec['epoch']}")
+
+
+def _save_resume_point(resume_dir: Path, model, optimizer, dist: Dist, fp: dict, step: int, counters: dict, metrics: dict) -> None:
+    """Every rank writes its optimizer shard into a shared temporary dir; rank 0 publishes it."""
+    tmp = resume_dir.with_name(resume_dir.name + ".tmp")
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    torch.save(optimizer.state_dict(), tmp / f"optimizer.rank{dist.rank}.pt")
+    dist.barrier()
+    if dist.main:
+        torch.save(trainable_state(model), tmp / "trainable.pt")
+        write_json(tmp / "meta.json", {"fingerprint": fp["fingerprint"], "epoch_step": step, "world": dist.world,
+                                       "counters": counters, "metrics": metrics})
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        os.replace(tmp, resume_dir)
+    dist.barrier()
+
+
+def _write_epoch(spec, dist: Dist, state, optimizer, fp, counters, metrics, steps_per_epoch) -> None:
+    out_pth, out_state = Path(spec["out"]["pth"]), Path(spec["out"]["state"])
+    tmp_state = out_state.with_name(out_state.name + ".tmp")
+    if dist.main:
+        shutil.rmtree(tmp_state, ignore_errors=True)
+        tmp_state.mkdir(parents=True)
+    dist.barrier()
+    torch.save(optimizer.state_dict(), tmp_state / f"optimizer.rank{dist.rank}.pt")
+    torch.save({"torch": torch.get_rng_state(), "numpy_seed": torch.tensor([spec["train"]["seed"]])},
+               tmp_state / f"rng.rank{dist.rank}.pt")
+    dist.barrier()
+    if not dist.main:
+        return
+    shutil.copy(tmp_state / "optimizer.rank0.pt", tmp_state / "optimizer.pt")
+    write_json(tmp_state / "meta.json", {"fingerprint": fp["fingerprint"], "world": dist.world, "epoch": spec["epoch"]})
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "experiment": spec["experiment"],
+        "epoch": spec["epoch"],
+        "method": spec["method"],
+        "base_model": spec["base_model"]["path"],
+        "template": spec.get("template"),
+        "trainable": state,
+        "counters": {**counters, "steps_per_epoch": steps_per_epoch},
+        "fingerprint": fp["fingerprint"],
+        "fingerprint_parts": fp,
+        "versions": library_versions(),
+        "metrics": metrics,
+    }
+    with atomic_file(out_pth, "wb") as handle:
+        torch.save(checkpoint, handle)
+    if out_state.exists():
+        shutil.rmtree(out_state)
+    os.replace(tmp_state, out_state)
+
+
+@torch.no_grad()
+def evaluate_heldout(model, spec: dict, dist: Dist, pad_id: int, amp_dtype) -> float | None:
+    """Mean loss per labelled token over the held-out split (sharded over processes)."""
+    import datasets
+
+    if len(datasets.load_from_disk(spec["data_dir"])["heldout"]) == 0:
+        return None
+    rows = Rows(spec["data_dir"], "heldout")
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    batch_size = max(1, spec["train"]["batch_size"])
+    mine = np.arange(rows.num_rows)[dist.rank::dist.world]
+    for start in range(0, len(mine), batch_size):
+        batch = {k: v.to(dist.device) for k, v in make_batch(rows, mine[start:start + batch_size], pad_id).items()}
+        with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                           attention_mask=batch["attention_mask"], use_cache=False).logits.float()
+        targets = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="sum")
+        totals += torch.tensor([losses.item(), float((targets != IGNORE_INDEX).sum())], dtype=torch.float64)
+    dist.all_reduce(totals)
+    model.train()
+    return totals[0].item() / max(1.0, totals[1].item())
+
+
+@torch.no_grad()
+def sample_generations(model, spec: dict, dist: Dist, max_new_tokens: int = 48) -> list[dict]:
+    """Greedy answers to the experiment's ``evaluation_inputs`` (XTuner's sample generations)."""
+    prompts = spec["train"].get("evaluation_inputs") or []
+    if not prompts:
+        return []
+    from transformers import AutoTokenizer
+
+    from tunemake.encode import BOS, plan
+    from tunemake.templates import HF, Template
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
+    template = spec["template"]
+    template = HF if template["name"] == HF else Template(**template)
+    inner = getattr(model, "module", model)
+    inner.eval()
+    samples = []
+    for prompt in prompts:
+        if template == HF:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        else:
+            pieces = plan([{"system": "", "input": prompt, "output": ""}], template, False)
+            ids = [tokenizer.bos_token_id] if pieces[0] is BOS and tokenizer.bos_token_id is not None else []
+            ids += tokenizer.encode(template.render_input(prompt, None, 1), add_special_tokens=False)
+        input_ids = torch.tensor([ids], device=dist.device)
+        stop = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(w) for w in template.stop_words] if template != HF else None
+        out = inner.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id or 0)
+        samples.append({"prompt": prompt, "output": tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)})
+    inner.train()
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tunemake.train SPEC.json``: what torchrun runs in each process."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    with open(argv[0], encoding="utf-8") as handle:
+        spec = json.load(handle)
+    try:
+        return train_epoch(spec)
+    except TunemakeError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
