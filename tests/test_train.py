@@ -1,0 +1,341 @@
+"""The train stage on a tiny model: it learns, it is deterministic, it resumes exactly, it refuses bad input.
+
+Each test builds (once per module) a tiny project: demo data, a demo tokenizer and a 2-layer
+Llama, and the templated datasets; then runs ``tunemake.train`` in-process or as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunemake.config import load_config, train_spec
+from tunemake.data import build_templated_dataset
+from tunemake.demo import build_demo_model, build_demo_tokenizer, generate_demo_data
+from tunemake.paths import templated_dataset
+from tunemake.templates import TEMPLATES
+from tunemake.train import (
+    RESUME_EXIT_CODE,
+    Rows,
+    TrainError,
+    build_model,
+    evaluate_heldout,
+    launch,
+    make_batch,
+    setup_processes,
+    train_epoch,
+)
+
+MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "max_position_embeddings": 256}
+
+
+def base_config(**experiment) -> dict:
+    exp = {"model": "tiny", "datasets": "tasks", "method": "full", "epochs": 2, "max_length": 64,
+           "batch_size": 4, "grad_accumulation": 2, "lr": 0.003, "schedule": {"type": "constant", "warmup_steps": 2},
+           "gpus": 0}
+    exp.update(experiment)
+    return {
+        "models": {"tiny": {"path": "models/tiny", "template": "internlm2_chat", "dtype": "float32"}},
+        "datasets": {"tasks": {"path": "data/demo/tasks.jsonl", "heldout_fraction": 0.1},
+                     "corpus": {"path": "data/demo/corpus.txt", "format": "pretrain", "heldout_fraction": 0.1}},
+        "methods": {"lora8": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+                    "qlora8": {"type": "qlora", "r": 8, "alpha": 16, "dropout": 0.0, "gradient_checkpointing": False}},
+        "experiments": [exp],
+    }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """Demo data (small), tokenizer, model; templated datasets built lazily by ``prepare``."""
+    root = tmp_path_factory.mktemp("train_project")
+    generate_demo_data(root / "data" / "demo", seed=0, corpus_docs=300, tasks_per_family=60)
+    build_demo_tokenizer(root / "data" / "demo" / "corpus.txt", root / "models" / "tiny", TEMPLATES["internlm2_chat"], vocab_size=400)
+    build_demo_model(root / "models" / "tiny", root / "models" / "tiny", **MODEL)
+    return root
+
+
+def prepare(project: Path, workdir: Path, config: dict, epoch: int = 1) -> dict:
+    """Copy the project into ``workdir``, build the experiment's data there, return its spec."""
+    if not workdir.exists():
+        shutil.copytree(project, workdir)
+    os.chdir(workdir)
+    resolved = load_config(config)
+    exp = next(iter(resolved["experiments"].values()))
+    data_dir = Path(templated_dataset(exp["data_key"]))
+    if not data_dir.exists():
+        build_templated_dataset(exp["data_recipe"], data_dir)
+    return train_spec(exp, epoch, resolved, threads=1)
+
+
+def checkpoint(spec: dict) -> dict:
+    return torch.load(spec["out"]["pth"], map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(autouse=True)
+def _restore_cwd():
+    cwd = os.getcwd()
+    yield
+    os.chdir(cwd)
+
+
+def test_full_fine_tune_lowers_heldout_loss(project, tmp_path):
+    spec = prepare(project, tmp_path / "w", base_config(datasets="corpus", epochs=1, lr=0.005))
+    dist = setup_processes(0)
+    torch.manual_seed(0)
+    before = evaluate_heldout(build_model(spec, dist.device), spec, dist, pad_id=0, amp_dtype=None)
+    assert train_epoch(spec) == 0
+    ckpt = checkpoint(spec)
+    after = ckpt["metrics"]["heldout_loss"]
+    # random init sits near ln(vocab) = 6.0; one epoch on 270 documents gets well below
+    assert before > 5.5
+    assert after < before - 1.5, (before, after)
+    assert ckpt["format"] == "tunemake.epoch/1" and ckpt["epoch"] == 1
+    assert ckpt["counters"]["global_step"] == ckpt["counters"]["steps_per_epoch"] > 0
+    assert set(ckpt["versions"]) >= {"torch", "transformers", "tunemake"}
+    assert len(ckpt["fingerprint"]) == 32
+    metrics = [json.loads(line) for line in Path(spec["log_dir"], "epoch_1.metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == ckpt["counters"]["steps_per_epoch"]
+    assert {"loss", "lr", "tokens_per_s", "memory_mb", "grad_norm"} <= set(metrics[0])
+    assert list(Path(spec["log_dir"], "tensorboard").iterdir()), "no TensorBoard events written"
+
+
+def test_lora_trains_only_the_adapter(project, tmp_path):
+    spec = prepare(project, tmp_path / "w", base_config(method="lora8", epochs=1, evaluation_inputs=["Add 2 and 3."]))
+    assert train_epoch(spec) == 0
+    ckpt = checkpoint(spec)
+    names = list(ckpt["trainable"])
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    # every linear layer of both blocks, none of the head: 7 projections x 2 layers x (A, B)
+    assert len(names) == 7 * 2 * 2
+    assert not any("lm_head" in n for n in names)
+    assert any(t.abs().sum() > 0 for n, t in ckpt["trainable"].items() if ".lora_B." in n), "lora_B never moved"
+    assert ckpt["metrics"]["samples"][0]["prompt"] == "Add 2 and 3."
+    # a few real optimizer steps on the LoRA model leave every base weight bit-identical
+    from safetensors.torch import load_file
+
+    model = build_model(spec, torch.device("cpu"))
+    rows = Rows(spec["data_dir"], "train")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    for step in range(3):
+        model(**make_batch(rows, [step], pad_id=0)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    weights = {n.replace("base_model.model.", "", 1).replace(".base_layer", ""): p
+               for n, p in model.named_parameters() if not p.requires_grad}
+    base = load_file("models/tiny/model.safetensors")
+    assert set(base) <= set(weights)
+    for name, tensor in base.items():
+        assert torch.equal(weights[name].detach(), tensor), name
+
+
+def test_packed_document_logits_equal_its_logits_alone(project, tmp_path):
+    spec = prepare(project, tmp_path / "w", base_config(max_length=64))
+    rows = Rows(spec["data_dir"], "train")
+    model = build_model(spec, torch.device("cpu")).eval()
+    # a row that holds at least two whole documents
+    for index in range(rows.num_rows):
+        positions = rows.row("position_ids", index)
+        starts = [i for i, p in enumerate(positions) if p == 0]
+        if len(starts) >= 3:
+            break
+    else:
+        pytest.fail("no packed row with two whole documents")
+    batch = make_batch(rows, [index], pad_id=0)
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=batch["position_ids"], attention_mask=batch["attention_mask"]).logits
+        a, b = starts[1], starts[2]
+        alone = model(input_ids=ids[:, a:b]).logits
+    assert torch.allclose(packed[:, a:b], alone, atol=1e-5), (packed[:, a:b] - alone).abs().max()
+    # and as one plain causal sequence they would differ: the test can tell
+    with torch.no_grad():
+        leaky = model(input_ids=ids).logits
+    assert not torch.allclose(leaky[:, a:b], alone, atol=1e-3)
+
+
+def test_same_seed_same_tensors(project, tmp_path):
+    config = base_config(method="lora8", epochs=1)
+    spec_a = prepare(project, tmp_path / "a", config)
+    train_epoch(spec_a)
+    first = checkpoint(spec_a)["trainable"]
+    spec_b = prepare(project, tmp_path / "b", config)
+    train_epoch(spec_b)
+    second = checkpoint(spec_b)["trainable"]
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_epoch_two_starts_from_epoch_one(project, tmp_path):
+    config = base_config(method="lora8", epochs=2)
+    spec1 = prepare(project, tmp_path / "w", config, epoch=1)
+    train_epoch(spec1)
+    spec2 = prepare(project, tmp_path / "w", config, epoch=2)
+    train_epoch(spec2)
+    one, two = checkpoint(spec1), checkpoint(spec2)
+    assert two["counters"]["global_step"] == 2 * one["counters"]["global_step"]
+    assert two["fingerprint_parts"]["previous"] == one["fingerprint"]
+    assert Path(spec2["out"]["state"], "optimizer.pt").exists()
+    assert two["metrics"]["train_loss"] < one["metrics"]["train_loss"]
+
+
+def _run_subprocess(spec: dict, workdir: Path) -> subprocess.Popen:
+    spec_file = workdir / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    return subprocess.Popen([sys.executable, "-m", "tunemake.train", str(spec_file)], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_resume_point(spec: dict, workdir: Path, proc, min_step: int, timeout: float = 120) -> None:
+    meta = workdir / spec["out"]["resume"] / "meta.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if meta.exists() and json.loads(meta.read_text())["epoch_step"] >= min_step:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before a resume point:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("no resume point appeared")
+
+
+def test_sigkill_then_rerun_gives_identical_tensors(project, tmp_path):
+    config = base_config(method="lora8", epochs=1, save_steps=2, lr=0.002)
+    reference = prepare(project, tmp_path / "ref", config)
+    train_epoch(reference)
+    expected = checkpoint(reference)
+
+    work = tmp_path / "killed"
+    spec = prepare(project, work, config)
+    proc = _run_subprocess(spec, work)
+    _wait_for_resume_point(spec, work, proc, min_step=2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (work / spec["out"]["pth"]).exists()
+    os.chdir(work)
+    assert train_epoch(spec) == 0
+    resumed = checkpoint(spec)
+    assert not (work / spec["out"]["resume"]).exists(), "resume point not cleaned up"
+    for name, tensor in expected["trainable"].items():
+        assert torch.equal(resumed["trainable"][name], tensor), name
+    assert resumed["counters"] == expected["counters"]
+
+
+def test_sigterm_writes_a_resume_point_and_exits_for_requeue(project, tmp_path):
+    config = base_config(method="lora8", epochs=1, save_steps=1000)
+    work = tmp_path / "w"
+    spec = prepare(project, work, config)
+    proc = _run_subprocess(spec, work)
+    metrics = work / spec["log_dir"] / "epoch_1.metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert time.time() < deadline and proc.poll() is None, "training did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == RESUME_EXIT_CODE
+    meta = json.loads((work / spec["out"]["resume"] / "meta.json").read_text())
+    assert meta["epoch_step"] >= 1
+    assert not (work / spec["out"]["pth"]).exists()
+
+
+def test_resume_point_from_another_config_is_ignored(project, tmp_path, caplog):
+    config = base_config(method="lora8", epochs=1, save_steps=2)
+    work = tmp_path / "w"
+    spec = prepare(project, work, config)
+    proc = _run_subprocess(spec, work)
+    _wait_for_resume_point(spec, work, proc, min_step=2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    other = prepare(project, work, base_config(method="lora8", epochs=1, save_steps=2, lr=0.01))
+    with caplog.at_level("WARNING", logger="tunemake.train"):
+        assert train_epoch(other) == 0
+    assert "ignoring a resume point made with another config" in caplog.text
+    fresh = prepare(project, tmp_path / "fresh", base_config(method="lora8", epochs=1, save_steps=2, lr=0.01))
+    train_epoch(fresh)
+    a, b = checkpoint(other)["trainable"], checkpoint(fresh)["trainable"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_over_gloo_match_one(project, tmp_path):
+    config = base_config(method="lora8", epochs=1, batch_size=2, grad_accumulation=2, nproc=2, lr=0.002)
+    two = prepare(project, tmp_path / "two", config)
+    assert launch(two) == 0
+    one_config = base_config(method="lora8", epochs=1, batch_size=4, grad_accumulation=2, nproc=1, lr=0.002)
+    one = prepare(project, tmp_path / "one", one_config)
+    assert launch(one) == 0
+    loss_two = checkpoint({"out": {"pth": str(tmp_path / "two" / two["out"]["pth"])}})["metrics"]
+    loss_one = checkpoint({"out": {"pth": str(tmp_path / "one" / one["out"]["pth"])}})["metrics"]
+    # same global batch (2 x 2 rows vs 4 rows), same rows per step in another grouping:
+    # the losses agree to within 2% relative
+    assert abs(loss_two["train_loss"] - loss_one["train_loss"]) / loss_one["train_loss"] < 0.02, (loss_two, loss_one)
+
+
+def test_qlora_on_cpu_gives_nonzero_lora_gradients_everywhere(project, tmp_path):
+    spec = prepare(project, tmp_path / "w", base_config(method="qlora8", epochs=1))
+    model = build_model(spec, torch.device("cpu"))
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    rows = Rows(spec["data_dir"], "train")
+    model.train()
+    with torch.no_grad():  # the no-grad forward that triggers bitsandbytes' CPU repacking
+        model(**make_batch(rows, [0], pad_id=0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    for step in range(2):  # lora_B starts at zero, so lora_A's gradient is zero until one step
+        optimizer.zero_grad()
+        model(**make_batch(rows, [step, step + 1], pad_id=0)).loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        optimizer.step()
+    assert grads and all(".lora_" in n for n in grads)
+    assert len(grads) == 7 * 2 * 2
+    zero = [n for n, g in grads.items() if g is None or g.abs().sum() == 0]
+    assert not zero, f"zero LoRA gradients: {zero[:3]}"
+    assert train_epoch(spec) == 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c["models"]["tiny"].update(path="models/nowhere"), "models/nowhere: base model directory does not exist"),
+        (lambda c: c["experiments"][0].update(batch_size=100000), "fewer than one batch of batch_size 100000"),
+        (lambda c: c["experiments"][0].update(gpus=4), "gpus: 4 requested but 0 visible"),
+        (lambda c: c["experiments"][0].update(deepspeed="zero2"), "deepspeed: not supported"),
+    ],
+)
+def test_bad_input_fails_before_any_compute(project, tmp_path, change, message):
+    config = base_config(epochs=1)
+    change(config)
+    work = tmp_path / "w"
+    shutil.copytree(project, work)
+    os.chdir(work)
+    resolved = load_config(config)
+    exp = next(iter(resolved["experiments"].values()))
+    if Path("models/tiny").exists() and exp["root_model"] == "tiny" and "nowhere" not in config["models"]["tiny"]["path"]:
+        build_templated_dataset(exp["data_recipe"], templated_dataset(exp["data_key"]))
+    spec = train_spec(exp, 1, resolved)
+    with pytest.raises(TrainError, match=message):
+        launch(spec)
+    assert not Path(spec["out"]["pth"]).exists()
+    assert not Path(spec["out"]["state"]).exists()
+
+
+def test_not_a_causal_lm(project, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(project, work)
+    os.chdir(work)
+    config_file = Path("models/tiny/config.json")
+    config = json.loads(config_file.read_text())
+    config["architectures"] = ["BertForSequenceClassification"]
+    config_file.write_text(json.dumps(config))
+    resolved = load_config(base_config(epochs=1))
+    spec = train_spec(next(iter(resolved["experiments"].values())), 1, resolved)
+    with pytest.raises(TrainError, match="not a causal language model"):
+        launch(spec)
