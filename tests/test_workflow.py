@@ -7,47 +7,16 @@ tokenizer and model built by the workflow, two experiments sharing one templated
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from smk import REPO, planned_jobs, snakemake, write_config
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL_CONFIG = REPO / "tests" / "configs" / "demo_small.yaml"
 
 pytestmark = pytest.mark.slow
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True, target: str = "datasets") -> subprocess.CompletedProcess:
-    """Run the repo's Snakefile in ``workdir`` with ``workdir/config.yaml`` (the data targets by default)."""
-    cmd = [
-        sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-        "--configfile", str(workdir / "config.yaml"), "--cores", "2", target, *args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def planned_jobs(workdir: Path) -> dict[str, int]:
-    """Rule -> job count of what a dry run would execute ({} when nothing is to be done)."""
-    out = snakemake(workdir, "-n", "--quiet", "rules").stdout
-    jobs = {}
-    for line in out.splitlines():
-        match = re.match(r"^\s*([A-Za-z_]\w*)\s+(\d+)\s*$", line)
-        if match and match.group(1) not in ("total", "job"):
-            jobs[match.group(1)] = int(match.group(2))
-    return jobs
-
-
-def write_config(workdir: Path, config: dict) -> None:
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def small_config() -> dict:

@@ -97,6 +97,26 @@ def cmd_build_data(args) -> None:
           f"records, {stats['tokens']} tokens, packing efficiency {stats['packing_efficiency']:.1%}")
 
 
+def cmd_prune_state(args) -> None:
+    from tunemake.paths import train_state
+    from tunemake.train import prune_state
+
+    config = _load(args)
+    names = args.experiments or list(config["experiments"])
+    total = 0
+    for name in names:
+        exp = _experiment(config, name)
+        keep = exp["epochs"] if not args.all else None
+        for epoch in range(1, exp["epochs"] + 1):
+            if epoch == keep:
+                continue
+            freed = prune_state(train_state(name, epoch))
+            if freed:
+                print(f"{train_state(name, epoch)}: pruned {freed / 2**20:.1f} MiB")
+            total += freed
+    print(f"freed {total / 2**20:.1f} MiB")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunemake", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: where the workflow puts it)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(fn=cmd_build_data)
+
+    p = with_config(sub.add_parser(
+        "prune-state", help="free the optimizer state of epochs nobody will re-run from (all but the last)"))
+    p.add_argument("experiments", nargs="*", help="experiments (default: all)")
+    p.add_argument("--all", action="store_true", help="prune the last epoch's state too (it can then not be extended)")
+    p.set_defaults(fn=cmd_prune_state)
     return parser
 
 

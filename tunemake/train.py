@@ -739,6 +739,29 @@ def sample_generations(model, spec: dict, dist: Dist, max_new_tokens: int = 48) 
     return samples
 
 
+def prune_state(state_dir: str | os.PathLike) -> int:
+    """Replace an epoch's resume state with a small stub; return the bytes freed.
+
+    The directory and its timestamps stay, so Snakemake sees nothing to rebuild; only a later
+    epoch that must re-run from this state stops, with an error saying to rebuild this epoch.
+    """
+    state_dir = Path(state_dir)
+    if not state_dir.is_dir() or (state_dir / PRUNED_MARKER).exists():
+        return 0
+    stat = state_dir.stat()
+    freed = 0
+    for path in state_dir.iterdir():
+        if path.name.startswith(".snakemake"):
+            continue
+        freed += path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    marker = state_dir / PRUNED_MARKER
+    marker.write_text("optimizer state pruned by `tunemake prune-state`; rebuild this epoch to extend from it\n")
+    os.utime(marker, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.utime(state_dir, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return freed
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m tunemake.train SPEC.json``: what torchrun runs in each process."""
     argv = sys.argv[1:] if argv is None else argv
