@@ -118,8 +118,8 @@ def test_pruned_state_rebuilds_nothing_and_says_why_when_needed(wsd, tmp_path):
     finally:
         os.chdir(cwd)
     assert (work / "checkpoints" / "chain" / "epoch_1.state" / "PRUNED").exists()
-    assert not (work / "checkpoints" / "chain" / "epoch_1.state" / "optimizer.pt").exists()
-    assert (work / "checkpoints" / "chain" / "epoch_2.state" / "optimizer.pt").exists()
+    assert not (work / "checkpoints" / "chain" / "epoch_1.state" / "optimizer.rank0.pt").exists()
+    assert (work / "checkpoints" / "chain" / "epoch_2.state" / "optimizer.rank0.pt").exists()
     assert planned_jobs_all(work) == {}
     # extending with wsd must re-run epoch 2 from epoch 1's pruned state: a clear error
     write_config(work, config_with({"type": "wsd", "warmup_steps": 2, "decay_epochs": 1}, epochs=3))

@@ -183,7 +183,7 @@ def test_epoch_two_starts_from_epoch_one(project, tmp_path):
     one, two = checkpoint(spec1), checkpoint(spec2)
     assert two["counters"]["global_step"] == 2 * one["counters"]["global_step"]
     assert two["fingerprint_parts"]["previous"] == one["fingerprint"]
-    assert Path(spec2["out"]["state"], "optimizer.pt").exists()
+    assert Path(spec2["out"]["state"], "optimizer.rank0.pt").exists()
     assert two["metrics"]["train_loss"] < one["metrics"]["train_loss"]
 
 
@@ -278,6 +278,41 @@ def test_two_processes_over_gloo_match_one(project, tmp_path):
     assert abs(loss_two["train_loss"] - loss_one["train_loss"]) / loss_one["train_loss"] < 0.02, (loss_two, loss_one)
 
 
+def test_deepspeed_zero2_two_processes_match_one_and_chain(project, tmp_path):
+    config = base_config(method="lora8", epochs=2, batch_size=2, grad_accumulation=2, nproc=2, lr=0.002,
+                         deepspeed="zero2")
+    zero = prepare(project, tmp_path / "zero2", config)
+    assert launch(zero) == 0
+    one = prepare(project, tmp_path / "one", base_config(method="lora8", epochs=2, batch_size=4, grad_accumulation=2, lr=0.002))
+    assert launch(one) == 0
+    ds_ckpt = checkpoint({"out": {"pth": str(tmp_path / "zero2" / zero["out"]["pth"])}})
+    one_ckpt = checkpoint({"out": {"pth": str(tmp_path / "one" / one["out"]["pth"])}})
+    assert ds_ckpt["trainable"].keys() == one_ckpt["trainable"].keys()
+    rel = abs(ds_ckpt["metrics"]["train_loss"] - one_ckpt["metrics"]["train_loss"]) / one_ckpt["metrics"]["train_loss"]
+    assert rel < 0.02, (ds_ckpt["metrics"], one_ckpt["metrics"])
+    # one shard of optimizer state per rank, and epoch 2 resumes from them
+    shards = sorted(p.name for p in (tmp_path / "zero2" / zero["out"]["state"] / "deepspeed").iterdir())
+    assert sum("optim_states" in name for name in shards) == 2, shards
+    zero2 = prepare(project, tmp_path / "zero2", config, epoch=2)
+    assert launch(zero2) == 0
+    two = checkpoint({"out": {"pth": str(tmp_path / "zero2" / zero2["out"]["pth"])}})
+    assert two["counters"]["global_step"] == 2 * ds_ckpt["counters"]["global_step"]
+    assert two["metrics"]["train_loss"] < ds_ckpt["metrics"]["train_loss"]
+
+
+def test_nonfinite_loss_stops_naming_the_step(project, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    work = tmp_path / "w"
+    spec = prepare(project, work, base_config(epochs=1))
+    weights = load_file("models/tiny/model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, "models/tiny/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(TrainError, match=r"epoch 1, step 1 \(global step 1\): loss is nan"):
+        train_epoch(spec)
+    assert not Path(spec["out"]["pth"]).exists()
+
+
 def test_qlora_on_cpu_gives_nonzero_lora_gradients_everywhere(project, tmp_path):
     spec = prepare(project, tmp_path / "w", base_config(method="qlora8", epochs=1))
     model = build_model(spec, torch.device("cpu"))
@@ -307,7 +342,7 @@ def test_qlora_on_cpu_gives_nonzero_lora_gradients_everywhere(project, tmp_path)
         (lambda c: c["models"]["tiny"].update(path="models/nowhere"), "models/nowhere: base model directory does not exist"),
         (lambda c: c["experiments"][0].update(batch_size=100000), "fewer than one batch of batch_size 100000"),
         (lambda c: c["experiments"][0].update(gpus=4), "gpus: 4 requested but 0 visible"),
-        (lambda c: c["experiments"][0].update(deepspeed="zero2"), "deepspeed: not supported"),
+        (lambda c: c["experiments"][0].update(deepspeed="nowhere/ds.json"), "deepspeed: nowhere/ds.json: no such file"),
     ],
 )
 def test_bad_input_fails_before_any_compute(project, tmp_path, change, message):

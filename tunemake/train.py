@@ -4,8 +4,10 @@ Entry point :func:`train_epoch` runs in every training process (one per GPU, or 
 CPU over gloo); :func:`launch` starts those processes with torchrun, or runs the epoch in-process
 when there is one. Supported: full fine-tuning, LoRA and QLoRA (bitsandbytes 4-bit NF4 / 8-bit),
 plain DDP, AdamW with the schedules in ``tunemake.schedule``, gradient accumulation and clipping,
-packed rows with attention kept inside each document, mid-epoch resume points. Not supported yet:
-DeepSpeed (a config naming it is refused with a clear error), pipeline or tensor parallelism.
+packed rows with attention kept inside each document, mid-epoch resume points, and DeepSpeed ZeRO
+1/2/3 (+ offload) by name or JSON file with "auto" fields filled from the experiment (the torch
+AdamW is handed to DeepSpeed, so no optimizer is compiled). Not supported: pipeline or tensor
+parallelism.
 
 Outputs of epoch n:
 - ``epoch_{n}.pth``: trainable weights (LoRA weights only for LoRA/QLoRA) gathered on rank 0,
@@ -97,6 +99,19 @@ def setup_processes(gpus: int) -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+def _init_deepspeed_comm(dist: Dist) -> None:
+    # DeepSpeed looks for an MPI launcher unless the torchrun variables are set; one process
+    # without torchrun gets them here.
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
+        os.environ.setdefault(key, value)
+    if dist.device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if dist.device.type == "cuda" else "gloo")
+
+
 def processes_per_node(train: dict) -> int:
     """One process per GPU; on a machine without GPUs, ``nproc`` CPU processes (default 1)."""
     gpus = train.get("gpus")
@@ -151,8 +166,7 @@ def check_spec(spec: dict) -> None:
         raise TrainError(f"method: LoRA rank r must be >= 1, got {method['r']}")
     if spec["train"]["epochs"] < 1 or not 1 <= spec["epoch"] <= spec["train"]["epochs"]:
         raise TrainError(f"epoch {spec['epoch']} is outside 1..{spec['train']['epochs']}")
-    if spec["train"].get("deepspeed"):
-        raise TrainError("deepspeed: not supported by this version of the train stage yet; remove it to use DDP")
+    deepspeed_config(spec, world=1)  # a missing or malformed JSON file fails here
     base = spec["base_model"]["path"]
     if not os.path.isdir(base):
         raise TrainError(f"{base}: base model directory does not exist")
@@ -162,6 +176,86 @@ def check_spec(spec: dict) -> None:
     arch = json.loads(config_file.read_text()).get("architectures") or []
     if arch and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in arch):
         raise TrainError(f"{base}: not a causal language model (architectures: {', '.join(arch)})")
+
+
+# --- DeepSpeed ---------------------------------------------------------------------------------
+
+#: XTuner's shipped ZeRO configs (REFERENCE §3), with the batch fields left "auto".
+DEEPSPEED_PRESETS = {
+    "zero1": {"zero_optimization": {"stage": 1}},
+    "zero2": {"zero_optimization": {"stage": 2, "overlap_comm": True}},
+    "zero2_offload": {"zero_optimization": {"stage": 2, "overlap_comm": True,
+                                            "offload_optimizer": {"device": "cpu", "pin_memory": True}}},
+    "zero3": {"zero_optimization": {"stage": 3, "overlap_comm": True,
+                                    "stage3_gather_16bit_weights_on_model_save": True}},
+    "zero3_offload": {"zero_optimization": {"stage": 3, "overlap_comm": True,
+                                            "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                            "offload_param": {"device": "cpu", "pin_memory": True},
+                                            "stage3_gather_16bit_weights_on_model_save": True}},
+}
+
+
+def deepspeed_config(spec: dict, world: int) -> dict | None:
+    """The experiment's DeepSpeed config with every "auto" field filled, or None without DeepSpeed."""
+    train = spec["train"]
+    name = train.get("deepspeed")
+    if not name:
+        return None
+    if name in DEEPSPEED_PRESETS:
+        config = json.loads(json.dumps(DEEPSPEED_PRESETS[name]))
+    else:
+        try:
+            config = json.loads(Path(name).read_text())
+        except FileNotFoundError:
+            raise TrainError(f"deepspeed: {name}: no such file") from None
+        except json.JSONDecodeError as exc:
+            raise TrainError(f"deepspeed: {name}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    filled = {
+        "train_micro_batch_size_per_gpu": train["batch_size"],
+        "gradient_accumulation_steps": train["grad_accumulation"],
+        "train_batch_size": train["batch_size"] * train["grad_accumulation"] * world,
+        "gradient_clipping": train.get("max_grad_norm") or 0.0,
+    }
+    for key, value in filled.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    precision = train.get("precision", "auto")
+    for key, wanted in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        section = config.setdefault(key, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = wanted
+    config.setdefault("steps_per_print", 10**9)
+    config.setdefault("wall_clock_breakdown", False)
+    return config
+
+
+class DeepSpeedState:
+    """Saves and loads optimizer state through a DeepSpeed engine (one shard per rank)."""
+
+    TAG = "deepspeed"
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def save(self, directory: Path, rank: int) -> None:
+        self.engine.save_checkpoint(str(directory), tag=self.TAG, exclude_frozen_parameters=True)
+
+    def load(self, directory: Path, rank: int) -> None:
+        self.engine.load_checkpoint(str(directory), tag=self.TAG, load_module_strict=False,
+                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+
+
+class TorchState:
+    """Saves and loads a torch optimizer's state, one file per rank."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def save(self, directory: Path, rank: int) -> None:
+        torch.save(self.optimizer.state_dict(), directory / f"optimizer.rank{rank}.pt")
+
+    def load(self, directory: Path, rank: int) -> None:
+        self.optimizer.load_state_dict(torch.load(directory / f"optimizer.rank{rank}.pt", map_location="cpu", weights_only=True))
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -333,9 +427,18 @@ def _disable_bnb_cpu_repacking(model) -> None:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """Trainable parameters by name (for LoRA: only the adapter), detached, on the CPU."""
+    """Trainable parameters by name (for LoRA: only the adapter), detached, on the CPU.
+
+    Under ZeRO-3 the parameters are partitioned: they are gathered first (every rank must call).
+    """
     model = getattr(model, "module", model)
-    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if any(hasattr(p, "ds_id") for _, p in named):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {name: p.detach().to("cpu", copy=True) for name, p in named}
+    return {name: p.detach().to("cpu", copy=True) for name, p in named}
 
 
 def load_trainable(model, state: dict[str, torch.Tensor], source: str) -> None:
@@ -465,8 +568,19 @@ def train_epoch(spec: dict) -> int:
     counters = {"global_step": 0, "tokens": 0, "trained_tokens": 0}
     if prev_ckpt:
         load_trainable(model, prev_ckpt["trainable"], previous["pth"])
-        optimizer.load_state_dict(torch.load(Path(previous["state"]) / "optimizer.pt", map_location="cpu", weights_only=True))
         counters.update(prev_ckpt["counters"])
+    engine = None
+    ds_config = deepspeed_config(spec, dist.world)
+    if ds_config:
+        _init_deepspeed_comm(dist)
+        import deepspeed
+
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        model, states = engine, DeepSpeedState(engine)
+    else:
+        states = TorchState(optimizer)
+    if prev_ckpt:
+        states.load(Path(previous["state"]), dist.rank)
 
     start_step, metrics_so_far = 0, {"loss_sum": 0.0, "loss_count": 0}
     resume_dir = Path(spec["out"]["resume"])
@@ -474,15 +588,16 @@ def train_epoch(spec: dict) -> int:
         meta_file = resume_dir / "meta.json"
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         if meta.get("fingerprint") == fp["fingerprint"] and meta.get("world") == dist.world:
-            load_trainable(model, torch.load(resume_dir / "trainable.pt", map_location="cpu", weights_only=True), str(resume_dir))
-            optimizer.load_state_dict(torch.load(resume_dir / f"optimizer.rank{dist.rank}.pt", map_location="cpu", weights_only=True))
+            if engine is None:  # DeepSpeed restores the trainable weights with its own state
+                load_trainable(model, torch.load(resume_dir / "trainable.pt", map_location="cpu", weights_only=True), str(resume_dir))
+            states.load(resume_dir, dist.rank)
             start_step, counters, metrics_so_far = meta["epoch_step"], meta["counters"], meta["metrics"]
             if dist.main:
                 log.info("resuming epoch %d at step %d/%d from %s", epoch, start_step, steps_per_epoch, resume_dir)
         elif dist.main:
             log.warning("%s: ignoring a resume point made with another config, data or code", resume_dir)
 
-    if dist.world > 1:
+    if dist.world > 1 and engine is None:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
@@ -511,27 +626,38 @@ def train_epoch(spec: dict) -> int:
                 torch.manual_seed(step_seed(train["seed"], epoch, micro * dist.world + dist.rank))
                 indices = mine[micro * train["batch_size"]:(micro + 1) * train["batch_size"]]
                 batch = {k: v.to(dist.device) for k, v in make_batch(rows, indices, pad_id).items()}
-                sync = micro == last - 1 or dist.world == 1
-                with (nullcontext() if sync else model.no_sync()):
-                    with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss = model(**batch, use_cache=False).loss
-                    if not torch.isfinite(loss):
-                        raise TrainError(f"epoch {epoch}, step {step + 1} (global step {global_step + 1}): loss is {loss.item()}")
-                    scaled = loss / (last - first)
-                    (scaler.scale(scaled) if scaler else scaled).backward()
+                if engine is not None:
+                    # tunemake, not DeepSpeed, decides where an accumulation ends (the last
+                    # optimizer step of an epoch may have fewer micro-batches)
+                    engine.set_gradient_accumulation_boundary(micro == last - 1)
+                    loss = engine(**batch, use_cache=False).loss
+                    _check_finite(loss, epoch, step, global_step)
+                    engine.backward(loss / (last - first), scale_wrt_gas=False)
+                    engine.step()
+                else:
+                    sync = micro == last - 1 or dist.world == 1
+                    with (nullcontext() if sync else model.no_sync()):
+                        with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                            loss = model(**batch, use_cache=False).loss
+                        _check_finite(loss, epoch, step, global_step)
+                        scaled = loss / (last - first)
+                        (scaler.scale(scaled) if scaler else scaled).backward()
                 step_loss += torch.tensor([loss.item(), 1.0])
                 step_tokens += int(batch["input_ids"].numel())
                 step_trained += int((batch["labels"] != IGNORE_INDEX).sum())
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, train["max_grad_norm"])
-                         if train.get("max_grad_norm") else _grad_norm(params))
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
+            if engine is not None:
+                grad_norm = engine.get_global_grad_norm() or 0.0
             else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                if scaler:
+                    scaler.unscale_(optimizer)
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, train["max_grad_norm"])
+                             if train.get("max_grad_norm") else _grad_norm(params))
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             totals = dist.all_reduce(torch.tensor([step_loss[0].item(), step_loss[1].item(), step_tokens, step_trained, float(interrupt.requested)], dtype=torch.float64))
             loss_mean = totals[0].item() / max(1.0, totals[1].item())
             counters["global_step"] += 1
@@ -554,7 +680,7 @@ def train_epoch(spec: dict) -> int:
                 bar.update(1)
             stop = totals[4].item() > 0
             if step < steps_per_epoch and (stop or step % train["save_steps"] == 0):
-                _save_resume_point(resume_dir, model, optimizer, dist, fp, step, counters, metrics_so_far)
+                _save_resume_point(resume_dir, model, states, dist, fp, step, counters, metrics_so_far)
                 if stop:
                     if dist.main:
                         log.warning("interrupted: resume point at step %d/%d in %s; rerun to continue", step, steps_per_epoch, resume_dir)
@@ -572,7 +698,7 @@ def train_epoch(spec: dict) -> int:
         "samples": samples,
     }
     state = trainable_state(model)
-    _write_epoch(spec, dist, state, optimizer, fp, counters, epoch_metrics, steps_per_epoch)
+    _write_epoch(spec, dist, state, states, fp, counters, epoch_metrics, steps_per_epoch)
     if writer:
         if heldout_loss is not None:
             writer.add_scalar("heldout/loss", heldout_loss, counters["global_step"])
@@ -586,6 +712,12 @@ def train_epoch(spec: dict) -> int:
                  steps_per_epoch, epoch_metrics["seconds"])
     dist.barrier()
     return 0
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, step: int, global_step: int) -> None:
+    if not torch.isfinite(loss):
+        raise TrainError(f"epoch {epoch}, step {step + 1} (global step {global_step + 1}): loss is {loss.item()}; "
+                         "lower lr, check the data, or use fp32/bf16 instead of fp16")
 
 
 def _pad_id(spec: dict) -> int:
@@ -625,17 +757,18 @@ def _tensorboard(spec: dict):
     return SummaryWriter(str(Path(spec["log_dir"]) / "tensorboard"), filename_suffix=f".epoch_{spec['epoch']}")
 
 
-def _save_resume_point(resume_dir: Path, model, optimizer, dist: Dist, fp: dict, step: int, counters: dict, metrics: dict) -> None:
+def _save_resume_point(resume_dir: Path, model, states, dist: Dist, fp: dict, step: int, counters: dict, metrics: dict) -> None:
     """Every rank writes its optimizer shard into a shared temporary dir; rank 0 publishes it."""
     tmp = resume_dir.with_name(resume_dir.name + ".tmp")
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    torch.save(optimizer.state_dict(), tmp / f"optimizer.rank{dist.rank}.pt")
+    states.save(tmp, dist.rank)
     dist.barrier()
+    trainable = trainable_state(model)  # collective under ZeRO-3
     if dist.main:
-        torch.save(trainable_state(model), tmp / "trainable.pt")
+        torch.save(trainable, tmp / "trainable.pt")
         write_json(tmp / "meta.json", {"fingerprint": fp["fingerprint"], "epoch_step": step, "world": dist.world,
                                        "counters": counters, "metrics": metrics})
         shutil.rmtree(resume_dir, ignore_errors=True)
@@ -643,20 +776,18 @@ def _save_resume_point(resume_dir: Path, model, optimizer, dist: Dist, fp: dict,
     dist.barrier()
 
 
-def _write_epoch(spec, dist: Dist, state, optimizer, fp, counters, metrics, steps_per_epoch) -> None:
+def _write_epoch(spec, dist: Dist, state, states, fp, counters, metrics, steps_per_epoch) -> None:
     out_pth, out_state = Path(spec["out"]["pth"]), Path(spec["out"]["state"])
     tmp_state = out_state.with_name(out_state.name + ".tmp")
     if dist.main:
         shutil.rmtree(tmp_state, ignore_errors=True)
         tmp_state.mkdir(parents=True)
     dist.barrier()
-    torch.save(optimizer.state_dict(), tmp_state / f"optimizer.rank{dist.rank}.pt")
-    torch.save({"torch": torch.get_rng_state(), "numpy_seed": torch.tensor([spec["train"]["seed"]])},
-               tmp_state / f"rng.rank{dist.rank}.pt")
+    states.save(tmp_state, dist.rank)
+    torch.save({"torch": torch.get_rng_state()}, tmp_state / f"rng.rank{dist.rank}.pt")
     dist.barrier()
     if not dist.main:
         return
-    shutil.copy(tmp_state / "optimizer.rank0.pt", tmp_state / "optimizer.pt")
     write_json(tmp_state / "meta.json", {"fingerprint": fp["fingerprint"], "world": dist.world, "epoch": spec["epoch"]})
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
