@@ -35,7 +35,7 @@ def test_list_experiments_on_the_demo_config(capsys, monkeypatch):
     assert main(["list-experiments"]) == 0
     out = capsys.readouterr().out
     assert "tiny_full_corpus\n" in out
-    assert "tiny_full_corpus_lora_small_tasks\n  from experiment tiny_full_corpus" in out
+    assert "tiny_full_corpus_lora_embed_tasks\n  from experiment tiny_full_corpus" in out
 
 
 @pytest.fixture

@@ -137,6 +137,17 @@ def test_lora_trains_only_the_adapter(project, tmp_path):
         assert torch.equal(weights[name].detach(), tensor), name
 
 
+def test_lora_modules_to_save_trains_embeddings_and_head_in_full(project, tmp_path):
+    config = base_config(method="lora_embed", epochs=1)
+    config["methods"]["lora_embed"] = {"type": "lora", "r": 8, "alpha": 16, "modules_to_save": ["embed_tokens", "lm_head"]}
+    spec = prepare(project, tmp_path / "w", config)
+    assert train_epoch(spec) == 0
+    names = list(checkpoint(spec)["trainable"])
+    full = [n for n in names if ".lora_" not in n]
+    assert any("embed_tokens" in n for n in full) and any("lm_head" in n for n in full), full
+    assert len(names) - len(full) == 7 * 2 * 2
+
+
 def test_packed_document_logits_equal_its_logits_alone(project, tmp_path):
     spec = prepare(project, tmp_path / "w", base_config(max_length=64))
     rows = Rows(spec["data_dir"], "train")

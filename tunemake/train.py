@@ -404,6 +404,7 @@ def build_model(spec: dict, device: torch.device):
             r=method["r"], lora_alpha=method["alpha"], lora_dropout=method["dropout"],
             bias=method["bias"], task_type="CAUSAL_LM",
             target_modules=lora_targets(model) if targets == "all-linear" else list(targets),
+            modules_to_save=list(method.get("modules_to_save") or []) or None,
         )
         model = get_peft_model(model, config)
     if device.type == "cpu":
