@@ -18,7 +18,7 @@ def _normalise(requirement: str) -> tuple[str, str]:
 
 def pyproject_requirements() -> set[tuple[str, str]]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    reqs = list(project["dependencies"]) + list(project["optional-dependencies"]["train"])
+    reqs = list(project["dependencies"])
     return {_normalise(r) for r in reqs}
 
 
