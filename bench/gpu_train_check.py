@@ -71,6 +71,8 @@ def main() -> int:
         if not Path(data_dir).exists():
             build_templated_dataset(exp["data_recipe"], data_dir, threads=8)
         spec = train_spec(exp, 1, resolved, threads=8)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         status = launch(spec)
         seconds = time.perf_counter() - started
@@ -98,7 +100,7 @@ def main() -> int:
     for r in results:
         if r.get("status") == 0:
             print(f"{r['setting']:8} {r['gpus']:>4} {r['first_loss']:>8.3f} -> {r['last_loss']:<7.3f} "
-                  f"{r['heldout_loss']:>9.3f} {r['tokens_per_s_per_rank_median']:>10.0f} {r['peak_memory_mib_rank0']:>9.0f}")
+                  f"{r['heldout_loss']:>9.3f} {r['tokens_per_s_median']:>10.0f} {r['peak_memory_mib_rank0']:>9.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"card": card, "gpus": torch.cuda.device_count(), "results": results}, indent=2))
     return 0 if all(r.get("status") == 0 for r in results) else 1

@@ -69,10 +69,13 @@ class Dist:
         return self.rank == 0
 
     def all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        """Sum (by default) a small CPU tensor over all processes, in place."""
         if self.world > 1:
             import torch.distributed as td
 
-            td.all_reduce(tensor, op=op or td.ReduceOp.SUM)
+            on_device = tensor.to(self.device)  # NCCL reduces device tensors only
+            td.all_reduce(on_device, op=op or td.ReduceOp.SUM)
+            tensor.copy_(on_device.cpu())
         return tensor
 
     def barrier(self) -> None:
