@@ -103,7 +103,8 @@ def test_full_fine_tune_lowers_heldout_loss(project, tmp_path):
     assert set(ckpt["versions"]) >= {"torch", "transformers", "tunemake"}
     assert len(ckpt["fingerprint"]) == 32
     metrics = [json.loads(line) for line in Path(spec["log_dir"], "epoch_1.metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == ckpt["counters"]["steps_per_epoch"]
+    assert len(metrics) == ckpt["counters"]["steps_per_epoch"] + 1
+    assert metrics[-1]["end_of_epoch"] and metrics[-1]["heldout_loss"] == after
     assert {"loss", "lr", "tokens_per_s", "memory_mb", "grad_norm"} <= set(metrics[0])
     assert list(Path(spec["log_dir"], "tensorboard").iterdir()), "no TensorBoard events written"
 
@@ -309,6 +310,17 @@ def test_deepspeed_zero2_two_processes_match_one_and_chain(project, tmp_path):
     two = checkpoint({"out": {"pth": str(tmp_path / "zero2" / zero2["out"]["pth"])}})
     assert two["counters"]["global_step"] == 2 * ds_ckpt["counters"]["global_step"]
     assert two["metrics"]["train_loss"] < ds_ckpt["metrics"]["train_loss"]
+
+
+def test_qlora_8bit_trains(project, tmp_path):
+    config = base_config(method="q8", epochs=1)
+    config["methods"]["q8"] = {"type": "qlora", "bits": 8, "r": 8, "alpha": 16, "dropout": 0.0,
+                               "gradient_checkpointing": False}
+    spec = prepare(project, tmp_path / "w", config)
+    assert train_epoch(spec) == 0
+    ckpt = checkpoint(spec)
+    assert all(".lora_" in n for n in ckpt["trainable"])
+    assert ckpt["metrics"]["train_loss"] < 6.5
 
 
 def test_nonfinite_loss_stops_naming_the_step(project, tmp_path):

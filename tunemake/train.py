@@ -701,6 +701,10 @@ def train_epoch(spec: dict) -> int:
         "seconds": time.perf_counter() - started,
         "samples": samples,
     }
+    if dist.main:
+        with open(metrics_file, "a", encoding="utf-8") as metrics_out:
+            metrics_out.write(json.dumps({"epoch": epoch, "global_step": counters["global_step"], "end_of_epoch": True,
+                                          **{k: v for k, v in epoch_metrics.items() if k != "seconds"}}) + "\n")
     state = trainable_state(model)
     _write_epoch(spec, dist, state, states, fp, counters, epoch_metrics, steps_per_epoch)
     if writer:
