@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from itertools import chain
 import logging
 import os
 import time
@@ -220,7 +221,7 @@ def _dataset_dict(packed, heldout: list[Encoded]):
     })
     lengths = np.array([len(e.input_ids) for e in heldout], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]) if len(lengths) else np.zeros(1, dtype=np.int64)
-    flat = lambda attr: np.array([t for e in heldout for t in getattr(e, attr)], dtype=np.int32)  # noqa: E731
+    flat = lambda attr: np.fromiter(chain.from_iterable(getattr(e, attr) for e in heldout), dtype=np.int32)  # noqa: E731
     heldout_table = pa.table({
         "input_ids": lists(flat("input_ids"), offsets),
         "labels": lists(flat("labels"), offsets),
