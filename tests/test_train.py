@@ -324,6 +324,28 @@ def test_qlora_8bit_trains(project, tmp_path):
     assert ckpt["metrics"]["train_loss"] < 6.5
 
 
+@pytest.fixture(scope="module")
+def ddp_reference(project, tmp_path_factory):
+    config = base_config(method="lora8", epochs=1, batch_size=8, grad_accumulation=1, nproc=2, lr=0.002)
+    work = tmp_path_factory.mktemp("ddp_reference")
+    spec = prepare(project, work / "w", config)
+    assert launch(spec) == 0
+    return checkpoint({"out": {"pth": str(work / "w" / spec["out"]["pth"])}})
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero3", "zero2_offload", "zero3_offload"])
+def test_every_zero_stage_trains_like_ddp(project, tmp_path, ddp_reference, stage):
+    config = base_config(method="lora8", epochs=1, batch_size=8, grad_accumulation=1, nproc=2, lr=0.002,
+                         deepspeed=stage)
+    spec = prepare(project, tmp_path / "w", config)
+    assert launch(spec) == 0
+    ckpt = checkpoint(spec)
+    # parameters gathered from all ranks (ZeRO-3 partitions them): full shapes, as without DeepSpeed
+    assert {k: v.shape for k, v in ckpt["trainable"].items()} == {k: v.shape for k, v in ddp_reference["trainable"].items()}
+    rel = abs(ckpt["metrics"]["train_loss"] - ddp_reference["metrics"]["train_loss"]) / ddp_reference["metrics"]["train_loss"]
+    assert rel < 1e-3, (ckpt["metrics"]["train_loss"], ddp_reference["metrics"]["train_loss"])
+
+
 def test_deepspeed_sigterm_then_rerun_gives_identical_tensors(project, tmp_path):
     config = base_config(method="lora8", epochs=1, batch_size=4, grad_accumulation=1, nproc=2, lr=0.002,
                          deepspeed="zero2", save_steps=1000)

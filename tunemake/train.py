@@ -579,6 +579,15 @@ def train_epoch(spec: dict) -> int:
         _init_deepspeed_comm(dist)
         import deepspeed
 
+        offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+        if offload:
+            # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own Adam (compiled on
+            # first use, then cached in ~/.cache/torch_extensions); same AdamW maths
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(params, lr=train["lr"], betas=tuple(train["betas"]),
+                                         weight_decay=train["weight_decay"], eps=1e-8, adamw_mode=True)
+
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         model, states = engine, DeepSpeedState(engine)
     else:
