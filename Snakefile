@@ -18,6 +18,7 @@ validate(config, "schemas/config.schema.yaml")
 include: "rules/demo.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
+include: "rules/convert.smk"
 
 
 rule all:
@@ -26,6 +27,7 @@ rule all:
         demo_models=all_demo_model_files(),
         templated_datasets=all_templated_datasets(),
         checkpoints=all_final_checkpoints(),
+        adapters=all_final_adapters(),
 
 
 # `snakemake datasets --cores all`: every experiment's templated dataset, and nothing after.

@@ -144,3 +144,18 @@ def get_train_gpus(wildcards):
 
 def get_train_nodes(wildcards):
     return EXPERIMENTS[wildcards.experiment]["nodes"]
+
+
+def all_final_adapters():
+    """The final epoch's adapter of every experiment that starts from a configured model."""
+    return [paths.adapter(name, e["epochs"]) for name, e in EXPERIMENTS.items() if not e["upstream"]]
+
+
+def get_convert_base_path(wildcards):
+    return base_model_of(EXPERIMENTS[wildcards.experiment], TM)["path"]
+
+
+def get_convert_input(wildcards):
+    exp = EXPERIMENTS[wildcards.experiment]
+    base = get_convert_base_path(wildcards) if exp["upstream"] else model_files(TM["models"][exp["model"]])
+    return {"checkpoint": paths.checkpoint(exp["name"], int(wildcards.epoch)), "base": base}

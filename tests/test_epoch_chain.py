@@ -78,28 +78,29 @@ def planned_jobs_all(work) -> dict[str, int]:
 
 def test_built_chain_is_up_to_date(constant):
     assert planned_jobs_all(constant) == {}
+    assert (constant / "adapters" / "chain" / "epoch_2" / "adapter_config.json").exists()
     ckpt = torch.load(constant / "checkpoints" / "chain" / "epoch_2.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["counters"]["global_step"] == 2 * ckpt["counters"]["steps_per_epoch"]
 
 
 def test_constant_schedule_extends_by_one_epoch(constant, tmp_path):
-    assert changed(constant, tmp_path, config_with(epochs=3)) == {"train_epoch": 1, "all": 1}
+    assert changed(constant, tmp_path, config_with(epochs=3)) == {"train_epoch": 1, "convert_epoch": 1, "all": 1}
 
 
 def test_wsd_reruns_only_from_the_decay_window(wsd, tmp_path):
     # epochs 2 -> 3 with the last epoch decaying: epoch 1 (stable in both) is reused,
     # epoch 2 (was the decay, now stable) and epoch 3 run
     config = config_with({"type": "wsd", "warmup_steps": 2, "decay_epochs": 1}, epochs=3)
-    assert changed(wsd, tmp_path, config) == {"train_epoch": 2, "all": 1}
+    assert changed(wsd, tmp_path, config) == {"train_epoch": 2, "convert_epoch": 1, "all": 1}
 
 
 def test_cosine_reruns_the_whole_chain(cosine, tmp_path):
     config = config_with({"type": "cosine", "warmup_ratio": 0.1}, epochs=3)
-    assert changed(cosine, tmp_path, config) == {"train_epoch": 3, "all": 1}
+    assert changed(cosine, tmp_path, config) == {"train_epoch": 3, "convert_epoch": 1, "all": 1}
 
 
 def test_lr_change_reruns_the_chain_not_the_data(constant, tmp_path):
-    assert changed(constant, tmp_path, config_with(lr=0.002)) == {"train_epoch": 2, "all": 1}
+    assert changed(constant, tmp_path, config_with(lr=0.002)) == {"train_epoch": 2, "convert_epoch": 1, "all": 1}
 
 
 def test_logging_only_settings_do_not_rerun(constant, tmp_path):

@@ -117,6 +117,13 @@ def cmd_prune_state(args) -> None:
     print(f"freed {total / 2**20:.1f} MiB")
 
 
+def cmd_convert(args) -> None:
+    from tunemake.convert import convert_checkpoint
+
+    out = convert_checkpoint(args.checkpoint, args.out, base_model=args.base, dtype=args.dtype)
+    print(f"{out}: written")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunemake", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: where the workflow puts it)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(fn=cmd_build_data)
+
+    p = sub.add_parser("convert", help="an epoch .pth -> PEFT adapter (LoRA/QLoRA) or HF model (full)")
+    p.add_argument("checkpoint", help="an epoch_N.pth written by tunemake")
+    p.add_argument("out", help="the directory to write")
+    p.add_argument("--base", help="base model directory (default: the one recorded in the checkpoint)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="weights' dtype (default float16, as XTuner's pth_to_hf)")
+    p.set_defaults(fn=cmd_convert)
 
     p = with_config(sub.add_parser(
         "prune-state", help="free the optimizer state of epochs nobody will re-run from (all but the last)"))

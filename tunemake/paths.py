@@ -35,3 +35,10 @@ MERGE = "merges/{experiment}/epoch_{epoch}"
 
 def final_merge(experiment: str, epochs: int) -> str:
     return MERGE.format(experiment=experiment, epoch=epochs)
+
+#: The HF artefact of an epoch: a PEFT adapter (LoRA/QLoRA) or a model directory (full).
+ADAPTER = "adapters/{experiment}/epoch_{epoch}"
+
+
+def adapter(experiment: str, epoch: int) -> str:
+    return ADAPTER.format(experiment=experiment, epoch=epoch)

@@ -1,0 +1,22 @@
+# Epoch checkpoint -> Hugging Face artefact (XTuner's pth_to_hf): a PEFT adapter for LoRA/QLoRA,
+# a model directory for full fine-tunes.
+
+
+rule convert_epoch:
+    input:
+        unpack(get_convert_input),
+    output:
+        directory(paths.ADAPTER),
+    params:
+        base=get_convert_base_path,
+        dtype="float16",
+    threads: 1
+    resources:
+        mem_mb=get_train_mem_mb,
+        runtime=60,
+    conda:
+        "../envs/tunemake.yaml"
+    log:
+        "logs/convert/{experiment}/epoch_{epoch}.log",
+    script:
+        "../scripts/convert_epoch.py"

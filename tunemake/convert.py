@@ -1,0 +1,95 @@
+"""The convert stage: an epoch checkpoint (``.pth``) -> a Hugging Face artefact (XTuner's ``pth_to_hf``).
+
+Entry point :func:`convert_checkpoint`, called by ``rules/convert.smk`` and ``tunemake convert``.
+For LoRA / QLoRA it writes a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
+that vanilla ``PeftModel.from_pretrained(base, dir)`` loads with no tunemake import; for a full
+fine-tune, an HF model directory with the tokenizer. Either way ``tunemake.json`` beside it holds
+the template, base, epoch, fingerprint and versions that later stages read for their defaults.
+Supported: any ``.pth`` written by ``tunemake.train`` (with or without DeepSpeed). Not supported:
+XTuner's own ``.pth`` files (their key names differ). The base model is loaded on the CPU to build
+the adapter's structure, so conversion needs the base's size in host memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from tunemake.atomic import atomic_dir, write_json
+from tunemake.errors import TunemakeError
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+METADATA_FILE = "tunemake.json"
+
+
+class ConvertError(TunemakeError):
+    """The checkpoint cannot be converted (unreadable, or not made for this base model)."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: no such checkpoint") from None
+    except Exception as exc:
+        raise ConvertError(f"{path}: not a readable tunemake checkpoint ({exc})") from None
+    if not isinstance(ckpt, dict) or not str(ckpt.get("format", "")).startswith("tunemake.epoch/"):
+        raise ConvertError(f"{path}: not a tunemake epoch checkpoint (no 'format' field)")
+    return ckpt
+
+
+def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, base_model: str | None = None,
+                       dtype: str = "float16", tokenizer_path: str | None = None) -> Path:
+    """Write the HF artefact of ``checkpoint`` into ``out_dir``, atomically.
+
+    Args:
+        checkpoint: an ``epoch_{n}.pth`` written by ``tunemake.train``.
+        out_dir: the adapter (LoRA/QLoRA) or model (full) directory to create.
+        base_model: the base model directory; default: the one recorded in the checkpoint.
+        dtype: weights' dtype in the output (XTuner's default float16; ``float32`` keeps them exact).
+        tokenizer_path: where the tokenizer is read from (default: the base model).
+
+    Raises:
+        ConvertError: unreadable checkpoint, or weights that do not fit the base model.
+    """
+    from tunemake.train import build_model, load_trainable
+
+    ckpt = read_checkpoint(checkpoint)
+    base = base_model or ckpt["base_model"]
+    if not Path(base, "config.json").exists():
+        raise ConvertError(f"{base}: base model directory does not exist or has no config.json")
+    method = ckpt["method"]
+    # Built on the CPU in fp32 with the method's structure but no quantization: a QLoRA adapter
+    # is saved for (and merges into) the unquantized base.
+    spec = {"method": {**method, "type": "lora" if method["type"] == "qlora" else method["type"],
+                       "gradient_checkpointing": False},
+            "base_model": {"path": base, "dtype": "float32"}, "train": {"precision": "fp32"}}
+    model = build_model(spec, torch.device("cpu"))
+    try:
+        load_trainable(model, ckpt["trainable"], str(checkpoint))
+    except TunemakeError as exc:
+        raise ConvertError(f"{exc} (is {base} the base model it was trained from?)") from None
+    metadata = {
+        "experiment": ckpt["experiment"], "epoch": ckpt["epoch"], "method": method,
+        "base_model": base, "template": ckpt.get("template"), "fingerprint": ckpt["fingerprint"],
+        "versions": ckpt["versions"], "dtype": dtype,
+    }
+    with atomic_dir(out_dir) as tmp:
+        if method["type"] == "full":
+            from transformers import AutoTokenizer
+
+            model.to(DTYPES[dtype]).save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(tokenizer_path or base).save_pretrained(tmp)
+        else:
+            model.to(DTYPES[dtype]).save_pretrained(tmp)
+        write_json(Path(tmp) / METADATA_FILE, metadata)
+    return Path(out_dir)
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """The ``tunemake.json`` of an adapter, model or merge directory ({} when absent)."""
+    path = Path(directory) / METADATA_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
