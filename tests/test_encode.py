@@ -445,3 +445,22 @@ def test_pack_without_packing_one_row_per_sample():
 def test_pack_empty():
     packed = pack([], 16, seed=0)
     assert packed.num_rows == 0 and len(packed.input_ids) == 0
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_prompt_ids_render_the_chat_template_and_the_training_ids(name, tokenizer_for):
+    """What chat and evals send is what training encoded and what apply_chat_template renders."""
+    from tunemake.encode import prompt_ids
+
+    tokenizer = tokenizer_for(name)
+    template = TEMPLATES[name]
+    turns = [{"system": "Be brief.", "input": "Add 12 and 30.", "output": "42"},
+             {"system": "", "input": "And reverse: apple cup.", "output": "cup apple"}]
+    text, ids = prompt_ids(turns, template, tokenizer)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 12 and 30."},
+                {"role": "assistant", "content": "42"}, {"role": "user", "content": "And reverse: apple cup."}]
+    assert text == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    trained = encode_record(turns, tokenizer, template, max_length=10_000).input_ids
+    answer = tokenizer.encode(template.render_output("cup apple"), add_special_tokens=False)
+    assert trained[:len(ids)] == ids
+    assert trained[len(ids):len(ids) + len(answer)] == answer

@@ -98,6 +98,33 @@ def _plan_hf(turns: Sequence[dict], tokenizer) -> list:
     return pieces
 
 
+def prompt_ids(turns: Sequence[dict], template: Template | str, tokenizer) -> tuple[str, list[int]]:
+    """The text and ids a model is given to write the last turn's answer, as training encodes them.
+
+    ``turns`` is a conversation whose last turn's ``output`` is ignored (earlier outputs are the
+    history). Every piece is tokenized on its own, as :func:`encode_record` does, so the ids are
+    the ones the model saw in training (tokenizing the whole text at once can give others). The
+    text is the pieces joined; for a named template it equals the saved tokenizer's
+    ``apply_chat_template(messages, add_generation_prompt=True)``.
+    """
+    if not turns:
+        raise DataError("a prompt needs at least one turn")
+    turns = [*turns[:-1], {**turns[-1], "output": ""}]
+    pieces = plan(turns, template, False, tokenizer)
+    last_answer = max(i for i, piece in enumerate(pieces) if isinstance(piece, tuple) and piece[1])
+    bos, eos = special_ids(tokenizer)
+    text, ids = "", []
+    for piece in pieces[:last_answer]:
+        if piece is BOS:
+            text, ids = text + (tokenizer.bos_token or ""), ids + bos
+        elif piece is EOS:
+            text, ids = text + (tokenizer.eos_token or ""), ids + eos
+        elif piece[0]:
+            text += piece[0]
+            ids += tokenizer.encode(piece[0], add_special_tokens=False)
+    return text, ids
+
+
 def encode_record(turns, tokenizer, template, max_length: int, pretrain: bool = False) -> Encoded:
     """Encode one record, piece by piece, exactly as XTuner's ``encode_fn``."""
     bos, eos = special_ids(tokenizer)

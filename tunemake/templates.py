@@ -156,6 +156,23 @@ def get_template(name: str, custom: dict | None = None) -> Template | str:
     raise ConfigError(f"unknown template {name!r}; known templates: {', '.join(known)}")
 
 
+def template_to_dict(template: Template | str) -> dict:
+    """The template as plain JSON data (what checkpoints and ``tunemake.json`` record)."""
+    if template == HF:
+        return {"name": HF}
+    values = {k: getattr(template, k) for k in _FIELDS}
+    return {"name": template.name, **values, "stop_words": list(template.stop_words)}
+
+
+def template_from_dict(data: dict) -> Template | str:
+    """Inverse of :func:`template_to_dict`: a recorded template, with every field as recorded."""
+    if data.get("name") == HF:
+        return HF
+    values = {k: data[k] for k in _FIELDS if k in data}
+    values["stop_words"] = tuple(values.get("stop_words", ()))
+    return Template(name=data.get("name", "custom"), **values)
+
+
 def _jinja_literal(text: str) -> str:
     """Quote ``text`` as a Jinja string literal."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r") + "'"
