@@ -90,6 +90,10 @@ def build_templated_dataset(
             trainable record left; nothing is written to ``out_dir`` then.
     """
     os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
+    if threads > 1:
+        # datasets.map(num_proc>1) earlier in this process sets "false", which would keep every
+        # later encode_batch on one thread
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
     started = time.perf_counter()
     tokenizer = load_tokenizer(recipe["tokenizer"])
     template = template_from_recipe(recipe["template"])
@@ -125,7 +129,8 @@ def build_templated_dataset(
     })
 
     with atomic_dir(out_dir) as tmp:
-        dataset_dict = _dataset_dict(packed, heldout)
+        recipe_hash = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+        dataset_dict = _dataset_dict(packed, heldout, fingerprint=recipe_hash)
         # An empty split must still get one (empty) shard, or load_from_disk cannot read it back.
         dataset_dict.save_to_disk(str(tmp), num_shards={k: 1 for k, v in dataset_dict.items() if len(v) == 0})
         with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as handle:
@@ -204,8 +209,12 @@ def _sum_dicts(dicts) -> dict:
     return total
 
 
-def _dataset_dict(packed, heldout: list[Encoded]):
-    """A DatasetDict built straight from flat arrays (no per-row Python objects for train)."""
+def _dataset_dict(packed, heldout: list[Encoded], fingerprint: str):
+    """A DatasetDict built straight from flat arrays (no per-row Python objects for train).
+
+    ``fingerprint`` (the recipe's hash) names the splits for datasets' cache, which would
+    otherwise hash every table to make one.
+    """
     import datasets
     import numpy as np
     import pyarrow as pa
@@ -227,8 +236,8 @@ def _dataset_dict(packed, heldout: list[Encoded]):
         "labels": lists(flat("labels"), offsets),
     })
     return datasets.DatasetDict({
-        "train": datasets.Dataset(InMemoryTable(train)),
-        "heldout": datasets.Dataset(InMemoryTable(heldout_table)),
+        "train": datasets.Dataset(InMemoryTable(train), fingerprint=f"{fingerprint}-train"),
+        "heldout": datasets.Dataset(InMemoryTable(heldout_table), fingerprint=f"{fingerprint}-heldout"),
     })
 
 
