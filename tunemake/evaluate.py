@@ -1,0 +1,455 @@
+"""The evaluate stage: ``evals/{experiment}/epoch_{n}.json`` per model, then ``evals/summary.tsv`` and plots.
+
+Entry points, called by ``rules/evaluate.smk``, the CLI and the tests: :func:`evaluate_model` scores
+one model on one templated dataset's held-out split: loss and perplexity exactly as training
+measures them (``tunemake.train.evaluate_heldout`` on the same ids), and exact match of greedy
+answers to the held-out conversations, per task family. :func:`summarize` gathers those files into
+a table and the report's plots. Supported: any plain HF causal LM directory (a base model or a
+merged epoch), every template. Not supported: PEFT adapter directories (evaluate the merged model),
+GPUs (float32 on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from tunemake.atomic import atomic_file, write_json
+from tunemake.demo import TASK_FAMILIES
+from tunemake.encode import prompt_ids
+from tunemake.errors import TunemakeError, at
+from tunemake.templates import HF, Template, get_template
+
+log = logging.getLogger("tunemake.evaluate")
+
+HELDOUT_JSONL = "heldout.jsonl"
+EXAMPLES = 8  # answers shown in the JSON (and the report), in file order
+ALL = "all"  # the family that pools every scored record
+METRICS_PLOT = "metrics_per_epoch.png"
+TRAINING_PLOT = "training_loss.png"
+FIXED_COLUMNS = ("experiment", "epoch", "heldout_loss", "perplexity")
+DECIMALS = 4  # every number in summary.tsv: fixed precision, so the file is reproducible
+
+
+class EvaluateError(TunemakeError):
+    """A model, dataset or evaluation file that cannot be read (missing, or not what tunemake wrote)."""
+
+
+def evaluate_model(
+    model_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    out_json: str | os.PathLike,
+    *,
+    template: Template | str,
+    experiment: str | None = None,
+    epoch: int | None = None,
+    max_prompts: int = 200,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict:
+    """Evaluate ``model_dir`` on the held-out split of ``data_dir`` and write ``out_json`` atomically.
+
+    Held-out loss is the mean cross-entropy per labelled token over every held-out record (labels
+    shifted as in training), perplexity its exp. Answers are greedy: for the first ``max_prompts``
+    held-out conversations (file order), the prompt is the conversation up to its last turn's
+    answer (earlier reference answers are the history), encoded with
+    :func:`tunemake.encode.prompt_ids`, so the model gets exactly the ids it was trained on.
+    Generation stops at the tokenizer's eos, the model's generation eos, a template stop word
+    (those that are one token) or ``max_new_tokens``; the answer is the decoded text before the
+    stop, special tokens skipped, cut at a stop word that spans several tokens. A record scores
+    when ``answer.strip() == reference.strip()``; records are grouped by their ``task`` field, else
+    their dataset name, and pooled as ``all``. Pretrain records (no input in any turn) get loss
+    only. A dataset with an empty held-out split gives ``null`` loss and no scores.
+
+    Args:
+        model_dir: an HF model directory (``config.json``, weights, tokenizer); its tokenizer must
+            be the one the dataset was built with.
+        data_dir: a templated dataset written by ``tunemake.data.build_templated_dataset``.
+        out_json: the JSON to write (keys sorted; identical on rerun apart from ``seconds``).
+        template: a :class:`~tunemake.templates.Template`, ``"hf"``, or a built-in template's name;
+            the one the dataset was encoded with.
+        experiment: recorded in the JSON (the summary's row key).
+        epoch: recorded in the JSON (0 for the base model).
+        max_prompts: how many held-out conversations to answer. Default 200.
+        max_new_tokens: the longest answer. Default 64.
+        batch_size: records per forward pass, for the loss and for generation. Default 16.
+        seed: seeds torch (greedy decoding does not draw, but the JSON records it). Default 0.
+        threads: ``torch.set_num_threads`` for the evaluation (restored afterwards).
+
+    Returns:
+        The dictionary written to ``out_json``.
+
+    Raises:
+        EvaluateError: ``model_dir`` is not a model directory; ``data_dir`` has no held-out
+            split or no ``heldout.jsonl``, or the two disagree in length. Nothing is written then.
+        ConfigError: ``template`` is an unknown name.
+    """
+    started = time.perf_counter()
+    if isinstance(template, str) and template != HF:
+        template = get_template(template)
+    model_dir, data_dir = Path(model_dir), Path(data_dir)
+    if not (model_dir / "config.json").is_file():
+        raise EvaluateError(at(str(model_dir), "not a model directory (no config.json); build it first"))
+    records, heldout_rows = _read_heldout(data_dir)
+
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            tokenizer, model = _load(model_dir)
+            loss, tokens = _heldout_loss(model, data_dir, heldout_rows, tokenizer, batch_size)
+            scored = [r for r in records if _has_input(r["conversation"])][:max_prompts]
+            prompts = [prompt_ids(r["conversation"], template, tokenizer) for r in scored]
+            answers = generate_answers(model, tokenizer, [ids for _, ids in prompts], template,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    exact_match: dict[str, dict] = {}
+    examples = []
+    for record, (prompt_text, _), answer in zip(scored, prompts, answers):
+        reference = record["conversation"][-1]["output"]
+        correct = answer.strip() == reference.strip()
+        for family in (family_of(record), ALL):
+            counts = exact_match.setdefault(family, {"correct": 0, "total": 0})
+            counts["correct"] += correct
+            counts["total"] += 1
+        if len(examples) < EXAMPLES:
+            examples.append({"task": family_of(record), "prompt": prompt_text, "reference": reference,
+                             "answer": answer, "correct": correct})
+    for counts in exact_match.values():
+        counts["rate"] = round(counts["correct"] / counts["total"], 6)
+
+    result = {
+        "experiment": experiment,
+        "epoch": epoch,
+        "model": str(model_dir),
+        "data": str(data_dir),
+        "template": HF if template == HF else template.name,
+        "heldout": {
+            "loss": None if loss is None else round(loss, 6),
+            "perplexity": None if loss is None else round(math.exp(loss), 6),
+            "tokens": tokens,
+            "records": heldout_rows,
+        },
+        "exact_match": exact_match,
+        "generation": {"seed": seed, "max_new_tokens": max_new_tokens, "greedy": True},
+        "examples": examples,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json(out_json, result)
+    log.info("%s: held-out loss %s on %d tokens, exact match %s (%d answers), %.1f s", out_json,
+             result["heldout"]["loss"], tokens, exact_match.get(ALL, {}).get("rate"), len(scored),
+             result["seconds"])
+    return result
+
+
+def family_of(record: dict) -> str:
+    """The family a held-out record is scored under: its ``task`` field, else its dataset's name."""
+    return record.get("task") or record["dataset"]
+
+
+def _has_input(conversation: list[dict]) -> bool:
+    # Pretrain records are one turn with an empty input: nothing to answer.
+    return any(turn.get("input") for turn in conversation)
+
+
+def _read_heldout(data_dir: Path) -> tuple[list[dict], int]:
+    """The held-out records of ``heldout.jsonl`` and the number of rows of the ``heldout`` split."""
+    import datasets
+
+    jsonl = data_dir / HELDOUT_JSONL
+    if not data_dir.is_dir():
+        raise EvaluateError(at(str(data_dir), "no such templated dataset; build it first"))
+    try:
+        splits = datasets.load_from_disk(str(data_dir))
+    except (FileNotFoundError, ValueError) as exc:
+        raise EvaluateError(at(str(data_dir), f"not a templated dataset ({exc}); rebuild it")) from None
+    if not isinstance(splits, datasets.DatasetDict) or "heldout" not in splits:
+        raise EvaluateError(at(str(data_dir), "has no 'heldout' split; rebuild it with this tunemake"))
+    if not jsonl.is_file():
+        raise EvaluateError(at(str(jsonl), "missing; rebuild the templated dataset with this tunemake"))
+    records = []
+    with open(jsonl, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            try:
+                record = json.loads(line)
+                if not record["conversation"] or "dataset" not in record:
+                    raise KeyError("conversation")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise EvaluateError(at(f"{jsonl}:{line_number}", "not a held-out record "
+                                       '({"dataset", "conversation", ...}); rebuild the templated dataset')) from None
+            records.append(record)
+    rows = len(splits["heldout"])
+    if len(records) != rows:
+        raise EvaluateError(at(str(jsonl), f"{len(records)} records, but the heldout split has {rows} rows; "
+                               "the directory is inconsistent, rebuild the templated dataset"))
+    return records, rows
+
+
+def _load(model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise EvaluateError(at(str(model_dir), f"cannot load the model or its tokenizer: {exc}")) from None
+    return tokenizer, model.eval()
+
+
+def _heldout_loss(model, data_dir: Path, rows: int, tokenizer, batch_size: int) -> tuple[float | None, int]:
+    """Training's held-out loss on these weights, and the number of tokens it averages over."""
+    from tunemake.train import IGNORE_INDEX, Dist, Rows, evaluate_heldout
+
+    if rows == 0:
+        return None, 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    loss = evaluate_heldout(model, {"data_dir": str(data_dir), "train": {"batch_size": batch_size}},
+                            Dist(), pad_id, amp_dtype=None)
+    model.eval()  # evaluate_heldout hands the model back in train mode
+    heldout = Rows(str(data_dir), "heldout")
+    # The first token of a row is never a target (see tunemake.train.make_batch).
+    tokens = sum(int((heldout.row("labels", i)[1:] != IGNORE_INDEX).sum()) for i in range(heldout.num_rows))
+    return loss, tokens
+
+
+def stop_ids(tokenizer, template, generation_config=None) -> list[int]:
+    """Token ids that end an answer: eos (tokenizer's and model's) and one-token stop words."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    model_eos = getattr(generation_config, "eos_token_id", None)
+    ids += model_eos if isinstance(model_eos, list) else [model_eos] if model_eos is not None else []
+    for word in [] if template == HF else template.stop_words:
+        encoded = tokenizer.encode(word, add_special_tokens=False)
+        if len(encoded) == 1:
+            ids += encoded
+    return sorted(set(ids))
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[list[int]], template, *, max_new_tokens: int = 64,
+                     batch_size: int = 16, progress: bool = True) -> list[str]:
+    """Greedy answers to tokenized prompts, batched with left padding; in the prompts' order.
+
+    Prompts are batched by length (less padding); a prompt's answer does not depend on its batch.
+    Nothing in the model's ``generation_config.json`` (sampling, repetition penalty) applies.
+    """
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    stops = stop_ids(tokenizer, template, model.generation_config)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=stops or None, pad_token_id=pad_id)
+    stop_words = [] if template == HF else [word for word in template.stop_words if word]
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    answers: list[str] = [""] * len(prompts)
+    # generate() fills every field left unset from model.generation_config: lend it an empty one.
+    model_config, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress or not batches,
+                          mininterval=1.0, dynamic_ncols=True):
+            length = max(len(prompts[i]) for i in batch)
+            input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, length - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
+                attention_mask[row, length - len(prompts[i]):] = 1
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            for row, i in enumerate(batch):
+                new = output[row, length:].tolist()
+                end = next((k for k, token in enumerate(new) if token in stops), len(new))
+                text = tokenizer.decode(new[:end], skip_special_tokens=True)
+                for word in stop_words:
+                    text = text.split(word, 1)[0]
+                answers[i] = text
+    finally:
+        model.generation_config = model_config
+    return answers
+
+
+# --- summary and plots -------------------------------------------------------------------------
+
+
+def summarize(
+    eval_files: list[str | os.PathLike],
+    out_tsv: str | os.PathLike,
+    *,
+    plots_dir: str | os.PathLike | None = None,
+    train_logs: dict[str, list[str | os.PathLike]] | None = None,
+) -> list[dict]:
+    """Write one TSV row per (experiment, epoch), and the plots, from evaluation JSON files.
+
+    Columns: ``experiment``, ``epoch``, ``heldout_loss``, ``perplexity``, then
+    ``exact_match_<family>`` for every family any file scores (the demo's families in their own
+    order, then others alphabetically), then ``exact_match_all``. Rows are sorted by experiment,
+    then epoch; numbers have :data:`DECIMALS` decimals; a value a file lacks is blank.
+
+    Plots, written to ``plots_dir`` when given: :data:`METRICS_PLOT` (held-out loss and each
+    family's exact match against epoch, a line per experiment) and :data:`TRAINING_PLOT` (training
+    loss against global step, a line per experiment, from ``train_logs``).
+
+    Args:
+        eval_files: the ``evals/{experiment}/epoch_{n}.json`` files; a file without an
+            ``experiment`` / ``epoch`` takes them from its path.
+        out_tsv: the TSV to write, atomically.
+        plots_dir: where to write the PNGs (created if missing); none when omitted.
+        train_logs: per experiment, its ``epoch_{n}.metrics.jsonl`` files; missing files are skipped.
+
+    Returns:
+        The rows, as ``{column: value}`` with numbers unformatted (``None`` where blank).
+
+    Raises:
+        EvaluateError: an unreadable evaluation file, or two files for the same experiment and epoch.
+    """
+    evals = [_read_eval(Path(path)) for path in eval_files]
+    seen: dict[tuple[str, int], str] = {}
+    for path, ev in zip(eval_files, evals):
+        key = (ev["experiment"], ev["epoch"])
+        if key in seen:
+            raise EvaluateError(at(str(path), f"experiment {key[0]!r} epoch {key[1]} is also evaluated in {seen[key]}"))
+        seen[key] = str(path)
+    evals.sort(key=lambda ev: (ev["experiment"], ev["epoch"]))
+    families = _families(evals)
+    columns = [*FIXED_COLUMNS, *(f"exact_match_{family}" for family in families)]
+
+    rows = []
+    for ev in evals:
+        heldout = ev.get("heldout") or {}
+        row = {"experiment": ev["experiment"], "epoch": ev["epoch"],
+               "heldout_loss": heldout.get("loss"), "perplexity": heldout.get("perplexity")}
+        for family in families:
+            row[f"exact_match_{family}"] = (ev.get("exact_match") or {}).get(family, {}).get("rate")
+        rows.append(row)
+
+    if plots_dir is not None:
+        plots_dir = Path(plots_dir)
+        plot_metrics(rows, families, plots_dir / METRICS_PLOT)
+        plot_training_loss(train_logs or {}, plots_dir / TRAINING_PLOT)
+    with atomic_file(out_tsv, newline="\n") as handle:
+        handle.write("\t".join(columns) + "\n")
+        for row in rows:
+            handle.write("\t".join(_format(row[column]) for column in columns) + "\n")
+    log.info("%s: %d evaluations of %d experiments", out_tsv, len(rows), len({r["experiment"] for r in rows}))
+    return rows
+
+
+def _read_eval(path: Path) -> dict:
+    try:
+        ev = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EvaluateError(at(str(path), "no such evaluation; run the evaluate stage first")) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EvaluateError(at(str(path), f"not an evaluation JSON ({exc})")) from None
+    if not isinstance(ev, dict):
+        raise EvaluateError(at(str(path), "not an evaluation JSON (not an object)"))
+    if ev.get("experiment") is None:
+        ev["experiment"] = path.parent.name
+    if ev.get("epoch") is None:
+        match = re.fullmatch(r"epoch_(\d+)", path.stem)
+        if not match:
+            raise EvaluateError(at(str(path), "records no epoch and its name is not epoch_<n>.json"))
+        ev["epoch"] = int(match.group(1))
+    return ev
+
+
+def _families(evals: list[dict]) -> list[str]:
+    """Every family scored anywhere: the demo's in their order, the others sorted, ``all`` last."""
+    seen = {family for ev in evals for family in (ev.get("exact_match") or {})}
+    ordered = [f for f in TASK_FAMILIES if f in seen] + sorted(seen - set(TASK_FAMILIES) - {ALL})
+    return ordered + [ALL] if seen else ordered
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{DECIMALS}f}"
+    return str(value)
+
+
+def _figure(panels: int):
+    # Figure + Agg canvas, not pyplot: no global backend or figure state in the caller's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = min(panels, 3)
+    rows = -(-panels // columns)
+    figure = Figure(figsize=(4.5 * columns, 3.4 * rows), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, [figure.add_subplot(rows, columns, i + 1) for i in range(panels)]
+
+
+def _save(figure, target: Path) -> None:
+    # No "Software" entry, so the bytes do not change with the matplotlib version alone.
+    with atomic_file(target, "wb") as handle:
+        figure.savefig(handle, format="png", metadata={"Software": None})
+
+
+def plot_metrics(rows: list[dict], families: list[str], target: str | os.PathLike) -> None:
+    """Held-out loss and exact match per family against epoch, one line per experiment."""
+    panels = [("heldout_loss", "held-out loss")] + [(f"exact_match_{f}", f"exact match: {f}") for f in families]
+    figure, axes = _figure(len(panels))
+    experiments = sorted({row["experiment"] for row in rows})
+    for ax, (column, title) in zip(axes, panels):
+        for experiment in experiments:
+            points = [(r["epoch"], r[column]) for r in rows if r["experiment"] == experiment and r[column] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=experiment)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if column.startswith("exact_match_"):
+            ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    if experiments:
+        axes[0].legend(fontsize="small")
+    _save(figure, Path(target))
+
+
+def plot_training_loss(train_logs: dict[str, list[str | os.PathLike]], target: str | os.PathLike) -> None:
+    """Training loss against global step, one line per experiment; missing log files are skipped."""
+    figure, (ax,) = _figure(1)
+    for experiment in sorted(train_logs):
+        points = sorted(_training_points(train_logs[experiment]))
+        if points:
+            ax.plot(*zip(*points), label=experiment, linewidth=1)
+    ax.set_title("training loss")
+    ax.set_xlabel("global step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no training metrics", ha="center", va="center", transform=ax.transAxes)
+    _save(figure, Path(target))
+
+
+def _training_points(paths) -> list[tuple[int, float]]:
+    points: dict[int, float] = {}  # by global step: a resumed epoch's rewritten steps count once
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            log.warning("%s: no such training log; skipped in %s", path, TRAINING_PLOT)
+            continue
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by an interrupted epoch
+                if not record.get("end_of_epoch") and "loss" in record and "global_step" in record:
+                    points[record["global_step"]] = record["loss"]
+    return list(points.items())
