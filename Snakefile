@@ -1,6 +1,8 @@
 # tunemake: a declarative build of fine-tuned models. Rules wire; the tunemake package computes.
-#   snakemake --cores all            the default target (everything configured, as far as built so far)
+#   snakemake --cores all            everything configured: merged models, evaluations, summary, plots
+#   snakemake merged/ --cores all    every experiment down to its merged model, no evaluations
 #   snakemake --cores all -n         what would run, and why
+#   snakemake --report report.html   the evaluation summary and plots as a report
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -19,6 +21,8 @@ include: "rules/demo.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/convert.smk"
+include: "rules/merge.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:
@@ -28,6 +32,9 @@ rule all:
         templated_datasets=all_templated_datasets(),
         checkpoints=all_final_checkpoints(),
         adapters=all_final_adapters(),
+        merged=paths.MERGED_DIR,
+        evals=all_evals(),
+        summary=paths.EVAL_SUMMARY,
 
 
 # `snakemake datasets --cores all`: every experiment's templated dataset, and nothing after.
@@ -35,3 +42,11 @@ rule datasets:
     input:
         demo_models=all_demo_model_files(),
         templated_datasets=all_templated_datasets(),
+
+
+# `snakemake adapters --cores all`: train every experiment and export its final epoch's adapter
+# (or full model), without merging or evaluating. Chained experiments still merge their upstream.
+rule adapters:
+    input:
+        checkpoints=all_final_checkpoints(),
+        adapters=all_final_adapters(),

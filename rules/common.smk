@@ -9,8 +9,13 @@ from tunemake import paths
 from tunemake.config import base_model_of, epoch_identity, expand_sources, is_local_model, load_config
 from tunemake.demo import MODEL_FILES, TOKENIZER_FILES
 from tunemake.errors import TunemakeError
+from tunemake.templates import get_template, template_to_dict
 
 CONFIG_FILE = workflow.configfiles[-1] if workflow.configfiles else "config"
+
+# Jobs share the cores: OpenMP threads that spin while waiting make a busy machine many times
+# slower (measured: a 5 s evaluation took 120 s beside a training job). Set it to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     TM = load_config(config, origin=str(CONFIG_FILE))
@@ -85,11 +90,8 @@ def get_demo_model(wildcards):
 
 
 def all_final_checkpoints():
-    """The last epoch of every experiment that starts from a configured model.
-
-    Chained experiments train on their upstream's merged model, which the export stage builds.
-    """
-    return [paths.checkpoint(name, e["epochs"]) for name, e in EXPERIMENTS.items() if not e["upstream"]]
+    """The last epoch of every experiment (a chained one trains on its upstream's final merge)."""
+    return [paths.checkpoint(name, e["epochs"]) for name, e in EXPERIMENTS.items()]
 
 
 def model_files(model: dict):
@@ -106,11 +108,7 @@ def get_train_epoch_input(wildcards):
     epoch = int(wildcards.epoch)
     if epoch > exp["epochs"]:
         raise WorkflowError(f"{wildcards.experiment} has {exp['epochs']} epochs; epoch {epoch} is not configured")
-    inputs = {"data": paths.templated_dataset(exp["data_key"])}
-    if exp["upstream"]:
-        inputs["base"] = base_model_of(exp, TM)["path"]
-    else:
-        inputs["base"] = model_files(TM["models"][exp["model"]])
+    inputs = {"data": paths.templated_dataset(exp["data_key"]), "base": base_inputs(exp)}
     if epoch > 1:
         inputs["previous"] = paths.checkpoint(exp["name"], epoch - 1)
         inputs["previous_state"] = paths.train_state(exp["name"], epoch - 1)
@@ -147,8 +145,8 @@ def get_train_nodes(wildcards):
 
 
 def all_final_adapters():
-    """The final epoch's adapter of every experiment that starts from a configured model."""
-    return [paths.adapter(name, e["epochs"]) for name, e in EXPERIMENTS.items() if not e["upstream"]]
+    """The final epoch's adapter (or full model) of every experiment."""
+    return [paths.adapter(name, e["epochs"]) for name, e in EXPERIMENTS.items()]
 
 
 def get_convert_base_path(wildcards):
@@ -157,5 +155,66 @@ def get_convert_base_path(wildcards):
 
 def get_convert_input(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
-    base = get_convert_base_path(wildcards) if exp["upstream"] else model_files(TM["models"][exp["model"]])
-    return {"checkpoint": paths.checkpoint(exp["name"], int(wildcards.epoch)), "base": base}
+    return {"checkpoint": paths.checkpoint(exp["name"], int(wildcards.epoch)), "base": base_inputs(exp)}
+
+
+def base_inputs(exp):
+    """The files an experiment's starting model is read from: its upstream's final merge, or a config model's files."""
+    return base_model_of(exp, TM)["path"] if exp["upstream"] else model_files(TM["models"][exp["model"]])
+
+
+def all_final_merges():
+    return {name: paths.merge(name, e["epochs"]) for name, e in EXPERIMENTS.items()}
+
+
+def get_merge_input(wildcards):
+    exp = EXPERIMENTS[wildcards.experiment]
+    return {"adapter": paths.adapter(exp["name"], int(wildcards.epoch)), "base": base_inputs(exp),
+            "tokenizer": tokenizer_files(TM["models"][exp["root_model"]])}
+
+
+def get_merge_params(wildcards):
+    """What merge_model is called with, besides the adapter and the output."""
+    exp = EXPERIMENTS[wildcards.experiment]
+    return {"base_model": base_model_of(exp, TM)["path"], "max_shard_size": exp["max_shard_size"],
+            "dtype": exp["merge_dtype"], "tokenizer_path": TM["models"][exp["root_model"]]["path"]}
+
+
+def get_merge_mem_mb(wildcards):
+    """A merge streams tensor by tensor: its memory is about one shard, not the model."""
+    return int(max(2000, 3 * _weights_mb(EXPERIMENTS[wildcards.experiment]) / max(1, _shard_count(wildcards))))
+
+
+def _shard_count(wildcards):
+    model = TM["models"][EXPERIMENTS[wildcards.experiment]["root_model"]]
+    return len(glob.glob(os.path.join(model["path"], "*.safetensors"))) or 1
+
+
+def get_eval_model_path(wildcards):
+    """Epoch 0 is the model the experiment starts from; epoch n its merge."""
+    exp = EXPERIMENTS[wildcards.experiment]
+    epoch = int(wildcards.epoch)
+    if epoch > exp["epochs"]:
+        raise WorkflowError(f"{wildcards.experiment} has {exp['epochs']} epochs; epoch {epoch} is not configured")
+    return paths.merge(exp["name"], epoch) if epoch else base_model_of(exp, TM)["path"]
+
+
+def get_eval_input(wildcards):
+    exp = EXPERIMENTS[wildcards.experiment]
+    model = get_eval_model_path(wildcards)
+    return {"model": model if int(wildcards.epoch) or exp["upstream"] else base_inputs(exp),
+            "data": paths.templated_dataset(exp["data_key"])}
+
+
+def get_eval_template(wildcards):
+    return template_to_dict(get_template(EXPERIMENTS[wildcards.experiment]["template"], TM.get("templates")))
+
+
+def all_evals():
+    return [paths.evaluation(name, epoch) for name, e in EXPERIMENTS.items() for epoch in range(e["epochs"] + 1)]
+
+
+def train_metric_logs():
+    """Per experiment, the training metrics (JSONL) of its epochs, for the loss-curve plot."""
+    return {name: [f"{paths.TRAIN_LOG_DIR.format(experiment=name)}/epoch_{epoch}.metrics.jsonl"
+                   for epoch in range(1, e["epochs"] + 1)] for name, e in EXPERIMENTS.items()}

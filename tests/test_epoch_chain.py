@@ -40,7 +40,7 @@ def config_with(schedule: dict | None = None, **experiment) -> dict:
 def build(tmp_path_factory, name: str, config: dict):
     work = tmp_path_factory.mktemp(name)
     write_config(work, config)
-    snakemake(work, target="all")
+    snakemake(work, target="adapters")
     return work
 
 
@@ -68,39 +68,39 @@ def copy_of(work, tmp_path):
 def changed(work, tmp_path, config) -> dict[str, int]:
     target = copy_of(work, tmp_path)
     write_config(target, config)
-    jobs = planned_jobs_all(target)
+    jobs = planned_jobs_adapters(target)
     return jobs
 
 
-def planned_jobs_all(work) -> dict[str, int]:
-    return planned_jobs(work, target="all")
+def planned_jobs_adapters(work) -> dict[str, int]:
+    return planned_jobs(work, target="adapters")
 
 
 def test_built_chain_is_up_to_date(constant):
-    assert planned_jobs_all(constant) == {}
+    assert planned_jobs_adapters(constant) == {}
     assert (constant / "adapters" / "chain" / "epoch_2" / "adapter_config.json").exists()
     ckpt = torch.load(constant / "checkpoints" / "chain" / "epoch_2.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["counters"]["global_step"] == 2 * ckpt["counters"]["steps_per_epoch"]
 
 
 def test_constant_schedule_extends_by_one_epoch(constant, tmp_path):
-    assert changed(constant, tmp_path, config_with(epochs=3)) == {"train_epoch": 1, "convert_epoch": 1, "all": 1}
+    assert changed(constant, tmp_path, config_with(epochs=3)) == {"train_epoch": 1, "convert_epoch": 1, "adapters": 1}
 
 
 def test_wsd_reruns_only_from_the_decay_window(wsd, tmp_path):
     # epochs 2 -> 3 with the last epoch decaying: epoch 1 (stable in both) is reused,
     # epoch 2 (was the decay, now stable) and epoch 3 run
     config = config_with({"type": "wsd", "warmup_steps": 2, "decay_epochs": 1}, epochs=3)
-    assert changed(wsd, tmp_path, config) == {"train_epoch": 2, "convert_epoch": 1, "all": 1}
+    assert changed(wsd, tmp_path, config) == {"train_epoch": 2, "convert_epoch": 1, "adapters": 1}
 
 
 def test_cosine_reruns_the_whole_chain(cosine, tmp_path):
     config = config_with({"type": "cosine", "warmup_ratio": 0.1}, epochs=3)
-    assert changed(cosine, tmp_path, config) == {"train_epoch": 3, "convert_epoch": 1, "all": 1}
+    assert changed(cosine, tmp_path, config) == {"train_epoch": 3, "convert_epoch": 1, "adapters": 1}
 
 
 def test_lr_change_reruns_the_chain_not_the_data(constant, tmp_path):
-    assert changed(constant, tmp_path, config_with(lr=0.002)) == {"train_epoch": 2, "convert_epoch": 1, "all": 1}
+    assert changed(constant, tmp_path, config_with(lr=0.002)) == {"train_epoch": 2, "convert_epoch": 1, "adapters": 1}
 
 
 def test_logging_only_settings_do_not_rerun(constant, tmp_path):
@@ -121,9 +121,9 @@ def test_pruned_state_rebuilds_nothing_and_says_why_when_needed(wsd, tmp_path):
     assert (work / "checkpoints" / "chain" / "epoch_1.state" / "PRUNED").exists()
     assert not (work / "checkpoints" / "chain" / "epoch_1.state" / "optimizer.rank0.pt").exists()
     assert (work / "checkpoints" / "chain" / "epoch_2.state" / "optimizer.rank0.pt").exists()
-    assert planned_jobs_all(work) == {}
+    assert planned_jobs_adapters(work) == {}
     # extending with wsd must re-run epoch 2 from epoch 1's pruned state: a clear error
     write_config(work, config_with({"type": "wsd", "warmup_steps": 2, "decay_epochs": 1}, epochs=3))
-    proc = snakemake(work, target="all", check=False)
+    proc = snakemake(work, target="adapters", check=False)
     assert proc.returncode != 0
     assert "epoch_1.state: this resume state was pruned" in proc.stdout + proc.stderr

@@ -124,6 +124,24 @@ def cmd_convert(args) -> None:
     print(f"{out}: written")
 
 
+def cmd_merge(args) -> None:
+    from tunemake.convert import read_metadata
+    from tunemake.merge import merge_model
+
+    out = merge_model(args.source, args.out, base_model=args.base, max_shard_size=args.max_shard_size,
+                      dtype=args.dtype, template=args.template)
+    meta = read_metadata(out)
+    shards = len(list(out.glob("model*.safetensors")))
+    print(f"{out}: merged model written ({meta['dtype']}, {shards} shard{'s' if shards > 1 else ''}, "
+          f"template {meta['template']['name']}, base {meta['base_model']})")
+
+
+def cmd_chat(args) -> None:
+    from tunemake.chat import run_chat
+
+    run_chat(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunemake", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,11 +178,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights' dtype (default float16, as XTuner's pth_to_hf)")
     p.set_defaults(fn=cmd_convert)
 
+    p = sub.add_parser("merge", help="adapter + base -> one HF model directory (a full fine-tune: resharded)")
+    p.add_argument("source", help="an adapter or full fine-tune directory written by tunemake convert")
+    p.add_argument("out", help="the model directory to write")
+    p.add_argument("--base", help="base model directory (default: the one recorded with the adapter)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest shard file, e.g. 2GB, 500MB, 1GiB (default 2GB)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   help="weights' dtype (default: the base's, else float16)")
+    p.add_argument("--template", help="prompt template (default: the one recorded with the adapter)")
+    p.set_defaults(fn=cmd_merge)
+
     p = with_config(sub.add_parser(
         "prune-state", help="free the optimizer state of epochs nobody will re-run from (all but the last)"))
     p.add_argument("experiments", nargs="*", help="experiments (default: all)")
     p.add_argument("--all", action="store_true", help="prune the last epoch's state too (it can then not be extended)")
     p.set_defaults(fn=cmd_prune_state)
+
+    from tunemake.chat import BATCH_FORMAT
+
+    p = sub.add_parser("chat", help="chat with a model, a merge or base + adapter (XTuner's chat)",
+                       epilog=BATCH_FORMAT, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Interactive: a prompt ends on an empty line; EXIT quits, RESET starts a new "
+                                   "conversation. Answers stream to stdout, everything else goes to stderr.")
+    p.add_argument("model", help="a Hugging Face model directory (a merge, a base model, a full fine-tune)")
+    p.add_argument("--adapter", help="a PEFT adapter directory to load on top of MODEL")
+    p.add_argument("--prompt-template", help="template name (default: the one recorded in the adapter's, "
+                                             "else MODEL's tunemake.json)")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="load quantized: 4 (NF4 + double quant) or 8")
+    p.add_argument("--system", default="", help="system text of every conversation")
+    p.add_argument("--temperature", type=float, default=0.1, help="0 for greedy (default 0.1)")
+    p.add_argument("--top-k", type=int, default=40, help="default 40")
+    p.add_argument("--top-p", type=float, default=0.75, help="default 0.75")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="default 1.0")
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="default 2048")
+    p.add_argument("--seed", type=int, default=0, help="set once at start: same inputs, same answers (default 0)")
+    p.add_argument("--stop-words", nargs="+", default=[], metavar="W", help="more words that end an answer")
+    p.add_argument("--no-streamer", action="store_true", help="print each answer whole, not as it is generated")
+    p.add_argument("--batch", metavar="FILE", help="answer the prompts of FILE (- for stdin), JSON lines out; see below")
+    p.set_defaults(fn=cmd_chat)
     return parser
 
 

@@ -381,7 +381,7 @@ def base_model_of(exp: dict, config: dict) -> dict:
 def train_spec(exp: dict, epoch: int, config: dict, threads: int = 1) -> dict:
     """The full specification ``tunemake.train.train_epoch`` runs (paths included)."""
     from tunemake import paths
-    from tunemake.templates import HF, get_template
+    from tunemake.templates import get_template, template_to_dict
 
     template = get_template(exp["template"], config.get("templates"))
     root = config["models"][exp["root_model"]]
@@ -397,10 +397,7 @@ def train_spec(exp: dict, epoch: int, config: dict, threads: int = 1) -> dict:
                   "save_steps": exp["save_steps"], "evaluation_inputs": exp["evaluation_inputs"]},
         "base_model": base_model_of(exp, config),
         "tokenizer_path": root["path"],
-        "template": {"name": HF} if template == HF else {
-            "name": template.name, "system": template.system, "instruction": template.instruction,
-            "suffix": template.suffix, "suffix_as_eos": template.suffix_as_eos, "sep": template.sep,
-            "stop_words": list(template.stop_words)},
+        "template": template_to_dict(template),
         "data_dir": paths.templated_dataset(exp["data_key"]),
         "previous": previous,
         "out": {"pth": paths.CHECKPOINT.format(**fmt), "state": paths.TRAIN_STATE.format(**fmt),

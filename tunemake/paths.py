@@ -42,3 +42,19 @@ ADAPTER = "adapters/{experiment}/epoch_{epoch}"
 
 def adapter(experiment: str, epoch: int) -> str:
     return ADAPTER.format(experiment=experiment, epoch=epoch)
+
+#: ``snakemake merged/``: one link per experiment to its final epoch's merge.
+MERGED_DIR = "merged"
+
+
+def merge(experiment: str, epoch: int) -> str:
+    return MERGE.format(experiment=experiment, epoch=epoch)
+
+#: Evaluation of an experiment's epoch (epoch 0: the model it starts from), and the summary over all.
+EVAL = "evals/{experiment}/epoch_{epoch}.json"
+EVAL_SUMMARY = "evals/summary.tsv"
+EVAL_PLOTS = "evals/plots"
+
+
+def evaluation(experiment: str, epoch: int) -> str:
+    return EVAL.format(experiment=experiment, epoch=epoch)

@@ -1,0 +1,45 @@
+# Evaluations as build targets: held-out loss/perplexity and scored generations per epoch
+# (epoch 0 is the model an experiment starts from), then a summary table and plots for the report.
+
+
+rule evaluate_epoch:
+    input:
+        unpack(get_eval_input),
+    output:
+        paths.EVAL,
+    wildcard_constraints:
+        epoch=r"\d+",
+    params:
+        model=get_eval_model_path,
+        template=get_eval_template,
+        settings=TM["evaluation"],
+    threads: 2
+    resources:
+        mem_mb=get_train_mem_mb,
+        runtime=60,
+    conda:
+        "../envs/tunemake.yaml"
+    log:
+        "logs/evaluate/{experiment}/epoch_{epoch}.log",
+    script:
+        "../scripts/evaluate_epoch.py"
+
+
+rule eval_summary:
+    input:
+        evals=all_evals(),
+    output:
+        summary=report(paths.EVAL_SUMMARY, category="Evaluations", labels={"figure": "summary table"}),
+        metrics=report(f"{paths.EVAL_PLOTS}/metrics_per_epoch.png", category="Evaluations",
+                       labels={"figure": "metrics per epoch"}),
+        training=report(f"{paths.EVAL_PLOTS}/training_loss.png", category="Evaluations",
+                        labels={"figure": "training loss"}),
+    params:
+        train_logs=train_metric_logs(),
+    localrule: True
+    conda:
+        "../envs/tunemake.yaml"
+    log:
+        "logs/eval_summary.log",
+    script:
+        "../scripts/eval_summary.py"
