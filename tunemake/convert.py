@@ -85,8 +85,19 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
             AutoTokenizer.from_pretrained(tokenizer_path or base).save_pretrained(tmp)
         else:
             model.to(DTYPES[dtype]).save_pretrained(tmp)
+            _canonical_adapter_config(Path(tmp) / "adapter_config.json")
         write_json(Path(tmp) / METADATA_FILE, metadata)
     return Path(out_dir)
+
+
+def _canonical_adapter_config(path: Path) -> None:
+    """PEFT writes module-name sets in hash order, which varies between runs: sort them, so the
+    same training gives the same bytes."""
+    config = json.loads(path.read_text())
+    for key, value in config.items():
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            config[key] = sorted(value)
+    write_json(path, config)
 
 
 def read_metadata(directory: str | os.PathLike) -> dict:
