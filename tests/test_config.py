@@ -335,3 +335,10 @@ def test_examples_load(path):
     assert config["experiments"]
     for e in config["experiments"].values():
         assert len(e["data_key"]) == 16
+
+
+def test_unparsable_shard_size_is_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"experiments\[0\]\.max_shard_size: cannot read '2 gigs' as a size; write e\.g\. 2GB"):
+        experiments(exp(max_shard_size="2 gigs"))
+    assert only(experiments(exp(max_shard_size="500MB")))["max_shard_size"] == "500MB"
+    assert only(experiments(exp()))["max_shard_size"] == "2GB"  # XTuner's default

@@ -11,12 +11,13 @@ import glob
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tunemake.errors import ConfigError
+from tunemake.errors import ConfigError, TunemakeError
 from tunemake.templates import HF, get_template
 from tunemake.versions import DATA_CODE_VERSION
 
@@ -198,6 +199,37 @@ def _name_experiments(indexed: dict[str, dict], config: dict, origin: str) -> di
     return {exp["name"]: exp for exp in indexed.values()}
 
 
+SIZE_EXAMPLES = '2GB (2*10^9 bytes), 500MB, 100KB, 1GiB (2^30 bytes), 512MiB, or a number of bytes'
+
+
+def parse_size(size: int | str) -> int:
+    """A shard size in bytes, read as transformers reads ``max_shard_size``.
+
+    ``"2GB"`` is 2*10^9 bytes, ``"1GiB"`` 2^30; KB/MB/GB and KiB/MiB/GiB, any case; a lowercase
+    ``b`` after K/M/G means bits (``"8Mb"`` = 10^6 bytes); a bare number is bytes.
+
+    Raises:
+        TunemakeError: anything else, or a size below one byte.
+    """
+    value = None
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str):
+        text = size.strip()
+        match = re.fullmatch(r"(\d+)\s*(?:([KkMmGg])([Ii]?)([Bb]))?", text)
+        if match:
+            number, prefix, binary, unit = match.groups()
+            value = int(number)
+            if prefix:
+                power = "KMG".index(prefix.upper()) + 1
+                value *= 2 ** (10 * power) if binary else 10 ** (3 * power)
+                if unit == "b" and not binary:
+                    value //= 8
+    if value is None or value < 1:
+        raise TunemakeError(f"max_shard_size: cannot read {size!r} as a size; write e.g. {SIZE_EXAMPLES}")
+    return value
+
+
 def resolve_experiment(exp: dict, config: dict, origin: str) -> None:
     """Check an experiment's references and add its resolved fields, in place.
 
@@ -237,6 +269,10 @@ def resolve_experiment(exp: dict, config: dict, origin: str) -> None:
         get_template(exp["template"], config.get("templates"))
     except ConfigError as exc:
         raise ConfigError(f"{key}.template: {exc}") from None
+    try:
+        parse_size(exp["max_shard_size"])
+    except TunemakeError as exc:
+        raise ConfigError(f"{key}.{exc}") from None
     deepspeed = exp.get("deepspeed")
     if deepspeed and deepspeed not in DEEPSPEED_CONFIGS and not deepspeed.endswith(".json"):
         raise ConfigError(

@@ -42,6 +42,7 @@ import torch
 from tunemake.atomic import atomic_dir, write_json
 from tunemake.convert import METADATA_FILE, read_metadata
 from tunemake.errors import TunemakeError
+from tunemake.config import parse_size
 from tunemake.shards import (
     DTYPE_NAMES,
     DTYPES as STORED_DTYPES,
@@ -50,7 +51,6 @@ from tunemake.shards import (
     PlannedTensor,
     ShardWriter,
     StoredTensor,
-    parse_size,
     plan_shards,
     read_header,
     read_tensor,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,6 @@ INDEX_FILE = "model.safetensors.index.json"
 # The header of a real checkpoint is well under a megabyte; this only rejects garbage lengths.
 _MAX_HEADER = 100 * 2**20
 _METADATA = {"format": "pt"}
-SIZE_EXAMPLES = '2GB (2*10^9 bytes), 500MB, 100KB, 1GiB (2^30 bytes), 512MiB, or a number of bytes'
 
 
 @dataclass(frozen=True)
@@ -127,34 +125,6 @@ def read_rows(tensor: StoredTensor, start: int, stop: int, handle: BinaryIO | No
 def read_tensor(tensor: StoredTensor) -> torch.Tensor:
     """A whole stored tensor (for small ones, such as an adapter's)."""
     return read_rows(tensor, 0, tensor.shape[0] if tensor.shape else 1)
-
-
-def parse_size(size: int | str) -> int:
-    """A shard size in bytes, read as transformers reads ``max_shard_size``.
-
-    ``"2GB"`` is 2*10^9 bytes, ``"1GiB"`` 2^30; KB/MB/GB and KiB/MiB/GiB, any case; a lowercase
-    ``b`` after K/M/G means bits (``"8Mb"`` = 10^6 bytes); a bare number is bytes.
-
-    Raises:
-        TunemakeError: anything else, or a size below one byte.
-    """
-    value = None
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    elif isinstance(size, str):
-        text = size.strip()
-        match = re.fullmatch(r"(\d+)\s*(?:([KkMmGg])([Ii]?)([Bb]))?", text)
-        if match:
-            number, prefix, binary, unit = match.groups()
-            value = int(number)
-            if prefix:
-                power = "KMG".index(prefix.upper()) + 1
-                value *= 2 ** (10 * power) if binary else 10 ** (3 * power)
-                if unit == "b" and not binary:
-                    value //= 8
-    if value is None or value < 1:
-        raise TunemakeError(f"max_shard_size: cannot read {size!r} as a size; write e.g. {SIZE_EXAMPLES}")
-    return value
 
 
 @dataclass(frozen=True)
