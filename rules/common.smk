@@ -6,7 +6,7 @@ import re
 from snakemake.exceptions import WorkflowError
 
 from tunemake import paths
-from tunemake.config import base_model_of, epoch_identity, expand_sources, is_local_model, load_config
+from tunemake.config import base_model_of, epoch_identity, expand_sources, is_local_model, load_config, parse_size
 from tunemake.demo import MODEL_FILES, TOKENIZER_FILES
 from tunemake.errors import TunemakeError
 from tunemake.templates import get_template, template_to_dict
@@ -176,8 +176,17 @@ def get_merge_input(wildcards):
 def get_merge_params(wildcards):
     """What merge_model is called with, besides the adapter and the output."""
     exp = EXPERIMENTS[wildcards.experiment]
-    return {"base_model": base_model_of(exp, TM)["path"], "max_shard_size": exp["max_shard_size"],
+    base = base_model_of(exp, TM)
+    return {"base_model": base["path"], "revision": base["revision"], "trust_remote_code": base["trust_remote_code"],
+            # bytes, so that writing the same size another way re-merges nothing
+            "max_shard_size": parse_size(exp["max_shard_size"]),
             "dtype": exp["merge_dtype"], "tokenizer_path": TM["models"][exp["root_model"]]["path"]}
+
+
+def get_model_access(wildcards):
+    """How the experiment's starting model is read: hub revision and trust_remote_code."""
+    base = base_model_of(EXPERIMENTS[wildcards.experiment], TM)
+    return {"revision": base["revision"], "trust_remote_code": base["trust_remote_code"]}
 
 
 def get_merge_mem_mb(wildcards):
@@ -218,3 +227,15 @@ def train_metric_logs():
     """Per experiment, the training metrics (JSONL) of its epochs, for the loss-curve plot."""
     return {name: [f"{paths.TRAIN_LOG_DIR.format(experiment=name)}/epoch_{epoch}.metrics.jsonl"
                    for epoch in range(1, e["epochs"] + 1)] for name, e in EXPERIMENTS.items()}
+
+
+def get_eval_gpus(wildcards):
+    """One GPU where the experiment trains on GPUs (evaluation uses the first), else none."""
+    return min(1, get_train_gpus(wildcards))
+
+
+def get_eval_access(wildcards):
+    """Epoch 0 reads the starting model as training did; merges are local directories."""
+    if int(wildcards.epoch) == 0:
+        return get_model_access(wildcards)
+    return {"revision": None, "trust_remote_code": get_model_access(wildcards)["trust_remote_code"]}

@@ -9,7 +9,9 @@ rule convert_epoch:
         directory(paths.ADAPTER),
     params:
         base=get_convert_base_path,
-        dtype="float16",
+        # None: float16 adapters (XTuner's pth_to_hf), full fine-tunes in the base's own dtype
+        dtype=None,
+        access=get_model_access,
     threads: 1
     resources:
         mem_mb=get_train_mem_mb,

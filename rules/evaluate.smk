@@ -13,10 +13,12 @@ rule evaluate_epoch:
         model=get_eval_model_path,
         template=get_eval_template,
         settings=TM["evaluation"],
+        access=get_eval_access,
     threads: 2
     resources:
         mem_mb=get_train_mem_mb,
         runtime=60,
+        gpu=get_eval_gpus,
     conda:
         "../envs/tunemake.yaml"
     log:

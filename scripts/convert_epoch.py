@@ -9,4 +9,5 @@ run(
     out_dir=snakemake.output[0],
     base_model=snakemake.params.base,
     dtype=snakemake.params.dtype,
+    **snakemake.params.access,
 )

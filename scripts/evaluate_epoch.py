@@ -14,4 +14,5 @@ run(
     epoch=int(snakemake.wildcards.epoch),
     threads=snakemake.threads,
     **snakemake.params.settings,
+    **snakemake.params.access,
 )

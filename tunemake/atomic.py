@@ -29,9 +29,17 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # mkdtemp makes the directory private (0700); the artefact gets the usual mode for the umask
+    os.chmod(tmp, 0o777 & ~_umask())
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -50,6 +58,7 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", **open_kwargs) -> It
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, target)
 
 

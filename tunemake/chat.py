@@ -96,7 +96,7 @@ def check_model_dirs(model_dir: str | os.PathLike, adapter: str | os.PathLike | 
 
 
 def load_chat_model(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None,
-                    bits: int | None = None, device: str | None = None):
+                    bits: int | None = None, device: str | None = None, trust_remote_code: bool = False):
     """Load the model (with its adapter) and tokenizer for generation.
 
     Args:
@@ -106,6 +106,7 @@ def load_chat_model(model_dir: str | os.PathLike, adapter: str | os.PathLike | N
             None loads unquantized. Default None.
         device: ``"cuda"`` or ``"cpu"``; default CUDA when available. CUDA loads fp16 (as XTuner),
             the CPU float32.
+        trust_remote_code: let transformers run the model's own code (``--trust-remote-code``).
 
     Returns:
         ``(model, tokenizer)``; the model in eval mode. The tokenizer comes from the adapter
@@ -124,7 +125,7 @@ def load_chat_model(model_dir: str | os.PathLike, adapter: str | os.PathLike | N
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device == "cuda" else torch.float32
-    kwargs: dict = {"dtype": dtype}
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if bits:
         try:
             import bitsandbytes  # noqa: F401
@@ -144,7 +145,7 @@ def load_chat_model(model_dir: str | os.PathLike, adapter: str | os.PathLike | N
 
     tokenizer_dir = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model_dir
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ChatError(f"{tokenizer_dir}: cannot load the tokenizer ({exc})") from None
     log.info("loading %s%s", model_dir, f" + adapter {adapter}" if adapter else "")
@@ -546,7 +547,8 @@ def run_chat(args) -> None:
                 raise ChatError(f"{args.batch}: cannot read the batch file ({exc.strerror})") from None
             except UnicodeDecodeError as exc:
                 raise ChatError(f"{args.batch}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    model, tokenizer = load_chat_model(args.model, args.adapter, args.bits)
+    model, tokenizer = load_chat_model(args.model, args.adapter, args.bits,
+                                       trust_remote_code=getattr(args, "trust_remote_code", False))
     session = ChatSession(
         model, tokenizer, template, system=args.system or "", temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,

@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="an epoch_N.pth written by tunemake")
     p.add_argument("out", help="the directory to write")
     p.add_argument("--base", help="base model directory (default: the one recorded in the checkpoint)")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
-                   help="weights' dtype (default float16, as XTuner's pth_to_hf)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   help="weights' dtype (default: float16 for adapters, as XTuner's pth_to_hf; the base's for full)")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("merge", help="adapter + base -> one HF model directory (a full fine-tune: resharded)")
@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-template", help="template name (default: the one recorded in the adapter's, "
                                              "else MODEL's tunemake.json)")
     p.add_argument("--bits", type=int, choices=[4, 8], help="load quantized: 4 (NF4 + double quant) or 8")
+    p.add_argument("--trust-remote-code", action="store_true", help="let transformers run the model's own code")
     p.add_argument("--system", default="", help="system text of every conversation")
     p.add_argument("--temperature", type=float, default=0.1, help="0 for greedy (default 0.1)")
     p.add_argument("--top-k", type=int, default=40, help="default 40")

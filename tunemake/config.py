@@ -370,6 +370,25 @@ def expand_sources(dataset: dict, name: str) -> list[str]:
     return files
 
 
+def local_model_dir(path: str | os.PathLike, revision: str | None = None) -> Path | None:
+    """Where a model's files are on this machine: ``path`` itself when it is a directory, else a
+    hub id's snapshot (at ``revision``) in the local Hugging Face cache; None when neither.
+
+    Training downloads a hub model into that cache, so later stages find it there offline.
+    """
+    directory = Path(path)
+    if directory.is_dir():
+        return directory
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(str(path), revision=revision, local_files_only=True))
+        except Exception:
+            return None
+    return None
+
+
 def is_local_model(model: dict) -> bool:
     """A model is read from disk when it is built by the demo or its path exists locally."""
     return "demo" in model or os.path.exists(model["path"])

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tunemake.atomic import atomic_dir, write_json
+from tunemake.config import local_model_dir
 from tunemake.errors import TunemakeError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -42,15 +43,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, base_model: str | None = None,
-                       dtype: str = "float16", tokenizer_path: str | None = None) -> Path:
+                       dtype: str | None = None, tokenizer_path: str | None = None,
+                       revision: str | None = None, trust_remote_code: bool = False) -> Path:
     """Write the HF artefact of ``checkpoint`` into ``out_dir``, atomically.
 
     Args:
         checkpoint: an ``epoch_{n}.pth`` written by ``tunemake.train``.
         out_dir: the adapter (LoRA/QLoRA) or model (full) directory to create.
         base_model: the base model directory; default: the one recorded in the checkpoint.
-        dtype: weights' dtype in the output (XTuner's default float16; ``float32`` keeps them exact).
+        dtype: weights' dtype in the output. Default: float16 for an adapter (XTuner's
+            pth_to_hf), the base model's stored dtype for a full fine-tune (a float32 or bfloat16
+            model is not rounded to float16 on its way to the next stage).
         tokenizer_path: where the tokenizer is read from (default: the base model).
+        revision: the hub revision, when the base is a hub id (read from the local cache).
+        trust_remote_code: let transformers run the base's own model code.
 
     Raises:
         ConvertError: unreadable checkpoint, or weights that do not fit the base model.
@@ -58,15 +64,21 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     from tunemake.train import build_model, load_trainable
 
     ckpt = read_checkpoint(checkpoint)
-    base = base_model or ckpt["base_model"]
-    if not Path(base, "config.json").exists():
-        raise ConvertError(f"{base}: base model directory does not exist or has no config.json")
+    named = base_model or ckpt["base_model"]
+    local = local_model_dir(named, revision)
+    if local is None or not (local / "config.json").exists():
+        raise ConvertError(f"{named}: base model directory does not exist or has no config.json "
+                           "(a hub model must be in the local cache: training downloads it)")
+    base = str(local)
     method = ckpt["method"]
+    if dtype is None:
+        dtype = stored_dtype(base) if method["type"] == "full" else "float16"
     # Built on the CPU in fp32 with the method's structure but no quantization: a QLoRA adapter
     # is saved for (and merges into) the unquantized base.
     spec = {"method": {**method, "type": "lora" if method["type"] == "qlora" else method["type"],
                        "gradient_checkpointing": False},
-            "base_model": {"path": base, "dtype": "float32"}, "train": {"precision": "fp32"}}
+            "base_model": {"path": base, "dtype": "float32", "trust_remote_code": trust_remote_code},
+            "train": {"precision": "fp32"}}
     model = build_model(spec, torch.device("cpu"))
     try:
         load_trainable(model, ckpt["trainable"], str(checkpoint))
@@ -74,7 +86,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
         raise ConvertError(f"{exc} (is {base} the base model it was trained from?)") from None
     metadata = {
         "experiment": ckpt["experiment"], "epoch": ckpt["epoch"], "method": method,
-        "base_model": base, "template": ckpt.get("template"), "fingerprint": ckpt["fingerprint"],
+        "base_model": named, "template": ckpt.get("template"), "fingerprint": ckpt["fingerprint"],
         "versions": ckpt["versions"], "dtype": dtype,
     }
     with atomic_dir(out_dir) as tmp:
@@ -82,12 +94,19 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
             from transformers import AutoTokenizer
 
             model.to(DTYPES[dtype]).save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(tokenizer_path or base).save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(tokenizer_path or base, trust_remote_code=trust_remote_code).save_pretrained(tmp)
         else:
             model.to(DTYPES[dtype]).save_pretrained(tmp)
             _canonical_adapter_config(Path(tmp) / "adapter_config.json")
         write_json(Path(tmp) / METADATA_FILE, metadata)
     return Path(out_dir)
+
+
+def stored_dtype(model_dir: str | os.PathLike) -> str:
+    """The dtype a model directory's config.json records (float16 when it records none we write)."""
+    config = json.loads(Path(model_dir, "config.json").read_text())
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float16").replace("torch.", "")
+    return name if name in DTYPES else "float16"
 
 
 def _canonical_adapter_config(path: Path) -> None:

@@ -5,8 +5,8 @@ one model on one templated dataset's held-out split: loss and perplexity exactly
 measures them (``tunemake.train.evaluate_heldout`` on the same ids), and exact match of greedy
 answers to the held-out conversations, per task family. :func:`summarize` gathers those files into
 a table and the report's plots. Supported: any plain HF causal LM directory (a base model or a
-merged epoch), every template. Not supported: PEFT adapter directories (evaluate the merged model),
-GPUs (float32 on the CPU).
+merged epoch), every template; the first GPU in bfloat16 when there is one, else the CPU in
+float32. Not supported: PEFT adapter directories (evaluate the merged model), several GPUs.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from tunemake.atomic import atomic_file, write_json
+from tunemake.config import local_model_dir
 from tunemake.demo import TASK_FAMILIES
 from tunemake.encode import prompt_ids
 from tunemake.errors import TunemakeError, at
@@ -55,6 +56,8 @@ def evaluate_model(
     batch_size: int = 16,
     seed: int = 0,
     threads: int | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Evaluate ``model_dir`` on the held-out split of ``data_dir`` and write ``out_json`` atomically.
 
@@ -84,6 +87,8 @@ def evaluate_model(
         batch_size: records per forward pass, for the loss and for generation. Default 16.
         seed: seeds torch (greedy decoding does not draw, but the JSON records it). Default 0.
         threads: ``torch.set_num_threads`` for the evaluation (restored afterwards).
+        revision: the hub revision when ``model_dir`` is a hub id (read from the local cache).
+        trust_remote_code: let transformers run the model's own code.
 
     Returns:
         The dictionary written to ``out_json``.
@@ -96,9 +101,11 @@ def evaluate_model(
     started = time.perf_counter()
     if isinstance(template, str) and template != HF:
         template = get_template(template)
-    model_dir, data_dir = Path(model_dir), Path(data_dir)
+    named, data_dir = str(model_dir), Path(data_dir)
+    model_dir = local_model_dir(named, revision) or Path(named)
     if not (model_dir / "config.json").is_file():
-        raise EvaluateError(at(str(model_dir), "not a model directory (no config.json); build it first"))
+        raise EvaluateError(at(named, "not a model directory (no config.json) nor a hub model in the local "
+                                      "cache; build it first"))
     records, heldout_rows = _read_heldout(data_dir)
 
     previous_threads = torch.get_num_threads()
@@ -107,7 +114,7 @@ def evaluate_model(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            tokenizer, model = _load(model_dir)
+            tokenizer, model = _load(model_dir, trust_remote_code)
             loss, tokens = _heldout_loss(model, data_dir, heldout_rows, tokenizer, batch_size)
             scored = [r for r in records if _has_input(r["conversation"])][:max_prompts]
             prompts = [prompt_ids(r["conversation"], template, tokenizer) for r in scored]
@@ -134,7 +141,7 @@ def evaluate_model(
     result = {
         "experiment": experiment,
         "epoch": epoch,
-        "model": str(model_dir),
+        "model": named,
         "data": str(data_dir),
         "template": HF if template == HF else template.name,
         "heldout": {
@@ -198,15 +205,18 @@ def _read_heldout(data_dir: Path) -> tuple[list[dict], int]:
     return records, rows
 
 
-def _load(model_dir: Path):
+def _load(model_dir: Path, trust_remote_code: bool = False):
+    """The model on the first GPU in bfloat16 when there is one, else on the CPU in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16 if cuda else torch.float32
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise EvaluateError(at(str(model_dir), f"cannot load the model or its tokenizer: {exc}")) from None
-    return tokenizer, model.eval()
+    return tokenizer, model.to("cuda" if cuda else "cpu").eval()
 
 
 def _heldout_loss(model, data_dir: Path, rows: int, tokenizer, batch_size: int) -> tuple[float | None, int]:
@@ -217,7 +227,7 @@ def _heldout_loss(model, data_dir: Path, rows: int, tokenizer, batch_size: int) 
         return None, 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loss = evaluate_heldout(model, {"data_dir": str(data_dir), "train": {"batch_size": batch_size}},
-                            Dist(), pad_id, amp_dtype=None)
+                            Dist(device=model.device), pad_id, amp_dtype=None)
     model.eval()  # evaluate_heldout hands the model back in train mode
     heldout = Rows(str(data_dir), "heldout")
     # The first token of a row is never a target (see tunemake.train.make_batch).
@@ -267,7 +277,8 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], template, *, ma
             for row, i in enumerate(batch):
                 input_ids[row, length - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
                 attention_mask[row, length - len(prompts[i]):] = 1
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                                    generation_config=config)
             for row, i in enumerate(batch):
                 new = output[row, length:].tolist()
                 end = next((k for k, token in enumerate(new) if token in stops), len(new))

@@ -33,6 +33,7 @@ import logging
 import string
 import math
 import os
+import shutil
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ import torch
 from tunemake.atomic import atomic_dir, write_json
 from tunemake.convert import METADATA_FILE, read_metadata
 from tunemake.errors import TunemakeError
-from tunemake.config import parse_size
+from tunemake.config import local_model_dir, parse_size
 from tunemake.shards import (
     DTYPE_NAMES,
     DTYPES as STORED_DTYPES,
@@ -96,7 +97,8 @@ class MergeError(TunemakeError):
 
 def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_model: str | None = None,
                 max_shard_size: int | str = "2GB", dtype: str | None = None,
-                template: str | Template | None = None, tokenizer_path: str | None = None) -> Path:
+                template: str | Template | None = None, tokenizer_path: str | None = None,
+                revision: str | None = None, trust_remote_code: bool = False) -> Path:
     """Write the merged (or resharded) model of ``source`` into ``out_dir``, atomically.
 
     Args:
@@ -116,6 +118,9 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
             in ``tunemake.json``. ``"hf"`` keeps the tokenizer's own chat_template.
         tokenizer_path: where the tokenizer is read from; default: ``source`` if it holds one,
             else the base.
+        revision: the hub revision of a base (or tokenizer) given as a hub id.
+        trust_remote_code: let transformers run the base's own model and tokenizer code; its
+            ``*.py`` files are copied into the merge, so the merge loads like the base.
 
     Returns:
         ``Path(out_dir)``.
@@ -135,7 +140,7 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
     if is_adapter:
         adapter_config = _read_json(source / ADAPTER_CONFIG)
         base = _model_dir(base_model or metadata.get("base_model") or adapter_config.get("base_model_name_or_path"),
-                          "base model", source)
+                          "base model", source, revision)
     elif (source / "config.json").is_file():
         adapter_config, base = None, source
     else:
@@ -157,7 +162,7 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
 
     base_tensors = _model_tensors(base)
     if adapter_config is not None:
-        outputs, untie = _plan_merge(source, adapter_config, base, base_config, base_tensors)
+        outputs, untie = _plan_merge(source, adapter_config, base, base_config, base_tensors, trust_remote_code)
     else:
         outputs, untie = [_Output(name, t.shape, stored=t) for name, t in base_tensors.items()], False
     for out in outputs:
@@ -165,8 +170,13 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
         out.dtype = out_dtype if source_dtype.is_floating_point else DTYPE_NAMES[source_dtype]
     shards = plan_shards([PlannedTensor(o.name, o.dtype, o.shape) for o in outputs], max_bytes)
 
-    tokenizer_dir = Path(tokenizer_path) if tokenizer_path else source if _has_tokenizer(source) else base
-    tokenizer = _load_tokenizer(tokenizer_dir, template)
+    if tokenizer_path:
+        tokenizer_dir = local_model_dir(tokenizer_path, revision)
+        if tokenizer_dir is None:
+            raise MergeError(f"{tokenizer_path}: tokenizer directory does not exist (a hub model must be downloaded first)")
+    else:
+        tokenizer_dir = source if _has_tokenizer(source) else base
+    tokenizer = _load_tokenizer(tokenizer_dir, template, trust_remote_code)
     config = {**base_config, "dtype": dtype}
     if "torch_dtype" in base_config:
         config["torch_dtype"] = dtype
@@ -200,6 +210,9 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
         write_json(tmp / "generation_config.json", generation)
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / METADATA_FILE, merge_metadata)
+        if trust_remote_code:
+            for code in sorted({*base.glob("*.py"), *tokenizer_dir.glob("*.py")}):
+                shutil.copy2(code, tmp / code.name)
     return Path(out_dir)
 
 
@@ -213,23 +226,16 @@ def _read_json(path: Path) -> dict:
         raise MergeError(f"{path}: not valid JSON ({exc})") from None
 
 
-def _model_dir(path: str | None, what: str, source: Path) -> Path:
+def _model_dir(path: str | None, what: str, source: Path, revision: str | None = None) -> Path:
     """A local model directory; a hub id only if it is already in the local HF cache."""
     if not path:
         raise MergeError(f"{source}: records no base model; pass base_model (--base)")
-    directory = Path(path)
-    if (directory / "config.json").is_file():
-        return directory
-    if directory.is_dir():
+    directory = local_model_dir(path, revision)
+    if directory is None:
+        raise MergeError(f"{path}: {what} directory does not exist (a hub model must be downloaded first)")
+    if not (directory / "config.json").is_file():
         raise MergeError(f"{directory}: {what} directory has no config.json")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(str(path), local_files_only=True))
-        except Exception:
-            pass
-    raise MergeError(f"{directory}: {what} directory does not exist (a hub model must be downloaded first)")
+    return directory
 
 
 def _config_dtype(config: dict) -> str:
@@ -344,14 +350,14 @@ def _check_adapter_config(adapter: Path, config: dict) -> None:
 
 
 def _plan_merge(adapter: Path, config: dict, base: Path, base_config: dict,
-                base_tensors: dict[str, StoredTensor]) -> tuple[list[_Output], bool]:
+                base_tensors: dict[str, StoredTensor], trust_remote_code: bool = False) -> tuple[list[_Output], bool]:
     """The output tensors of base + adapter, and whether tied embeddings must be untied."""
     _check_adapter_config(adapter, config)
 
     def mismatch(detail: str) -> MergeError:
         return MergeError(f"adapter {adapter} does not fit base model {base}: {detail}")
 
-    ties = _tied_weights(base, base_config)
+    ties = _tied_weights(base, base_config, trust_remote_code)
     # A tied weight the base does not store (lm_head) reads, as in the loaded model, its source.
     known = {**base_tensors, **{t: base_tensors[s] for t, s in ties.items() if s in base_tensors}}
 
@@ -431,7 +437,7 @@ def _plan_merge(adapter: Path, config: dict, base: Path, base_config: dict,
     return outputs, untie
 
 
-def _tied_weights(base: Path, base_config: dict) -> dict[str, str]:
+def _tied_weights(base: Path, base_config: dict, trust_remote_code: bool = False) -> dict[str, str]:
     """``{tied name: source name}`` of the base, e.g. ``{"lm_head.weight": "model.embed_tokens.weight"}``.
 
     Known only to the model class, so one is built on the meta device (no memory, no weights).
@@ -441,9 +447,9 @@ def _tied_weights(base: Path, base_config: dict) -> dict[str, str]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(str(base))
+        config = AutoConfig.from_pretrained(str(base), trust_remote_code=trust_remote_code)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise MergeError(f"{base}: cannot tell which of its weights are tied ({exc}); "
                          "set tie_word_embeddings in its config.json if it ties none") from None
@@ -516,14 +522,14 @@ def _write_tensor(out: _Output, writer: ShardWriter, buffers: _Buffers) -> None:
 # --- tokenizer and generation config -----------------------------------------------------------
 
 
-def _load_tokenizer(path: Path, template: Template | str):
+def _load_tokenizer(path: Path, template: Template | str, trust_remote_code: bool = False):
     """The tokenizer with the template's chat_template, checked to encode every stop word and
     special-looking token of the template as one token."""
     from transformers import AutoTokenizer
 
     if not _has_tokenizer(path):
         raise MergeError(f"{path}: no tokenizer (tokenizer_config.json or tokenizer.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if template == HF:
         return tokenizer
     tokenizer.chat_template = template.chat_template()

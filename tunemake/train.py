@@ -372,6 +372,8 @@ def build_model(spec: dict, device: torch.device):
     method, base = spec["method"], spec["base_model"]
     kwargs = {"dtype": torch_dtype(base.get("dtype"), device),
               "trust_remote_code": base.get("trust_remote_code", False)}
+    if base.get("revision"):
+        kwargs["revision"] = base["revision"]
     if method["type"] == "qlora":
         from transformers import BitsAndBytesConfig
 

@@ -1,0 +1,194 @@
+"""profiles/slurm against a real Slurm cluster: jobs go through sbatch and build the same bytes.
+
+Needs a cluster that answers `sinfo` (`bash .ci/slurm.sh start` makes a one-node one on loopback,
+with two fake GPUs). Without one these tests skip, except under CI=true, where they fail: CI must
+not pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from smk import REPO, write_config
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+PROFILE = REPO / "profiles" / "slurm"
+SMALL_CONFIG = REPO / "tests" / "configs" / "demo_small.yaml"
+TIMEOUT_S = 300
+# The profile keeps the plugin's 40 s before the first status check, kind to a busy slurmctld;
+# on a private cluster 2 s makes a chain of seven short jobs minutes faster.
+FAST_STATUS = ("--slurm-init-seconds-before-status-checks", "2")
+# Everything the slurm profile submits for one experiment down to merged/ (the links are local).
+EXPECTED_CLUSTER_RULES = {
+    "demo_data", "demo_tokenizer", "demo_model", "templated_dataset", "train_epoch", "convert_epoch", "merge_epoch",
+}
+
+
+@functools.cache
+def _why_no_slurm() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "sinfo not found"
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 10 s"
+    if proc.returncode != 0:
+        return f"sinfo failed: {proc.stderr.strip()}"
+    states = set(proc.stdout.split())
+    if not states & {"idle", "mixed"}:
+        return f"no idle or mixed node (sinfo says {sorted(states) or 'nothing'})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    reason = _why_no_slurm()
+    if reason:
+        message = f"no Slurm cluster: {reason} (start one with `bash .ci/slurm.sh start`)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and {message}")
+        pytest.skip(message)
+
+
+def start_snakemake(workdir: Path, *args: str, snakefile: Path = REPO / "Snakefile") -> subprocess.Popen:
+    """Snakemake in ``workdir``, in the background, killed after TIMEOUT_S; its output in workdir/../."""
+    cmd = [
+        "timeout", "-k", "10", str(TIMEOUT_S),
+        sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(workdir), *args,
+    ]
+    out = open(workdir.parent / f"{workdir.name}.snakemake.log", "w+", encoding="utf-8")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc.workdir, proc.out = workdir, out
+    return proc
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """Wait for ``proc``; its output, or an AssertionError with it and the Slurm jobs' logs."""
+    returncode = proc.wait()
+    proc.out.seek(0)
+    output = proc.out.read()
+    proc.out.close()
+    if returncode != 0:
+        logs = "".join(f"\n--- {p}\n{p.read_text()[-2000:]}"
+                       for p in sorted(proc.workdir.glob(".snakemake/slurm_logs/**/*.log")))
+        raise AssertionError(
+            f"{' '.join(proc.args[4:])} exited {returncode}{' (timed out)' if returncode in (124, 137) else ''}:\n"
+            f"{output[-8000:]}{logs}"
+        )
+    return output
+
+
+def run_snakemake(workdir: Path, *args: str, snakefile: Path = REPO / "Snakefile") -> str:
+    return finish(start_snakemake(workdir, *args, snakefile=snakefile))
+
+
+def cluster_jobs(workdir: Path) -> dict[str, list[tuple[str, str]]]:
+    """Rule -> [(Slurm job id, state)] of the jobs squeue remembers for ``workdir``.
+
+    The plugin puts the rule in the job's comment (rule_<name>[_wildcards_<values>]) and submits
+    with -D <workdir>;
+    finished jobs stay visible for the cluster's MinJobAge.
+    """
+    out = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-o", "%i|%k|%T|%Z"], capture_output=True, text=True, timeout=10, check=True,
+    ).stdout
+    jobs: dict[str, list[tuple[str, str]]] = {}
+    for line in out.splitlines():
+        job_id, comment, state, job_dir = line.split("|", 3)
+        if Path(job_dir).resolve() == workdir.resolve() and comment.startswith("rule_"):
+            rule = comment.removeprefix("rule_").split("_wildcards_")[0]
+            jobs.setdefault(rule, []).append((job_id, state))
+    return jobs
+
+
+def _digests(work: Path) -> dict[str, str]:
+    """sha256 of every tokenizer, base weights, adapter and merged-model file."""
+    found = {}
+    for pattern in ("models/tiny/tokenizer*", "models/tiny/chat_template.jinja", "models/tiny/*.safetensors",
+                    "adapters/**/*", "merges/**/*"):
+        for path in sorted(work.glob(pattern)):
+            if path.is_file():
+                found[str(path.relative_to(work))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def one_experiment_config() -> dict:
+    """demo_small.yaml cut to its QLoRA experiment (one epoch, straight from the demo base model)."""
+    config = yaml.safe_load(SMALL_CONFIG.read_text())
+    config["experiments"] = [e for e in config["experiments"] if e["method"] == "qlora"]
+    assert len(config["experiments"]) == 1 and config["experiments"][0]["epochs"] == 1
+    return config
+
+
+def test_demo_builds_through_slurm_as_it_builds_locally(slurm, tmp_path):
+    config = one_experiment_config()
+    local, cluster = tmp_path / "local", tmp_path / "cluster"
+    for work in (local, cluster):
+        work.mkdir()
+        write_config(work, config)
+
+    # The local build runs meanwhile: the cluster build spends most of its time waiting on the queue.
+    # --cores 2 gives training the 2 threads its rule asks for on the cluster: torch's thread count
+    # can change the bits.
+    local_build = start_snakemake(local, "merged/", "--cores", "2", "--configfile", str(local / "config.yaml"))
+    try:
+        run_snakemake(cluster, "merged/", "--profile", str(PROFILE), "--configfile", str(cluster / "config.yaml"),
+                      *FAST_STATUS)
+    finally:
+        local_build.wait()
+    finish(local_build)
+    jobs = cluster_jobs(cluster)
+    assert set(jobs) == EXPECTED_CLUSTER_RULES, jobs
+    assert all(state == "COMPLETED" for runs in jobs.values() for _, state in runs), jobs
+    experiment = "tiny_qlora_tasks"
+    assert (cluster / "merged" / experiment).is_symlink()
+
+    built = _digests(cluster)
+    assert any(n.startswith("models/tiny/tokenizer") for n in built)
+    assert f"adapters/{experiment}/epoch_1/adapter_model.safetensors" in built
+    assert any(n.startswith(f"merges/{experiment}/epoch_1/") and n.endswith(".safetensors") for n in built)
+    assert built == _digests(local)
+
+
+GPU_SNAKEFILE = r"""
+# Two one-GPU jobs that wait for each other, so they hold their GPUs at the same time.
+rule all:
+    input:
+        expand("gpu_{i}.txt", i=[0, 1]),
+
+rule on_gpu:
+    output:
+        "gpu_{i}.txt",
+    resources:
+        gpu=1,
+        mem_mb=200,
+        runtime=5,
+    shell:
+        '''
+        touch started_{wildcards.i}
+        for _ in $(seq 600); do [ -e started_0 ] && [ -e started_1 ] && break; sleep 0.1; done
+        echo "${{CUDA_VISIBLE_DEVICES-unset}} ${{SLURM_JOB_ID-unset}}" > {output}
+        '''
+"""
+
+
+def test_gpu_jobs_get_their_own_fake_gpu(slurm, tmp_path):
+    snakefile = tmp_path / "Snakefile"
+    snakefile.write_text(GPU_SNAKEFILE)
+    run_snakemake(tmp_path, "--profile", str(PROFILE), *FAST_STATUS, snakefile=snakefile)
+    seen = [(tmp_path / f"gpu_{i}.txt").read_text().split() for i in (0, 1)]
+    devices = sorted(device for device, _ in seen)
+    job_ids = {job_id for _, job_id in seen}
+    assert devices == ["0", "1"], seen  # one fake GPU each, never the same one
+    assert "unset" not in job_ids and len(job_ids) == 2, seen
+    assert {job_id for job_id, _ in cluster_jobs(tmp_path)["on_gpu"]} == job_ids
