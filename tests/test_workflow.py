@@ -201,5 +201,5 @@ def test_the_readme_demo_data_builds(tmp_path):
     dirs = templated_dirs(tmp_path)
     assert len(dirs) == 2
     stats = [json.loads((d / "stats.json").read_text()) for d in dirs]
-    assert sorted(s["records_out"]["heldout"] > 0 for s in stats) == [False, True]
+    assert all(s["records_out"]["heldout"] > 0 for s in stats)  # corpus and tasks both hold some out
     assert planned_jobs(tmp_path) == {}
