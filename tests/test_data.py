@@ -323,3 +323,22 @@ def test_dataset_without_heldout_loads_back(tmp_path, sources, tokenizer_dir):
     dd = datasets.load_from_disk(str(tmp_path / "out"))
     assert len(dd["heldout"]) == 0 and len(dd["train"]) > 0
     assert (tmp_path / "out" / "heldout.jsonl").read_text() == ""
+
+
+def test_a_template_the_tokenizer_cannot_encode_is_refused(tmp_path, sources):
+    """chatglm2's 问/答 with a tokenizer that has no Chinese: every prompt would hold [UNK]."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(WordLevel({"[UNK]": 0, "</s>": 1, "<s>": 2, "Round": 3}, unk_token="[UNK]"))
+    words.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", eos_token="</s>",
+                            bos_token="<s>").save_pretrained(tmp_path / "word_level")
+    out_dir = tmp_path / "templated" / "key"
+    recipe = make_recipe(tmp_path / "word_level", sources["chat"], template="chatglm2")
+    with pytest.raises(DataError, match=r"template 'chatglm2': its instruction .* encodes to the unknown token "
+                                        r"'\[UNK\]', in the tokenizer .*word_level: a template the tokenizer can't encode"):
+        build_templated_dataset(recipe, out_dir)
+    assert not out_dir.exists() and not list(out_dir.parent.glob(".tmp-*"))

@@ -419,6 +419,11 @@ def test_qlora_on_cpu_gives_nonzero_lora_gradients_everywhere(project, tmp_path)
         (lambda c: c["experiments"][0].update(batch_size=100000), "fewer than one batch of batch_size 100000"),
         (lambda c: c["experiments"][0].update(gpus=4), "gpus: 4 requested but 0 visible"),
         (lambda c: c["experiments"][0].update(deepspeed="nowhere/ds.json"), "deepspeed: nowhere/ds.json: no such file"),
+        # found before training, not by the merge after it
+        (lambda c: (c.update(templates={"custom": {"instruction": "Q: {input}\nA: ", "stop_words": ["END OF TURN"]}}),
+                    c["experiments"][0].update(template="custom")),
+         r"template 'custom': stop word 'END OF TURN' is \d+ tokens, not one, in the tokenizer models/tiny: "
+         r"a template the tokenizer can't encode"),
     ],
 )
 def test_bad_input_fails_before_any_compute(project, tmp_path, change, message):

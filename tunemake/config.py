@@ -452,6 +452,7 @@ def train_spec(exp: dict, epoch: int, config: dict, threads: int = 1) -> dict:
                   "save_steps": exp["save_steps"], "evaluation_inputs": exp["evaluation_inputs"]},
         "base_model": base_model_of(exp, config),
         "tokenizer_path": root["path"],
+        "tokenizer_revision": root.get("revision"),
         "template": template_to_dict(template),
         "data_dir": paths.templated_dataset(exp["data_key"]),
         "previous": previous,

@@ -16,14 +16,13 @@ from itertools import chain
 import logging
 import os
 import time
-from pathlib import Path
 
 from tunemake.atomic import atomic_dir, write_json
 from tunemake.config import expand_sources
 from tunemake.encode import IGNORE_INDEX, Encoded, encode_record, encode_records, pack
 from tunemake.errors import DataError
 from tunemake.formats import read_dataset
-from tunemake.templates import HF, Template
+from tunemake.templates import HF, Template, encoding_problem
 
 log = logging.getLogger("tunemake.data")
 
@@ -97,6 +96,11 @@ def build_templated_dataset(
     started = time.perf_counter()
     tokenizer = load_tokenizer(recipe["tokenizer"])
     template = template_from_recipe(recipe["template"])
+    problem = encoding_problem(template, tokenizer)
+    if problem:
+        # found here, before training, rather than by the merge after it
+        raise DataError(f"{problem}, in the tokenizer {recipe['tokenizer']['path']}: a template the tokenizer "
+                        "can't encode; add the token to the tokenizer or pick another template")
     max_length = recipe["max_length"]
 
     train: list[Encoded] = []

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import string
 import math
 import os
 import shutil
@@ -59,7 +58,7 @@ from tunemake.shards import (
     shard_names,
     write_index,
 )
-from tunemake.templates import HF, Template, get_template, template_from_dict, template_to_dict
+from tunemake.templates import HF, Template, encoding_problem, get_template, template_from_dict, template_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -533,17 +532,9 @@ def _load_tokenizer(path: Path, template: Template | str, trust_remote_code: boo
     if template == HF:
         return tokenizer
     tokenizer.chat_template = template.chat_template()
-    for word in template.stop_words:
-        ids = tokenizer.encode(word, add_special_tokens=False)
-        if len(ids) != 1:
-            raise MergeError(f"template {template.name!r}: stop word {word!r} is {len(ids)} tokens, not one, in "
-                             f"the tokenizer {path}: a template the tokenizer can't encode")
-    unk = tokenizer.unk_token_id
-    for field in ("system", "instruction", "suffix", "sep"):
-        literal = "".join(text for text, *_ in string.Formatter().parse(getattr(template, field)))
-        if unk is not None and literal and unk in tokenizer.encode(literal, add_special_tokens=False):
-            raise MergeError(f"template {template.name!r}: its {field} {literal!r} encodes to the unknown token "
-                             f"{tokenizer.unk_token!r} in the tokenizer {path}: a template the tokenizer can't encode")
+    problem = encoding_problem(template, tokenizer)
+    if problem:
+        raise MergeError(f"{problem}, in the tokenizer {path}: a template the tokenizer can't encode")
     for token in template.special_tokens():
         ids = tokenizer.encode(token, add_special_tokens=False)
         if len(ids) != 1:

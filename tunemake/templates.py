@@ -173,6 +173,28 @@ def template_from_dict(data: dict) -> Template | str:
     return Template(name=data.get("name", "custom"), **values)
 
 
+def encoding_problem(template: Template | str, tokenizer) -> str | None:
+    """Why ``tokenizer`` cannot serve ``template``, or None.
+
+    A stop word must be one token, so a merged model's ``generation_config`` can stop at it; the
+    template's fixed text must not encode to the unknown token. (A marker such as ``<|User|>``
+    split into several tokens is allowed: XTuner trains such templates too.)
+    """
+    if template == HF:
+        return None
+    for word in template.stop_words:
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) != 1:
+            return f"template {template.name!r}: stop word {word!r} is {len(ids)} tokens, not one"
+    unk = tokenizer.unk_token_id
+    for field_name in ("system", "instruction", "suffix", "sep"):
+        literal = "".join(text for text, *_ in string.Formatter().parse(getattr(template, field_name)))
+        if unk is not None and literal and unk in tokenizer.encode(literal, add_special_tokens=False):
+            return (f"template {template.name!r}: its {field_name} {literal!r} encodes to the unknown token "
+                    f"{tokenizer.unk_token!r}")
+    return None
+
+
 def _jinja_literal(text: str) -> str:
     """Quote ``text`` as a Jinja string literal."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r") + "'"

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tunemake.atomic import atomic_dir, atomic_file, write_json
+from tunemake.atomic import atomic_file, write_json
+from tunemake.config import local_model_dir
 from tunemake.errors import TunemakeError
 from tunemake.schedule import lr_factor
 from tunemake.versions import TRAIN_CODE_VERSION
@@ -171,14 +172,35 @@ def check_spec(spec: dict) -> None:
         raise TrainError(f"epoch {spec['epoch']} is outside 1..{spec['train']['epochs']}")
     deepspeed_config(spec, world=1)  # a missing or malformed JSON file fails here
     base = spec["base_model"]["path"]
-    if not os.path.isdir(base):
-        raise TrainError(f"{base}: base model directory does not exist")
-    config_file = Path(base) / "config.json"
+    local = local_model_dir(base, spec["base_model"].get("revision"))
+    if local is None:
+        raise TrainError(f"{base}: base model directory does not exist (a hub model must be in the local "
+                         f"Hugging Face cache first: huggingface-cli download {base})")
+    config_file = Path(local) / "config.json"
     if not config_file.exists():
         raise TrainError(f"{base}: not a model directory (no config.json)")
     arch = json.loads(config_file.read_text()).get("architectures") or []
     if arch and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in arch):
         raise TrainError(f"{base}: not a causal language model (architectures: {', '.join(arch)})")
+    _check_template_tokens(spec)
+
+
+def _check_template_tokens(spec: dict) -> None:
+    """A stop word the tokenizer splits would leave the merged model unable to stop: say so now."""
+    from transformers import AutoTokenizer
+
+    from tunemake.templates import HF, encoding_problem, template_from_dict
+
+    template = template_from_dict(spec["template"])
+    if template == HF or not template.stop_words:
+        return
+    root = spec.get("tokenizer_path") or spec["base_model"]["path"]
+    tokenizer = AutoTokenizer.from_pretrained(root, revision=spec.get("tokenizer_revision"),
+                                              trust_remote_code=spec["base_model"].get("trust_remote_code", False))
+    problem = encoding_problem(template, tokenizer)
+    if problem:
+        raise TrainError(f"{problem}, in the tokenizer {root}: a template the tokenizer can't encode; "
+                         "add the token to the tokenizer or pick another template")
 
 
 # --- DeepSpeed ---------------------------------------------------------------------------------
@@ -491,13 +513,17 @@ def _hash_files(paths) -> str:
 def fingerprint(spec: dict, previous: str | None) -> dict:
     """What this epoch's result is a function of: config, data, base model, code, previous epoch."""
     data_files = [p for p in Path(spec["data_dir"]).rglob("*") if p.is_file()]
-    base = Path(spec["base_model"]["path"])
-    base_files = [p for p in base.iterdir() if p.is_file() and p.name.endswith((".json", ".safetensors", ".bin"))]
+    from tunemake.config import local_model_dir
+
+    named = spec["base_model"]["path"]
+    base = local_model_dir(named, spec["base_model"].get("revision"))
+    base_files = [p for p in base.iterdir() if p.is_file() and p.name.endswith((".json", ".safetensors", ".bin"))] if base else []
     parts = {
         "config": hashlib.sha256(json.dumps(
             {k: spec[k] for k in ("experiment", "epoch", "method", "train")}, sort_keys=True).encode()).hexdigest(),
         "data": _hash_files(data_files),
-        "base_model": _hash_files(base_files),
+        # a hub model not downloaded yet: its id and revision stand for it
+        "base_model": _hash_files(base_files) if base_files else f"{named}@{spec['base_model'].get('revision')}",
         "code": f"train/{TRAIN_CODE_VERSION}",
         "previous": previous or "",
     }
