@@ -239,3 +239,9 @@ def get_eval_access(wildcards):
     if int(wildcards.epoch) == 0:
         return get_model_access(wildcards)
     return {"revision": None, "trust_remote_code": get_model_access(wildcards)["trust_remote_code"]}
+
+
+def get_train_group(wildcards):
+    """One cluster job for all of an experiment's epochs when it asks for it (group_epochs)."""
+    exp = EXPERIMENTS[wildcards.experiment]
+    return f"train_{exp['name']}" if exp["group_epochs"] else None

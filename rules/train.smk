@@ -12,6 +12,8 @@ rule train_epoch:
     params:
         identity=get_epoch_identity,
     threads: 2
+    group:
+        get_train_group
     resources:
         mem_mb=get_train_mem_mb,
         runtime=get_train_runtime,

@@ -192,3 +192,21 @@ def test_gpu_jobs_get_their_own_fake_gpu(slurm, tmp_path):
     assert devices == ["0", "1"], seen  # one fake GPU each, never the same one
     assert "unset" not in job_ids and len(job_ids) == 2, seen
     assert {job_id for job_id, _ in cluster_jobs(tmp_path)["on_gpu"]} == job_ids
+
+
+def test_group_epochs_makes_an_experiments_epochs_one_cluster_job(slurm, tmp_path):
+    """group_epochs: true puts every epoch of the experiment in one Snakemake group (one sbatch
+    job); left false, each epoch is its own job. Read from a dry run through the Slurm executor."""
+    plans = {}
+    for grouped in (True, False):
+        work = tmp_path / f"grouped_{grouped}"
+        work.mkdir()
+        config = one_experiment_config()
+        config["experiments"][0].update(epochs=3, group_epochs=grouped, name="g")
+        (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        plans[grouped] = run_snakemake(work, "adapters", "--executor", "slurm", "--jobs", "10", "-n",
+                                       "--slurm-status-command", "squeue")
+    grouped = plans[True].split("Group job train_g", 1)
+    assert len(grouped) == 2, plans[True][-3000:]
+    assert all(f"checkpoints/g/epoch_{n}.pth" in grouped[1] for n in (1, 2, 3))
+    assert "Group job" not in plans[False]
