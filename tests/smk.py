@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -38,3 +39,14 @@ def planned_jobs(workdir: Path, target: str = "datasets") -> dict[str, int]:
 
 def write_config(workdir: Path, config: dict) -> None:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def artefact_digests(work: Path) -> dict[str, str]:
+    """sha256 of every tokenizer, base-weight, adapter and merged-model file under ``work``."""
+    found = {}
+    for pattern in ("models/tiny/tokenizer*", "models/tiny/chat_template.jinja", "models/tiny/*.safetensors",
+                    "adapters/**/*", "merges/**/*"):
+        for path in sorted(work.glob(pattern)):
+            if path.is_file():
+                found[str(path.relative_to(work))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found

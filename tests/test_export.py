@@ -9,7 +9,6 @@ the fine-tune works (exact match on held-out tasks).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from smk import REPO, planned_jobs, snakemake, write_config
+from smk import REPO, artefact_digests, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -109,17 +108,6 @@ def test_default_target_adds_evaluations_summary_and_report(merged_small, tmp_pa
     assert "metrics_per_epoch.png" in report and "summary.tsv" in report
 
 
-def _digests(work: Path) -> dict[str, str]:
-    """sha256 of every tokenizer, adapter and merged-model file (tunemake.json records times of nothing)."""
-    found = {}
-    for pattern in ("models/tiny/tokenizer*", "models/tiny/chat_template.jinja", "models/tiny/*.safetensors",
-                    "adapters/**/*", "merges/**/*"):
-        for path in sorted(work.glob(pattern)):
-            if path.is_file():
-                found[str(path.relative_to(work))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
 def test_rebuilding_from_scratch_gives_identical_files(tmp_path):
     """Deleting every output and rebuilding with the same config: bit-identical artefacts on CPU."""
     config = {
@@ -137,7 +125,7 @@ def test_rebuilding_from_scratch_gives_identical_files(tmp_path):
     work.mkdir()
     write_config(work, config)
     snakemake(work, target="merged/")
-    first = _digests(work)
+    first = artefact_digests(work)
     assert any(name.startswith("merges/") and name.endswith(".safetensors") for name in first)
     assert sum(name.startswith("merges/tiny_lora_embed_tasks/epoch_2/model-") for name in first) > 1
     assert any(name.startswith("adapters/") and name.endswith("adapter_model.safetensors") for name in first)
@@ -145,7 +133,7 @@ def test_rebuilding_from_scratch_gives_identical_files(tmp_path):
         if child.name != "config.yaml":
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     snakemake(work, target="merged/")
-    assert _digests(work) == first
+    assert artefact_digests(work) == first
 
 
 def test_demo_config_fine_tune_works(tmp_path):

@@ -8,7 +8,6 @@ not pass by skipping them.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from smk import REPO, write_config
+from smk import REPO, artefact_digests, write_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -111,17 +110,6 @@ def cluster_jobs(workdir: Path) -> dict[str, list[tuple[str, str]]]:
     return jobs
 
 
-def _digests(work: Path) -> dict[str, str]:
-    """sha256 of every tokenizer, base weights, adapter and merged-model file."""
-    found = {}
-    for pattern in ("models/tiny/tokenizer*", "models/tiny/chat_template.jinja", "models/tiny/*.safetensors",
-                    "adapters/**/*", "merges/**/*"):
-        for path in sorted(work.glob(pattern)):
-            if path.is_file():
-                found[str(path.relative_to(work))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
 def one_experiment_config() -> dict:
     """demo_small.yaml cut to its QLoRA experiment (one epoch, straight from the demo base model)."""
     config = yaml.safe_load(SMALL_CONFIG.read_text())
@@ -153,11 +141,11 @@ def test_demo_builds_through_slurm_as_it_builds_locally(slurm, tmp_path):
     experiment = "tiny_qlora_tasks"
     assert (cluster / "merged" / experiment).is_symlink()
 
-    built = _digests(cluster)
+    built = artefact_digests(cluster)
     assert any(n.startswith("models/tiny/tokenizer") for n in built)
     assert f"adapters/{experiment}/epoch_1/adapter_model.safetensors" in built
     assert any(n.startswith(f"merges/{experiment}/epoch_1/") and n.endswith(".safetensors") for n in built)
-    assert built == _digests(local)
+    assert built == artefact_digests(local)
 
 
 GPU_SNAKEFILE = r"""

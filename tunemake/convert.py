@@ -104,7 +104,11 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
 
 def stored_dtype(model_dir: str | os.PathLike) -> str:
     """The dtype a model directory's config.json records (float16 when it records none we write)."""
-    config = json.loads(Path(model_dir, "config.json").read_text())
+    return config_dtype(json.loads(Path(model_dir, "config.json").read_text()))
+
+
+def config_dtype(config: dict) -> str:
+    """The dtype a model config records, as one of :data:`DTYPES` (float16 when none of them)."""
     name = str(config.get("dtype") or config.get("torch_dtype") or "float16").replace("torch.", "")
     return name if name in DTYPES else "float16"
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from tunemake.atomic import atomic_dir, write_json
-from tunemake.convert import METADATA_FILE, read_metadata
+from tunemake.convert import METADATA_FILE, config_dtype, read_metadata
 from tunemake.errors import TunemakeError
 from tunemake.config import local_model_dir, parse_size
 from tunemake.shards import (
@@ -154,7 +154,7 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
         method = base_config["quantization_config"].get("quant_method", "quantized")
         raise MergeError(f"{base}: a {method} checkpoint; merging needs the unquantized base model "
                          "the adapter was trained from (QLoRA adapters merge into the float weights)")
-    dtype = dtype or _config_dtype(base_config)
+    dtype = dtype or config_dtype(base_config)
     if dtype not in DTYPES:
         raise MergeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     out_dtype = DTYPE_NAMES[DTYPES[dtype]]
@@ -235,11 +235,6 @@ def _model_dir(path: str | None, what: str, source: Path, revision: str | None =
     if not (directory / "config.json").is_file():
         raise MergeError(f"{directory}: {what} directory has no config.json")
     return directory
-
-
-def _config_dtype(config: dict) -> str:
-    name = config.get("dtype") or config.get("torch_dtype")
-    return name if name in DTYPES else "float16"
 
 
 def _resolve_template(template, metadata: dict, source: Path) -> Template | str:
