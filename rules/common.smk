@@ -137,11 +137,37 @@ def get_train_runtime(wildcards):
 
 
 def get_train_gpus(wildcards):
-    return EXPERIMENTS[wildcards.experiment]["gpus"] or 0
+    """GPUs of a one-node job (--gpus); a multi-node job asks per node through get_train_gres."""
+    exp = EXPERIMENTS[wildcards.experiment]
+    return None if exp["nodes"] > 1 else exp["gpus"] or 0
 
 
 def get_train_nodes(wildcards):
     return EXPERIMENTS[wildcards.experiment]["nodes"]
+
+
+def get_train_mpi_tasks(wildcards):
+    """A multi-node job is one task per node (the Slurm plugin's `mpi` + `tasks`): the train
+    script starts one torchrun per task with srun. One node: unset, one task."""
+    exp = EXPERIMENTS[wildcards.experiment]
+    return exp["nodes"] if exp["nodes"] > 1 else None
+
+
+def get_train_mpi(wildcards):
+    return "srun" if EXPERIMENTS[wildcards.experiment]["nodes"] > 1 else None
+
+
+def get_train_gres(wildcards):
+    """GPUs per node of a multi-node job (sbatch --gres is per node; --gpus would be per job)."""
+    exp = EXPERIMENTS[wildcards.experiment]
+    if exp["nodes"] == 1 or not exp["gpus"]:
+        return None
+    return ":".join(["gpu", *([exp["gpu_model"]] if exp.get("gpu_model") else []), str(exp["gpus"])])
+
+
+def get_train_tasks_per_gpu(wildcards):
+    # The plugin turns `tasks` into --ntasks-per-gpu for GPU jobs unless this is set; 0 leaves it out.
+    return 0 if EXPERIMENTS[wildcards.experiment]["nodes"] > 1 else None
 
 
 def all_final_adapters():

@@ -19,6 +19,11 @@ rule train_epoch:
         runtime=get_train_runtime,
         gpu=get_train_gpus,
         nodes=get_train_nodes,
+        # nodes > 1 only: one srun task per node, each a torchrun (tunemake.train.launch)
+        mpi=get_train_mpi,
+        tasks=get_train_mpi_tasks,
+        tasks_per_gpu=get_train_tasks_per_gpu,
+        gres=get_train_gres,
     conda:
         "../envs/tunemake.yaml"
     log:

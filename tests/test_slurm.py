@@ -8,13 +8,17 @@ not pass by skipping them.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from smk import REPO, artefact_digests, write_config
 
@@ -198,3 +202,88 @@ def test_group_epochs_makes_an_experiments_epochs_one_cluster_job(slurm, tmp_pat
     assert len(grouped) == 2, plans[True][-3000:]
     assert all(f"checkpoints/g/epoch_{n}.pth" in grouped[1] for n in (1, 2, 3))
     assert "Group job" not in plans[False]
+
+
+def _train_job(workdir: Path) -> str | None:
+    runs = cluster_jobs(workdir).get("train_epoch", [])
+    return runs[-1][0] if runs else None
+
+
+def _job_state(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                          timeout=10).stdout.strip()
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = TIMEOUT_S):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            finish(proc)  # raises with the logs when it failed
+            pytest.fail(f"snakemake ended before {what}")
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_training_requeued_mid_epoch_finishes_with_the_uninterrupted_weights(slurm, tmp_path):
+    """`scontrol requeue` of a running training job: Slurm stops it and starts it again; the new run
+    continues from the last resume point and ends with the same tensors as a local uninterrupted run."""
+    config = one_experiment_config()
+    config["demo"]["tasks_per_family"] = 200
+    config["experiments"][0].update(batch_size=1, grad_accumulation=1, save_steps=5, name="rq")
+    target = "checkpoints/rq/epoch_1.pth"
+    local, cluster = tmp_path / "local", tmp_path / "cluster"
+    for work in (local, cluster):
+        work.mkdir()
+        write_config(work, config)
+    local_build = start_snakemake(local, target, "--cores", "2")
+    try:
+        proc = start_snakemake(cluster, target, "--profile", str(PROFILE), *FAST_STATUS)
+        resume_meta = cluster / "checkpoints" / "rq" / "epoch_1.resume" / "meta.json"
+        _wait_for(lambda: resume_meta.exists() and json.loads(resume_meta.read_text())["epoch_step"] >= 5,
+                  proc, "a resume point")
+        job_id = _train_job(cluster)
+        assert job_id, cluster_jobs(cluster)
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        # Slurm holds a requeued job back for about two minutes; let it start at once.
+        _wait_for(lambda: _job_state(job_id) == "PENDING", proc, "the requeued job")
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+        finish(proc)
+    finally:
+        local_build.wait()
+    finish(local_build)
+
+    show = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    assert "Restarts=1" in show, show  # the same Slurm job ran twice
+    log = (cluster / "logs" / "train" / "rq" / "epoch_1.log").read_text()
+    assert re.search(r"resuming epoch 1 at step [1-9]\d*/", log), log[-3000:]
+    assert not (cluster / "checkpoints" / "rq" / "epoch_1.resume").exists()
+    resumed = torch.load(cluster / target, weights_only=True)
+    expected = torch.load(local / target, weights_only=True)
+    assert resumed["trainable"].keys() == expected["trainable"].keys()
+    for name, tensor in expected["trainable"].items():
+        assert torch.equal(resumed["trainable"][name], tensor), name
+    assert resumed["counters"] == expected["counters"]
+
+
+def test_two_node_training_is_one_mpi_job_whose_tasks_join_one_rendezvous(slurm, tmp_path):
+    """nodes: 2 makes the train job an `mpi` job with one task per node; srun starts a torchrun in
+    each task and both join one c10d rendezvous (world size 2). The CI cluster has one node, so
+    `--set-resources train_epoch:nodes=1` puts both tasks on it: the same srun, the same rendezvous."""
+    config = one_experiment_config()
+    config["experiments"][0].update(nodes=2, gpus=0, name="mn")
+    write_config(tmp_path, config)
+    target = "checkpoints/mn/epoch_1.pth"
+    run_snakemake(tmp_path, target, "--profile", str(PROFILE), *FAST_STATUS,
+                  "--set-resources", "train_epoch:nodes=1")
+    job_id = _train_job(tmp_path)
+    show = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    assert "NumTasks=2" in show, show
+    log = (tmp_path / "logs" / "train" / "mn" / "epoch_1.log").read_text()
+    assert "rendezvous at " in log and f"(Slurm job {job_id}" in log, log[-3000:]
+    state = json.loads((tmp_path / "checkpoints" / "mn" / "epoch_1.state" / "meta.json").read_text())
+    assert state["world"] == 2, state  # two processes, one per task: both joined
+    assert torch.load(tmp_path / target, weights_only=True)["trainable"]

@@ -2,7 +2,8 @@
 
 The rule's log gets everything the stage prints (progress bars, logging); a
 :class:`~tunemake.errors.TunemakeError` is also printed to the console, without a traceback, so
-the user sees which file, line or key to fix, and the job fails with a non-zero exit.
+the user sees which file, line or key to fix, and the job fails with a non-zero exit. A job that
+asks for GPUs (``resources: gpu=N``) runs with N devices of its own (:mod:`tunemake.gpus`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ import sys
 from typing import Callable
 
 from tunemake.errors import TunemakeError
+from tunemake.gpus import claimed_gpus
 
 
 def run(smk, entry: Callable, **kwargs):
-    """Call ``entry(**kwargs)`` with stdout/stderr going to the rule's log (when it has one)."""
+    """Call ``entry(**kwargs)`` with stdout/stderr going to the rule's log (when it has one).
+
+    A job asking for ``gpu`` runs with that many devices claimed for it in ``CUDA_VISIBLE_DEVICES``
+    (unless Slurm set them); a script must not touch CUDA before calling this.
+    """
     console = os.fdopen(os.dup(2), "w")
     if smk.log:
         os.makedirs(os.path.dirname(smk.log[0]) or ".", exist_ok=True)
@@ -27,11 +33,28 @@ def run(smk, entry: Callable, **kwargs):
         os.dup2(log_fd, 2)
         os.close(log_fd)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s", force=True)
+    job = _job_name(smk)
+
+    def tell_console(message: str) -> None:  # a job waiting on busy GPUs says so where the user looks
+        print(f"{job}: {message}\n(log: {smk.log[0]})", file=console, flush=True)
+
     try:
-        return entry(**kwargs)
+        with claimed_gpus(_gpus_asked(smk), job=job, on_wait=tell_console if smk.log else None):
+            return entry(**kwargs)
     except TunemakeError as exc:
         message = f"error: {exc}"
         print(message, file=sys.stderr, flush=True)
         if smk.log:
             print(f"{message}\n(log: {smk.log[0]})", file=console, flush=True)
         sys.exit(1)
+
+
+def _gpus_asked(smk) -> int:
+    resources = getattr(smk, "resources", None)
+    gpus = resources.get("gpu") if resources is not None else None
+    return int(gpus or 0)
+
+
+def _job_name(smk) -> str:
+    wildcards = ", ".join(f"{key}={value}" for key, value in getattr(smk, "wildcards", {}).items())
+    return f"rule {getattr(smk, 'rule', '?')}" + (f" ({wildcards})" if wildcards else "")

@@ -128,7 +128,13 @@ def processes_per_node(train: dict) -> int:
 
 
 def launch(spec: dict) -> int:
-    """Run one epoch: in this process, or in ``nproc`` processes started with torchrun.
+    """Run one epoch: in this process, in ``nproc`` processes started with torchrun, or across
+    ``nodes`` nodes.
+
+    Several nodes: inside a Slurm allocation (the train rule asks for one task per node with the
+    plugin's ``mpi`` resource), ``srun`` starts one torchrun per task and they meet at a c10d
+    rendezvous on the allocation's first node. Outside Slurm, run this on every node yourself
+    with ``TUNEMAKE_RDZV_ENDPOINT=host:port`` (and the same ``TUNEMAKE_RDZV_ID``) set.
 
     Returns the exit status (0, or :data:`RESUME_EXIT_CODE` after an interruption).
     """
@@ -145,20 +151,60 @@ def launch(spec: dict) -> int:
                                      prefix=".spec-", delete=False) as handle:
         json.dump(spec, handle)
     try:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
-               f"--nproc-per-node={nproc}"]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
+                    f"--nproc-per-node={nproc}"]
         if nodes == 1:
-            cmd += ["--standalone"]
+            cmd = [*torchrun, "--standalone"]
+        elif os.environ.get("TUNEMAKE_RDZV_ENDPOINT"):
+            cmd = [*torchrun, "--rdzv-backend=c10d", f"--rdzv-endpoint={os.environ['TUNEMAKE_RDZV_ENDPOINT']}",
+                   f"--rdzv-id={os.environ.get('TUNEMAKE_RDZV_ID', spec['experiment'])}"]
         else:
-            endpoint = os.environ.get("TUNEMAKE_RDZV_ENDPOINT")
-            if not endpoint:
-                raise TrainError("nodes > 1 needs a rendezvous endpoint (TUNEMAKE_RDZV_ENDPOINT=host:port)")
-            cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-                    f"--rdzv-id={os.environ.get('TUNEMAKE_RDZV_ID', spec['experiment'])}"]
+            allocation = slurm_allocation()
+            if allocation is None:
+                raise TrainError(f"nodes: {nodes} needs a Slurm allocation (run the workflow with --profile "
+                                 "profiles/slurm) or TUNEMAKE_RDZV_ENDPOINT=host:port set on every node")
+            endpoint = f"{allocation['hosts'][0]}:{rendezvous_port(allocation['job_id'])}"
+            log.info("nodes %d: srun starts one torchrun per task; rendezvous at %s (Slurm job %s, nodes %s)",
+                     nodes, endpoint, allocation["job_id"], ",".join(allocation["hosts"]))
+            gpus = spec["train"].get("gpus") or 0
+            cmd = ["srun", f"--nodes={len(allocation['hosts'])}", f"--ntasks={nodes}", "--kill-on-bad-exit=1",
+                   f"--cpus-per-task={max(1, int(spec.get('threads') or 1))}",
+                   *([f"--gres=gpu:{gpus}"] if gpus else []),
+                   *torchrun, "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                   f"--rdzv-id=tunemake-{allocation['job_id']}"]
         cmd += ["-m", "tunemake.train", handle.name]
         return subprocess.call(cmd)
     finally:
         os.unlink(handle.name)
+
+
+def slurm_allocation() -> dict | None:
+    """The Slurm job this process runs in: ``{"job_id", "hosts"}``, or None outside Slurm.
+
+    Read from ``scontrol``: Snakemake's jobstep executor strips the SLURM_* variables other than
+    the job id before it runs a rule, so SLURM_JOB_NODELIST is not there to read.
+    """
+    import subprocess
+
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                             check=True).stdout
+        fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+        nodelist = fields.get("NodeList")
+        if not nodelist or nodelist == "(null)":
+            raise TrainError(f"Slurm job {job_id} has no nodes (scontrol show job: {out.strip()[:200]})")
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                           check=True).stdout.split()
+    return {"job_id": job_id, "hosts": hosts}
+
+
+def rendezvous_port(job_id: str) -> int:
+    """TUNEMAKE_RDZV_PORT, else a port from the job id: two jobs sharing a first node don't clash."""
+    return int(os.environ.get("TUNEMAKE_RDZV_PORT") or 29400 + int(job_id) % 1000)
 
 
 def check_spec(spec: dict) -> None:
