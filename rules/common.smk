@@ -1,14 +1,17 @@
 # The config, resolved once by tunemake.config, and every input function the rules use.
+import functools
 import glob
 import os
 import re
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 from tunemake import paths
 from tunemake.config import base_model_of, epoch_identity, expand_sources, is_local_model, load_config, parse_size
 from tunemake.demo import MODEL_FILES, TOKENIZER_FILES
 from tunemake.errors import TunemakeError
+from tunemake.resources import LARGEST_COMMON_GPU_MB, estimate_resources, model_shape
 from tunemake.templates import get_template, template_to_dict
 
 CONFIG_FILE = workflow.configfiles[-1] if workflow.configfiles else "config"
@@ -119,21 +122,74 @@ def get_epoch_identity(wildcards):
     return epoch_identity(EXPERIMENTS[wildcards.experiment], int(wildcards.epoch), TM)
 
 
-def _weights_mb(exp):
-    model = TM["models"][exp["root_model"]]
-    files = glob.glob(os.path.join(model["path"], "*.safetensors")) + glob.glob(os.path.join(model["path"], "*.bin"))
-    return sum(os.path.getsize(f) for f in files) / 2**20
+@functools.cache
+def experiment_resources(name):
+    """tunemake.resources' requests for one experiment's jobs, its `resources:` overrides applied."""
+    try:
+        estimate = estimate_resources(EXPERIMENTS[name], TM)
+    except TunemakeError as exc:
+        raise WorkflowError(f"experiment {name}: {exc}") from None
+    if (estimate["train"]["gpu_mem_mb"] or 0) > LARGEST_COMMON_GPU_MB:
+        logger.warning(f"experiment {name}: training needs about {estimate['train']['gpu_mem_mb'] / 1000:.0f} GB "
+                       "per GPU, more than an 80 GB GPU holds; use qlora or lora, DeepSpeed zero3, or more GPUs")
+    return estimate
 
 
-def get_train_mem_mb(wildcards):
-    """Host memory: the weights a few times over (optimizer states for full fine-tuning)."""
-    exp = EXPERIMENTS[wildcards.experiment]
-    factor = 6 if exp["method_config"]["type"] == "full" else 2
-    return int(max(4000, factor * _weights_mb(exp) + 2000))
+def _data_resources(data_key):
+    """The templated dataset's requests: its first experiment's estimate; per key, the first
+    experiment sharing the dataset that sets it in `resources.data` wins."""
+    sharing = [exp for exp in EXPERIMENTS.values() if exp["data_key"] == data_key]
+    values = dict(experiment_resources(sharing[0]["name"])["data"])
+    for exp in reversed(sharing):
+        values.update(exp["resources"].get("data", {}))
+    return values
 
 
-def get_train_runtime(wildcards):
-    return 24 * 60
+def stage_resource(stage, key):
+    """The input function of one rule's `threads` or resource `key` (data, train, convert, merge, evaluate)."""
+
+    def get(wildcards):
+        if stage == "data":
+            return _data_resources(wildcards.data_key).get(key)
+        return experiment_resources(wildcards.experiment)[stage].get(key)
+
+    get.__name__ = f"get_{stage}_{key}"
+    return get
+
+
+def _profile_default(key):
+    """A profile's (or --default-resources) constant value of `key`, None when unset."""
+    defaults = workflow.resource_settings.default_resources
+    resource = defaults.get(key) if defaults is not None else None
+    if resource is None:
+        return None
+    try:
+        return resource.evaluate(None, input=[], attempt=1, threads=1, rulename="", async_run=None).value
+    except Exception:
+        return None
+
+
+def stage_overrides(stage):
+    """`slurm_partition` / `constraint` resources for a rule, only those some experiment sets for
+    `stage`: a rule never declares them otherwise, so a profile's default-resources stay in force.
+    Experiments that do not set one get the profile's default value."""
+    keys = {key for exp in EXPERIMENTS.values() for key in exp["resources"].get(stage, {})}
+    return {key: _stage_override(stage, key) for key in sorted(keys & {"slurm_partition", "constraint"})}
+
+
+def _stage_override(stage, key):
+    default = _profile_default(key)
+
+    def get(wildcards):
+        value = stage_resource(stage, key)(wildcards)
+        return default if value is None else value
+
+    return get
+
+
+def get_demo_model_mem_mb(wildcards):
+    """Building a demo model holds it in float32 about three times (init, state dict, safetensors)."""
+    return max(2000, 1500 + 12 * model_shape(get_demo_model(wildcards)).parameters // 2**20)
 
 
 def get_train_gpus(wildcards):
@@ -215,16 +271,6 @@ def get_model_access(wildcards):
     return {"revision": base["revision"], "trust_remote_code": base["trust_remote_code"]}
 
 
-def get_merge_mem_mb(wildcards):
-    """A merge streams tensor by tensor: its memory is about one shard, not the model."""
-    return int(max(2000, 3 * _weights_mb(EXPERIMENTS[wildcards.experiment]) / max(1, _shard_count(wildcards))))
-
-
-def _shard_count(wildcards):
-    model = TM["models"][EXPERIMENTS[wildcards.experiment]["root_model"]]
-    return len(glob.glob(os.path.join(model["path"], "*.safetensors"))) or 1
-
-
 def get_eval_model_path(wildcards):
     """Epoch 0 is the model the experiment starts from; epoch n its merge."""
     exp = EXPERIMENTS[wildcards.experiment]
@@ -257,7 +303,16 @@ def train_metric_logs():
 
 def get_eval_gpus(wildcards):
     """One GPU where the experiment trains on GPUs (evaluation uses the first), else none."""
-    return min(1, get_train_gpus(wildcards))
+    return min(1, EXPERIMENTS[wildcards.experiment]["gpus"] or 0)
+
+
+def get_train_gpu_model(wildcards):
+    """The experiment's gpu_model where the job asks for GPUs by --gpus (multi-node: in gres)."""
+    return EXPERIMENTS[wildcards.experiment]["gpu_model"] if get_train_gpus(wildcards) else None
+
+
+def get_eval_gpu_model(wildcards):
+    return EXPERIMENTS[wildcards.experiment]["gpu_model"] if get_eval_gpus(wildcards) else None
 
 
 def get_eval_access(wildcards):

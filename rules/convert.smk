@@ -12,10 +12,11 @@ rule convert_epoch:
         # None: float16 adapters (XTuner's pth_to_hf), full fine-tunes in the base's own dtype
         dtype=None,
         access=get_model_access,
-    threads: 1
+    threads: stage_resource("convert", "threads")
     resources:
-        mem_mb=get_train_mem_mb,
-        runtime=60,
+        mem_mb=stage_resource("convert", "mem_mb"),
+        runtime=stage_resource("convert", "runtime"),
+        **stage_overrides("convert"),
     conda:
         "../envs/tunemake.yaml"
     log:

@@ -11,11 +11,13 @@ rule templated_dataset:
     params:
         recipe=get_recipe,
         files=get_recipe_files,
-    # Tokenization scales with threads; Snakemake lowers this to --cores when it must.
-    threads: 8
+    # Tokenization scales with threads (8 unless `resources.data` says); Snakemake lowers them to
+    # --cores when it must. A CPU job: it asks for no GPU.
+    threads: stage_resource("data", "threads")
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=stage_resource("data", "mem_mb"),
+        runtime=stage_resource("data", "runtime"),
+        **stage_overrides("data"),
     conda:
         "../envs/tunemake.yaml"
     log:

@@ -48,7 +48,7 @@ rule demo_model:
         model=get_demo_model,
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=get_demo_model_mem_mb,
         runtime=10,
     conda:
         "../envs/tunemake.yaml"

@@ -14,11 +14,14 @@ rule evaluate_epoch:
         template=get_eval_template,
         settings=TM["evaluation"],
         access=get_eval_access,
-    threads: 2
+    threads: stage_resource("evaluate", "threads")
     resources:
-        mem_mb=get_train_mem_mb,
-        runtime=60,
+        mem_mb=stage_resource("evaluate", "mem_mb"),
+        runtime=stage_resource("evaluate", "runtime"),
+        gpu_mem_mb=stage_resource("evaluate", "gpu_mem_mb"),
+        **stage_overrides("evaluate"),
         gpu=get_eval_gpus,
+        gpu_model=get_eval_gpu_model,
     conda:
         "../envs/tunemake.yaml"
     log:

@@ -10,10 +10,11 @@ rule merge_epoch:
         directory(paths.MERGE),
     params:
         merge=get_merge_params,
-    threads: 1
+    threads: stage_resource("merge", "threads")
     resources:
-        mem_mb=get_merge_mem_mb,
-        runtime=60,
+        mem_mb=stage_resource("merge", "mem_mb"),
+        runtime=stage_resource("merge", "runtime"),
+        **stage_overrides("merge"),
     conda:
         "../envs/tunemake.yaml"
     log:

@@ -11,13 +11,17 @@ rule train_epoch:
         state=directory(paths.TRAIN_STATE),
     params:
         identity=get_epoch_identity,
-    threads: 2
+    # Estimated from the model, method and data (tunemake/resources.py); `resources.train` overrides.
+    threads: stage_resource("train", "threads")
     group:
         get_train_group
     resources:
-        mem_mb=get_train_mem_mb,
-        runtime=get_train_runtime,
+        mem_mb=stage_resource("train", "mem_mb"),
+        runtime=stage_resource("train", "runtime"),
+        gpu_mem_mb=stage_resource("train", "gpu_mem_mb"),
+        **stage_overrides("train"),
         gpu=get_train_gpus,
+        gpu_model=get_train_gpu_model,
         nodes=get_train_nodes,
         # nodes > 1 only: one srun task per node, each a torchrun (tunemake.train.launch)
         mpi=get_train_mpi,
