@@ -271,19 +271,29 @@ def test_training_requeued_mid_epoch_finishes_with_the_uninterrupted_weights(slu
 
 def test_two_node_training_is_one_mpi_job_whose_tasks_join_one_rendezvous(slurm, tmp_path):
     """nodes: 2 makes the train job an `mpi` job with one task per node; srun starts a torchrun in
-    each task and both join one c10d rendezvous (world size 2). The CI cluster has one node, so
-    `--set-resources train_epoch:nodes=1` puts both tasks on it: the same srun, the same rendezvous."""
+    each task and both join one c10d rendezvous (world size 2), with DDP and with DeepSpeed ZeRO-2.
+    The CI cluster has one node, so `--set-resources train_epoch:nodes=1` puts both tasks on it:
+    the same srun, the same rendezvous."""
     config = one_experiment_config()
-    config["experiments"][0].update(nodes=2, gpus=0, name="mn")
+    ddp = {**config["experiments"][0], "nodes": 2, "gpus": 0, "name": "mn"}
+    config["experiments"] = [ddp, {**ddp, "deepspeed": "zero2", "name": "mn_ds"}]
     write_config(tmp_path, config)
-    target = "checkpoints/mn/epoch_1.pth"
-    run_snakemake(tmp_path, target, "--profile", str(PROFILE), *FAST_STATUS,
+    targets = ["checkpoints/mn/epoch_1.pth", "checkpoints/mn_ds/epoch_1.pth"]
+    run_snakemake(tmp_path, *targets, "--profile", str(PROFILE), *FAST_STATUS,
                   "--set-resources", "train_epoch:nodes=1")
-    job_id = _train_job(tmp_path)
-    show = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
-    assert "NumTasks=2" in show, show
-    log = (tmp_path / "logs" / "train" / "mn" / "epoch_1.log").read_text()
-    assert "rendezvous at " in log and f"(Slurm job {job_id}" in log, log[-3000:]
-    state = json.loads((tmp_path / "checkpoints" / "mn" / "epoch_1.state" / "meta.json").read_text())
-    assert state["world"] == 2, state  # two processes, one per task: both joined
-    assert torch.load(tmp_path / target, weights_only=True)["trainable"]
+    jobs = cluster_jobs(tmp_path)["train_epoch"]
+    assert len(jobs) == 2, jobs
+    for job_id, _ in jobs:
+        show = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+        assert "NumTasks=2" in show, show
+    for name in ("mn", "mn_ds"):
+        log = (tmp_path / "logs" / "train" / name / "epoch_1.log").read_text()
+        job = re.search(r"rendezvous at \S+ \(Slurm job (\d+), nodes", log)
+        assert job and job.group(1) in {j for j, _ in jobs}, log[-3000:]
+        state = json.loads((tmp_path / "checkpoints" / name / "epoch_1.state" / "meta.json").read_text())
+        assert state["world"] == 2, (name, state)  # two processes, one per task: both joined
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "mn_ds" / "epoch_1.state").rglob("*optim*"))
+    ddp_ckpt, ds_ckpt = (torch.load(tmp_path / t, weights_only=True) for t in targets)
+    assert ddp_ckpt["trainable"].keys() == ds_ckpt["trainable"].keys()
+    rel = abs(ddp_ckpt["metrics"]["train_loss"] - ds_ckpt["metrics"]["train_loss"]) / ddp_ckpt["metrics"]["train_loss"]
+    assert rel < 1e-3, (ddp_ckpt["metrics"], ds_ckpt["metrics"])
