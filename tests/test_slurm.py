@@ -209,6 +209,11 @@ def _train_job(workdir: Path) -> str | None:
     return runs[-1][0] if runs else None
 
 
+def _show_job(job_id: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                          timeout=10).stdout
+
+
 def _job_state(job_id: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
                           timeout=10).stdout.strip()
@@ -249,14 +254,16 @@ def test_training_requeued_mid_epoch_finishes_with_the_uninterrupted_weights(slu
         assert job_id, cluster_jobs(cluster)
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
         # Slurm holds a requeued job back for about two minutes; let it start at once.
-        _wait_for(lambda: _job_state(job_id) == "PENDING", proc, "the requeued job")
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+        _wait_for(lambda: _job_state(job_id) == "PENDING" or "Restarts=1" in _show_job(job_id)
+                  and _job_state(job_id) in ("RUNNING", "COMPLETED"), proc, "the requeue")
+        if _job_state(job_id) == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
         finish(proc)
     finally:
         local_build.wait()
     finish(local_build)
 
-    show = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    show = _show_job(job_id)
     assert "Restarts=1" in show, show  # the same Slurm job ran twice
     log = (cluster / "logs" / "train" / "rq" / "epoch_1.log").read_text()
     assert re.search(r"resuming epoch 1 at step [1-9]\d*/", log), log[-3000:]
@@ -284,7 +291,7 @@ def test_two_node_training_is_one_mpi_job_whose_tasks_join_one_rendezvous(slurm,
     jobs = cluster_jobs(tmp_path)["train_epoch"]
     assert len(jobs) == 2, jobs
     for job_id, _ in jobs:
-        show = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+        show = _show_job(job_id)
         assert "NumTasks=2" in show, show
     for name in ("mn", "mn_ds"):
         log = (tmp_path / "logs" / "train" / name / "epoch_1.log").read_text()
