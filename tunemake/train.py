@@ -6,8 +6,11 @@ when there is one. Supported: full fine-tuning, LoRA and QLoRA (bitsandbytes 4-b
 plain DDP, AdamW with the schedules in ``tunemake.schedule``, gradient accumulation and clipping,
 packed rows with attention kept inside each document, mid-epoch resume points, and DeepSpeed ZeRO
 1/2/3 (+ offload) by name or JSON file with "auto" fields filled from the experiment (the torch
-AdamW is handed to DeepSpeed, so no optimizer is compiled). Not supported: pipeline or tensor
-parallelism.
+AdamW is handed to DeepSpeed, so no optimizer is compiled). On CUDA, without DeepSpeed, the step
+runs through ``tunemake.fast`` (varlen attention over packed documents, compiled layers, a loss
+that never holds the full logits) when it supports the model, and AdamW is torch's fused kernel;
+elsewhere the model's own forward with a dense block-diagonal mask. Not supported: pipeline or
+tensor parallelism.
 
 Outputs of epoch n:
 - ``epoch_{n}.pth``: trainable weights (LoRA weights only for LoRA/QLoRA) gathered on rank 0,
@@ -350,12 +353,13 @@ class Rows:
         return values[offsets[index]:offsets[index + 1]]
 
 
-def make_batch(rows: Rows, indices, pad_id: int) -> dict[str, torch.Tensor]:
+def make_batch(rows: Rows, indices, pad_id: int, dense_mask: bool = True) -> dict[str, torch.Tensor]:
     """Pad rows to the longest and build a block-diagonal causal mask from ``position_ids``.
 
     A document piece starts where ``position_ids`` is 0; tokens attend only within their piece,
     and the first token of a piece is not a target (nothing in its document precedes it).
-    Padding forms its own piece, with no targets.
+    Padding forms its own piece, with no targets. Without ``dense_mask`` there is no
+    ``attention_mask``: the fast path finds the pieces from ``position_ids`` itself.
     """
     length = max(len(rows.row("input_ids", i)) for i in indices)
     n = len(indices)
@@ -373,6 +377,8 @@ def make_batch(rows: Rows, indices, pad_id: int) -> dict[str, torch.Tensor]:
             position_ids[b, :k] = torch.arange(k)
         position_ids[b, k:] = torch.arange(length - k)
     labels[position_ids == 0] = IGNORE_INDEX
+    if not dense_mask:
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     doc = torch.cumsum(position_ids == 0, dim=1)
     causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
     mask = (doc[:, :, None] == doc[:, None, :]) & causal
@@ -488,6 +494,41 @@ def build_model(spec: dict, device: torch.device):
     return model
 
 
+def step_model(model, spec: dict, dist: Dist, amp_dtype):
+    """What the training loop calls: on CUDA the fast path (``tunemake.fast``) where it supports
+    the model, else the model's own forward; inside DDP when there are several processes.
+
+    ``TUNEMAKE_FAST=0`` in the environment turns the fast path off.
+    """
+    if dist.device.type == "cuda" and os.environ.get("TUNEMAKE_FAST", "1") != "0":
+        from tunemake import fast
+
+        reason = fast.unsupported(model, amp_dtype)
+        if reason is None:
+            model = fast.FastCausalLM(model, amp_dtype, checkpoint=spec["method"]["gradient_checkpointing"])
+            if dist.main:
+                log.info("training through the fast path (attention: %s)", model.attention)
+        elif dist.main:
+            log.info("fast path not used: %s; training through the model's own forward", reason)
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    return model
+
+
+def uses_fast_path(model) -> bool:
+    while type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine"):
+        model = model.module
+    return type(model).__name__ == "FastCausalLM"
+
+
+def make_optimizer(params, train: dict, device: torch.device):
+    """AdamW over the trainable parameters; torch's fused kernel on CUDA (one launch per step)."""
+    return torch.optim.AdamW(params, lr=train["lr"], betas=tuple(train["betas"]), weight_decay=train["weight_decay"],
+                             eps=1e-8, fused=device.type == "cuda" or None)
+
+
 def _disable_bnb_cpu_repacking(model) -> None:
     # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs after a no-grad forward, after
     # which LoRA gradients silently come out as zero: keep the portable kernel when training.
@@ -500,12 +541,19 @@ def _disable_bnb_cpu_repacking(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def unwrap(model):
+    """The model ``build_model`` made, from inside DDP, a DeepSpeed engine or the fast path."""
+    while type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine", "FastCausalLM"):
+        model = model.module
+    return model
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     """Trainable parameters by name (for LoRA: only the adapter), detached, on the CPU.
 
     Under ZeRO-3 the parameters are partitioned: they are gathered first (every rank must call).
     """
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if any(hasattr(p, "ds_id") for _, p in named):
         import deepspeed
@@ -516,7 +564,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def load_trainable(model, state: dict[str, torch.Tensor], source: str) -> None:
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in state]
     unexpected = [name for name in state if name not in params]
@@ -598,6 +646,32 @@ def step_seed(seed: int, epoch: int, micro_step: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + micro_step) % (2**63)
 
 
+def micro_step(model, batch: dict, amp_dtype, accumulated: int = 1, scaler=None) -> torch.Tensor:
+    """Forward and backward of one micro-batch (gradients add up); returns its mean loss.
+
+    The training step both paths share (the benchmark times this function).
+    """
+    with torch.autocast(batch["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = model(**batch, use_cache=False).loss
+    scaled = loss / accumulated
+    (scaler.scale(scaled) if scaler else scaled).backward()
+    return loss.detach()
+
+
+def optimizer_step(optimizer, params, max_grad_norm: float | None, scaler=None) -> torch.Tensor:
+    """Clip (when ``max_grad_norm``), step and zero the gradients; returns the norm before clipping."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else _grad_norm(params)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def train_epoch(spec: dict) -> int:
     """Train epoch ``spec['epoch']`` of ``spec['experiment']`` and write its artefacts.
 
@@ -641,8 +715,7 @@ def train_epoch(spec: dict) -> int:
     torch.manual_seed(train["seed"])
     model = build_model(spec, dist.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train["lr"], betas=tuple(train["betas"]),
-                                  weight_decay=train["weight_decay"], eps=1e-8)
+    optimizer = make_optimizer(params, train, dist.device)
     counters = {"global_step": 0, "tokens": 0, "trained_tokens": 0}
     if prev_ckpt:
         load_trainable(model, prev_ckpt["trainable"], previous["pth"])
@@ -684,11 +757,10 @@ def train_epoch(spec: dict) -> int:
         elif dist.main:
             log.warning("%s: ignoring a resume point made with another config, data or code", resume_dir)
 
-    if dist.world > 1 and engine is None:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     amp_dtype = autocast_dtype(train["precision"], dist.device)
+    if engine is None:
+        model = step_model(model, spec, dist, amp_dtype)
+    fast = uses_fast_path(model)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     pad_id = _pad_id(spec)
 
@@ -712,7 +784,7 @@ def train_epoch(spec: dict) -> int:
             for micro in range(first, last):
                 torch.manual_seed(step_seed(train["seed"], epoch, micro * dist.world + dist.rank))
                 indices = mine[micro * train["batch_size"]:(micro + 1) * train["batch_size"]]
-                batch = {k: v.to(dist.device) for k, v in make_batch(rows, indices, pad_id).items()}
+                batch = {k: v.to(dist.device) for k, v in make_batch(rows, indices, pad_id, dense_mask=not fast).items()}
                 if engine is not None:
                     # tunemake, not DeepSpeed, decides where an accumulation ends (the last
                     # optimizer step of an epoch may have fewer micro-batches)
@@ -724,27 +796,15 @@ def train_epoch(spec: dict) -> int:
                 else:
                     sync = micro == last - 1 or dist.world == 1
                     with (nullcontext() if sync else model.no_sync()):
-                        with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                            loss = model(**batch, use_cache=False).loss
-                        _check_finite(loss, epoch, step, global_step)
-                        scaled = loss / (last - first)
-                        (scaler.scale(scaled) if scaler else scaled).backward()
+                        loss = micro_step(model, batch, amp_dtype, last - first, scaler)
+                    _check_finite(loss, epoch, step, global_step)
                 step_loss += torch.tensor([loss.item(), 1.0])
                 step_tokens += int(batch["input_ids"].numel())
                 step_trained += int((batch["labels"] != IGNORE_INDEX).sum())
             if engine is not None:
                 grad_norm = engine.get_global_grad_norm() or 0.0
             else:
-                if scaler:
-                    scaler.unscale_(optimizer)
-                grad_norm = (torch.nn.utils.clip_grad_norm_(params, train["max_grad_norm"])
-                             if train.get("max_grad_norm") else _grad_norm(params))
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(optimizer, params, train.get("max_grad_norm"), scaler)
             totals = dist.all_reduce(torch.tensor([step_loss[0].item(), step_loss[1].item(), step_tokens, step_trained, float(interrupt.requested)], dtype=torch.float64))
             loss_mean = totals[0].item() / max(1.0, totals[1].item())
             counters["global_step"] += 1
@@ -913,10 +973,11 @@ def evaluate_heldout(model, spec: dict, dist: Dist, pad_id: int, amp_dtype) -> f
     totals = torch.zeros(2, dtype=torch.float64)
     batch_size = max(1, spec["train"]["batch_size"])
     mine = np.arange(rows.num_rows)[dist.rank::dist.world]
+    forward = unwrap(model) if uses_fast_path(model) else model  # the fast path returns no logits
     for start in range(0, len(mine), batch_size):
         batch = {k: v.to(dist.device) for k, v in make_batch(rows, mine[start:start + batch_size], pad_id).items()}
         with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+            logits = forward(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                            attention_mask=batch["attention_mask"], use_cache=False).logits.float()
         targets = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(
@@ -942,7 +1003,7 @@ def sample_generations(model, spec: dict, dist: Dist, max_new_tokens: int = 48) 
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
     template = spec["template"]
     template = HF if template["name"] == HF else Template(**template)
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     inner.eval()
     samples = []
     for prompt in prompts:

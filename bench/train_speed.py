@@ -1,0 +1,243 @@
+"""Training throughput: tunemake's training step against plain transformers + PEFT, same card, same batch.
+
+Builds a Llama-2-7B-shaped model with random weights (saved once under --workdir, then loaded
+by ``tunemake.train.build_model``, as the train stage does) and one packed batch of documents
+with ``position_ids``. For each setting (``lora``: LoRA bf16; ``lora_ckpt``: with gradient
+checkpointing; ``qlora``: NF4 + double quant + checkpointing) it times, from the same weights:
+
+- ``baseline``: the model's own forward (SDPA, packed documents found from ``position_ids``) +
+  ``torch.optim.AdamW``, bf16 autocast: what a user writes with transformers + PEFT;
+- ``tunemake``: ``tunemake.train.step_model`` (the fast path the train stage picks on CUDA) +
+  ``make_optimizer``; both through ``tunemake.train.micro_step`` and ``optimizer_step``;
+- with ``--attempts``, fast-path variants kept for the record (no compile, flex attention).
+
+Reports tokens/s (median over --steps after --warmup), peak memory, first-step loss and grad
+norm, ratios to the baseline; prints a table and writes JSON. Under ``torchrun`` (several GPUs)
+it times the tunemake step in DDP only.
+
+    python bench/train_speed.py --json train_speed.json
+    python bench/train_speed.py --layers 2 --hidden 256 --intermediate 512 --heads 4 --vocab 1000 --seq 256   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunemake.fast import FastCausalLM
+from tunemake.train import Dist, Rows, build_model, make_batch, make_optimizer, micro_step, optimizer_step, setup_processes, step_model, trainable_state
+
+TRAIN = {"lr": 1e-5, "betas": [0.9, 0.999], "weight_decay": 0.0, "max_grad_norm": 1.0, "precision": "bf16"}
+
+
+def method(kind: str, args) -> dict:
+    return {"type": "qlora" if kind == "qlora" else "lora", "r": 64, "alpha": 16, "dropout": args.dropout,
+            "bias": "none", "target_modules": "all-linear", "modules_to_save": None,
+            "gradient_checkpointing": kind != "lora", "bits": 4, "quant_type": "nf4", "double_quant": True}
+
+
+def save_model(args, path: Path, device) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").exists():
+        return
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.heads, max_position_embeddings=max(4096, args.seq))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp, max_shard_size="4GB")
+    os.replace(tmp, path)
+
+
+def packed_batch(args, rank: int) -> Rows:
+    """``--batch`` rows of ``--seq`` tokens, each several documents of 128..1024 tokens."""
+    rng = np.random.default_rng(1000 + rank)
+    rows = Rows.__new__(Rows)
+    ids, pos, offsets = [], [], [0]
+    for _ in range(args.batch):
+        lengths = []
+        while sum(lengths) < args.seq:
+            lengths.append(int(min(rng.integers(128, 1025), args.seq - sum(lengths))))
+        ids.append(rng.integers(3, args.vocab, size=args.seq))
+        pos.append(np.concatenate([np.arange(n) for n in lengths]))
+        offsets.append(offsets[-1] + args.seq)
+    ids = np.concatenate(ids)
+    rows.columns = {"input_ids": (np.array(offsets), ids), "labels": (np.array(offsets), ids.copy()),
+                    "position_ids": (np.array(offsets), np.concatenate(pos))}
+    rows.num_rows = args.batch
+    return rows
+
+
+def run(name, model, batch, params, optimizer, args, device) -> dict:
+    """Warm-up, then timed steps; the first step's loss and gradient norm."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times, first = [], None
+    model.train()
+    for step in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = micro_step(model, batch, torch.bfloat16)
+        grad_norm = optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
+        sync()
+        times.append(time.perf_counter() - t0)
+        if step == 0:
+            first = {"loss": loss.item(), "grad_norm": float(grad_norm)}
+    median = statistics.median(times[args.warmup:])
+    tokens = batch["input_ids"].numel()
+    result = {"variant": name, "tokens_per_s": tokens / median, "step_s_median": median,
+              "step_s": [round(t, 4) for t in times], "first_step": first,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    if args.profile and name == "tunemake" and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            micro_step(model, batch, torch.bfloat16)
+            optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
+            sync()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile)
+        result["profile"] = table
+    print(f"  {name}: {result['tokens_per_s']:,.0f} tok/s, peak {result['peak_gib'] or 0:.2f} GiB, "
+          f"loss {first['loss']:.5f}, grad norm {first['grad_norm']:.5f}, first step {times[0]:.1f} s", flush=True)
+    return result
+
+
+def setting(kind, args, model_dir, dist, results, out):
+    device = dist.device
+    spec = {"method": method(kind, args), "base_model": {"path": str(model_dir), "dtype": "bfloat16"},
+            "train": TRAIN}
+    torch.manual_seed(0)
+    model = build_model(spec, device)
+    with torch.no_grad():  # B = 0 at init: random B makes the A gradients part of the check
+        gen = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 1e-3)
+    start = trainable_state(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = packed_batch(args, dist.rank)
+    user_batch = {k: v.to(device) for k, v in make_batch(rows, range(args.batch), 0, dense_mask=False).items()}
+
+    def restore():
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in start:
+                    p.copy_(start[name])
+            model.zero_grad(set_to_none=True)
+
+    entry = {"setting": kind, "variants": []}
+    results.append(entry)
+    if dist.world == 1 and not args.only_tunemake:
+        optimizer = torch.optim.AdamW(params, lr=TRAIN["lr"], weight_decay=0.0)
+        entry["variants"].append(run("baseline", model, user_batch, params, optimizer, args, device))
+        del optimizer
+        restore()
+    stepped = step_model(model, spec, dist, torch.bfloat16)
+    optimizer = make_optimizer(params, TRAIN, device)
+    entry["variants"].append(run("tunemake", stepped, user_batch, params, optimizer, args, device))
+    fast = stepped.module if type(stepped).__name__ == "DistributedDataParallel" else stepped
+    entry["attention"] = fast.attention if isinstance(fast, FastCausalLM) else "the model's own forward"
+    del optimizer, stepped, fast
+    for attempt in args.attempts.split(",") if args.attempts and kind in args.attempt_settings.split(",") else []:
+        restore()
+        options = {"fast_eager": {"compile": False}, "fast_flex": {"attention": "flex"},
+                   "fast_dense": {"attention": "dense"}, "fast_nofuse": {"fuse": False}}[attempt]
+        fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"], **options)
+        optimizer = make_optimizer(params, TRAIN, device)
+        try:
+            entry["variants"].append(run(attempt, fast, user_batch, params, optimizer, args, device))
+        except Exception as exc:  # an attempt that fails is a result too
+            entry["variants"].append({"variant": attempt, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            print(f"  {attempt}: {entry['variants'][-1]['error']}", flush=True)
+        del optimizer, fast
+    restore()
+    del model, params, start
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if out and dist.main:
+        out.write_text(json.dumps({"results": results, **environment(args, dist)}, indent=2))
+
+
+def environment(args, dist) -> dict:
+    import transformers
+
+    return {"card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "gpus": dist.world,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (PEFT's default 0)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--settings", default="lora,lora_ckpt,qlora")
+    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse")
+    parser.add_argument("--attempt-settings", default="lora", help="the settings the attempts run in")
+    parser.add_argument("--profile", type=int, default=0, help="print the N kernels that take longest in one tunemake step")
+    parser.add_argument("--only-tunemake", action="store_true", help="skip the baseline")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tunemake-train-speed"))
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    dist = setup_processes(1 if torch.cuda.is_available() else 0)
+    model_dir = Path(args.workdir) / f"llama-{args.layers}x{args.hidden}-{args.vocab}"
+    if dist.main:
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        save_model(args, model_dir, dist.device)
+    dist.barrier()
+    out = Path(args.json) if args.json else None
+    results = []
+    for kind in args.settings.split(","):
+        if kind == "qlora" and dist.device.type != "cuda":
+            print("qlora: skipped on the CPU")
+            continue
+        if dist.main:
+            print(f"{kind}:", flush=True)
+        setting(kind, args, model_dir, dist, results, out)
+
+    if dist.main:
+        env = environment(args, dist)
+        print(f"\ncard: {env['card']} x {dist.world}, torch {env['torch']}, seq {args.seq}, batch {args.batch} per GPU")
+        print(f"{'setting':10} {'variant':11} {'tok/s/GPU':>10} {'peak GiB':>9} {'ratio':>6} {'loss':>9} {'grad norm':>10}")
+        for entry in results:
+            base = next((v for v in entry["variants"] if v["variant"] == "baseline"), None)
+            for v in entry["variants"]:
+                if "error" in v:
+                    print(f"{entry['setting']:10} {v['variant']:11} failed")
+                    continue
+                ratio = v["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+                v["ratio"] = ratio
+                if base:
+                    v["loss_rel_diff"] = abs(v["first_step"]["loss"] / base["first_step"]["loss"] - 1)
+                    v["grad_norm_rel_diff"] = abs(v["first_step"]["grad_norm"] / base["first_step"]["grad_norm"] - 1)
+                print(f"{entry['setting']:10} {v['variant']:11} {v['tokens_per_s']:>10,.0f} {v['peak_gib'] or 0:>9.2f} "
+                      f"{ratio:>6.2f} {v['first_step']['loss']:>9.5f} {v['first_step']['grad_norm']:>10.5f}")
+        if out:
+            out.write_text(json.dumps({"results": results, **env}, indent=2))
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

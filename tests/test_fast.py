@@ -1,0 +1,233 @@
+"""The fast path (tunemake.fast) computes the model's own loss and gradients, on packed rows.
+
+Tiny Llamas built in memory; the reference is the model's forward with train.make_batch's dense
+block-diagonal mask. The compiled / varlen path is checked on CUDA only.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from tunemake.fast import FastCausalLM, unsupported
+from tunemake.train import Dist, Rows, make_batch, step_model, uses_fast_path
+
+CONFIG = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**CONFIG, **overrides})
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def with_lora(model, dropout: float = 0.0, modules_to_save=None):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, task_type="CAUSAL_LM",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                        modules_to_save=modules_to_save)
+    model = get_peft_model(model, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # zero at init: make the A gradients non-trivial
+                p.normal_(0, 0.05)
+    return model
+
+
+def packed_rows(lengths_per_row, vocab=97, seed=0):
+    """Rows of several documents each, with position_ids restarting at every document."""
+    rng = np.random.default_rng(seed)
+    rows = Rows.__new__(Rows)
+    values = {"input_ids": [], "labels": [], "position_ids": []}
+    offsets = [0]
+    for docs in lengths_per_row:
+        ids = rng.integers(1, vocab, size=sum(docs))
+        labels = ids.copy()
+        labels[: docs[0] // 2] = -100  # a prompt without targets
+        values["input_ids"].append(ids)
+        values["labels"].append(labels)
+        values["position_ids"].append(np.concatenate([np.arange(d) for d in docs]))
+        offsets.append(offsets[-1] + sum(docs))
+    rows.columns = {k: (np.array(offsets, dtype=np.int64), np.concatenate(v)) for k, v in values.items()}
+    rows.num_rows = len(lengths_per_row)
+    return rows
+
+
+def loss_and_grads(model, batch, autocast=None):
+    model.zero_grad(set_to_none=True)
+    device = batch["input_ids"].device.type
+    with torch.autocast(device, dtype=autocast or torch.float32, enabled=autocast is not None):
+        loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    net = getattr(model, "module", model) if isinstance(model, FastCausalLM) else model
+    grads = {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def assert_close(ref, fast, rtol):
+    loss_ref, grads_ref = ref
+    loss_fast, grads_fast = fast
+    assert grads_ref.keys() == grads_fast.keys()
+    assert abs(loss_fast.item() - loss_ref.item()) <= rtol * abs(loss_ref.item())
+    for name, g in grads_ref.items():
+        err = (grads_fast[name].float() - g.float()).norm() / g.float().norm().clamp_min(1e-12)
+        assert err <= rtol, f"{name}: relative gradient error {err:.2e}"
+
+
+ROWS = [[9, 14, 7], [20, 10], [5]]  # packed documents; the last row is padded
+
+
+@pytest.mark.parametrize("method,fuse", [("lora", True), ("lora", False), ("full", True), ("lora_head", True)])
+def test_fast_path_equals_reference_fp32(method, fuse):
+    model = tiny_llama()
+    if method == "lora":
+        model = with_lora(model)
+    elif method == "lora_head":
+        model = with_lora(model, modules_to_save=["lm_head", "embed_tokens"])
+    rows = packed_rows(ROWS)
+    ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], pad_id=0))
+    fast = FastCausalLM(model, torch.float32, compile=False, attention="dense", fuse=fuse)
+    got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False))
+    assert_close(ref, got, rtol=1e-4)
+
+
+def test_documents_do_not_see_each_other():
+    """A document's loss does not change when another document of the row changes."""
+    model = with_lora(tiny_llama())
+    fast = FastCausalLM(model, torch.float32, compile=False, attention="dense")
+    batch = make_batch(packed_rows([[12, 12]]), [0], pad_id=0, dense_mask=False)
+    batch["labels"][0, 11:] = -100  # targets in the first document only
+    other = {k: v.clone() for k, v in batch.items()}
+    other["input_ids"][0, 12:] = (other["input_ids"][0, 12:] + 5) % 97
+    with torch.no_grad():
+        assert torch.allclose(fast(**batch).loss, fast(**other).loss, rtol=1e-6)
+
+
+def test_bf16_autocast_close_to_reference():
+    model = with_lora(tiny_llama())
+    rows = packed_rows(ROWS)
+    ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], pad_id=0), autocast=torch.bfloat16)
+    fast = FastCausalLM(model, torch.bfloat16, compile=False, attention="dense")
+    got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False), autocast=torch.bfloat16)
+    assert_close(ref, got, rtol=3e-2)
+
+
+def test_checkpointing_gives_the_same_gradients():
+    model = with_lora(tiny_llama())
+    batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
+    plain = loss_and_grads(FastCausalLM(model, torch.float32, compile=False, attention="dense"), batch)
+    recomputed = loss_and_grads(FastCausalLM(model, torch.float32, checkpoint=True, compile=False, attention="dense"), batch)
+    assert_close(plain, recomputed, rtol=1e-6)
+
+
+def test_flex_attention_eager_matches_dense():
+    model = with_lora(tiny_llama())
+    batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
+    dense = loss_and_grads(FastCausalLM(model, torch.float32, compile=False, attention="dense"), batch)
+    try:
+        flex = loss_and_grads(FastCausalLM(model, torch.float32, compile=False, attention="flex"), batch)
+    except (RuntimeError, NotImplementedError) as exc:  # flex attention's eager path on this CPU build
+        pytest.skip(f"flex attention does not run eagerly here: {exc}")
+    assert_close(dense, flex, rtol=1e-4)
+
+
+def test_lora_dropout_keeps_first_loss():
+    """With dropout on the LoRA inputs the loss still matches at B = 0 (PEFT's init): same maths."""
+    model = with_lora(tiny_llama(), dropout=0.1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    rows = packed_rows(ROWS)
+    model.train()
+    ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], pad_id=0))[0]
+    got = loss_and_grads(FastCausalLM(model, torch.float32, compile=False, attention="dense"),
+                         make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False))[0]
+    assert abs(got.item() - ref.item()) <= 1e-5 * ref.item()
+
+
+def test_cpu_falls_back_to_the_models_forward():
+    model = with_lora(tiny_llama())
+    spec = {"method": {"gradient_checkpointing": False}}
+    stepped = step_model(model, spec, Dist(), torch.bfloat16)
+    assert stepped is model and not uses_fast_path(stepped)
+
+
+def test_unsupported_models_are_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    assert "gpt2" in unsupported(gpt2)
+    assert unsupported(with_lora(tiny_llama()), torch.float32) == "fp32 training"
+    assert unsupported(with_lora(tiny_llama()), torch.bfloat16) is None
+    with pytest.raises(ValueError, match="does not support"):
+        FastCausalLM(gpt2, torch.bfloat16)
+
+
+def test_nf4_dequantization_matches_bitsandbytes():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from tunemake.fast import _nf4_weight, _weight
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 64, dtype=torch.bfloat16)
+    for nested in (True, False):
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+        param = torch.nn.Parameter(packed, requires_grad=False)
+        param.quant_state = state
+        assert torch.equal(_weight(_nf4_weight(param), torch.bfloat16), bnbf.dequantize_4bit(packed, state))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("attention", ["varlen", "flex"])
+def test_compiled_cuda_path_close_to_reference(attention):
+    model = with_lora(tiny_llama(dtype=torch.bfloat16, num_key_value_heads=4)).cuda()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    rows = packed_rows(ROWS)
+    batch = {k: v.cuda() for k, v in make_batch(rows, [0, 1, 2], pad_id=0).items()}
+    ref = loss_and_grads(model, batch, autocast=torch.bfloat16)
+    fast = FastCausalLM(model, torch.bfloat16, attention=None if attention == "varlen" else attention)
+    if fast.attention != attention:
+        pytest.skip("torch has no varlen attention here")
+    lean = {k: v for k, v in batch.items() if k != "attention_mask"}
+    got = loss_and_grads(fast, lean, autocast=torch.bfloat16)
+    assert_close(ref, got, rtol=3e-2)
+
+
+@cuda
+def test_qlora_cuda_path_close_to_reference():
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+
+    model = tiny_llama(dtype=torch.bfloat16).cuda()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and child is not model.lm_head:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      quant_type="nf4", device="cpu")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                setattr(parent, name, q.cuda())
+    model.is_loaded_in_4bit = True
+    model = with_lora(prepare_model_for_kbit_training(copy.deepcopy(model), use_gradient_checkpointing=False))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    batch = {k: v.cuda() for k, v in make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0).items()}
+    ref = loss_and_grads(model, batch, autocast=torch.bfloat16)
+    got = loss_and_grads(FastCausalLM(model, torch.bfloat16), {k: v for k, v in batch.items() if k != "attention_mask"},
+                         autocast=torch.bfloat16)
+    assert_close(ref, got, rtol=3e-2)

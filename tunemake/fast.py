@@ -1,0 +1,496 @@
+"""The train stage's fast path on CUDA: the decoder's forward written out for LoRA / QLoRA / full training.
+
+:class:`FastCausalLM` wraps the model :func:`tunemake.train.build_model` made and returns the
+same loss, from the same weights and gradients into the same parameters, as the model's own
+forward under autocast; it only computes it with fewer passes over memory:
+
+- attention over packed documents with varlen flash attention (``torch.nn.attention.varlen``;
+  flex attention where that is missing), so no dense mask and no attention across documents;
+- each decoder layer compiled once with ``torch.compile`` (norms, rotary, SiLU, LoRA casts and
+  dropout fused) and run for every layer;
+- the cross-entropy computed chunk by chunk from the last hidden state, gradient included, so the
+  full logits are never held (only target positions are projected);
+- QLoRA: 4-bit weights dequantized per layer and never kept: each layer is recomputed in the
+  backward pass (as with gradient checkpointing, which QLoRA uses by default).
+
+Supported: Llama-architecture decoders (``model_type`` llama, mistral without sliding window,
+qwen2 without sliding window), SiLU MLP, q/k/v biases, grouped-query attention, rope scaling (the
+model's own rotary module is used), plain LoRA adapters (one active adapter, any dropout, rsLoRA
+scaling), NF4/FP4 bitsandbytes base weights, full fine-tuning, trainable embeddings / head
+(``modules_to_save``), bf16 or fp16 autocast, DDP. Not supported (:func:`unsupported` says why
+and the train stage runs the model's own forward instead): DoRA and other LoRA variants, 8-bit
+base weights, sliding-window attention, other architectures, fp32 training, DeepSpeed.
+On the CPU the same code runs without compilation and with a dense mask, for the tests.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+#: rows are padded to a multiple of this, so a run compiles for a few lengths only
+LENGTH_MULTIPLE = 128
+#: logits held at a time by the loss, in elements (256 MiB in fp32)
+LOGIT_CHUNK_ELEMENTS = 1 << 26
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unsupported(model, compute_dtype=torch.bfloat16) -> str | None:
+    """Why the train stage should not use the fast path for ``model`` (None when it can).
+
+    ``compute_dtype`` is the autocast dtype (None without autocast): fp32 training keeps the
+    model's own forward (varlen flash attention has no fp32 kernel); pass None to check the
+    model alone.
+    """
+    if compute_dtype is not None and compute_dtype not in (torch.bfloat16, torch.float16):
+        return "fp32 training"
+    base = _base_model(model)
+    config = base.config
+    if config.model_type not in ARCHITECTURES:
+        return f"model_type {config.model_type!r} (supported: {', '.join(ARCHITECTURES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp > 1"
+    inner = getattr(base, "model", None)
+    if inner is None or not all(hasattr(inner, name) for name in ("layers", "norm", "rotary_emb", "embed_tokens")):
+        return "not a Llama-style module tree"
+    for layer in inner.layers:
+        for proj in _projections(layer):
+            reason = _projection_problem(proj)
+            if reason:
+                return reason
+    return None
+
+
+def _projections(layer):
+    attn, mlp = layer.self_attn, layer.mlp
+    return (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
+
+def _projection_problem(proj) -> str | None:
+    base = proj
+    if hasattr(proj, "lora_A"):
+        adapters = [a for a in proj.active_adapters if a in proj.lora_A]
+        if len(adapters) > 1:
+            return "more than one active LoRA adapter"
+        if proj.merged or proj.disable_adapters:
+            return "merged or disabled LoRA adapters"
+        for a in adapters:
+            if a in getattr(proj, "lora_variant", {}) or getattr(proj, "use_dora", {}).get(a):
+                return "DoRA / LoRA variants"
+            if proj.lora_B[a].bias is not None:
+                return "LoRA B with a bias"
+        base = proj.base_layer
+    kind = type(base).__name__
+    if kind == "Linear4bit":
+        return None
+    if kind != "Linear" or not isinstance(base, torch.nn.Linear):
+        return f"{kind} layers"
+    return None
+
+
+@dataclass(frozen=True)
+class _Shape:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    scale: float
+    compute_dtype: torch.dtype
+    attention: str  # "varlen", "flex" or "dense"
+
+
+def _nf4_weight(weight):
+    """A bitsandbytes NF4 weight as plain tensors, for :func:`_weight` to dequantize in the graph."""
+    state = weight.quant_state
+    nested = state.nested
+    return ("nf4", weight.data, state.absmax, state.state2.absmax if nested else None,
+            state.state2.code if nested else None, state.offset if nested else None, state.code,
+            state.blocksize, state.state2.blocksize if nested else 0, tuple(state.shape))
+
+
+def _weight(weight, dtype):
+    """The weight in ``dtype``; NF4 dequantized as bitsandbytes does (one fused kernel once compiled)."""
+    if not isinstance(weight, tuple):
+        return weight.to(dtype)
+    _, packed, absmax, absmax2, code2, offset, code, blocksize, blocksize2, shape = weight
+    p = packed.reshape(-1)
+    index = torch.stack([p >> 4, p & 15], dim=-1).reshape(-1).long()  # high nibble first
+    if absmax2 is not None:  # double quantization: the block scales are 8-bit themselves
+        absmax = code2[absmax.long()] * absmax2.repeat_interleave(blocksize2)[: absmax.numel()] + offset
+    return (code[index].view(-1, blocksize) * absmax.float()[:, None]).view(shape).to(dtype)
+
+
+def _rows(weight) -> int:
+    return weight[-1][0] if isinstance(weight, tuple) else weight.shape[0]
+
+
+def _linear(x, proj):
+    """``x @ W.T + b + scale * B(A(dropout(x)))`` in the compute dtype; ``proj`` from :meth:`FastCausalLM._proj`."""
+    weight, bias, lora_a, lora_b, scale, dropout = proj
+    dtype = x.dtype
+    y = F.linear(x, _weight(weight, dtype), None if bias is None else bias.to(dtype))
+    if lora_a is not None:
+        d = F.dropout(x, dropout, training=True) if dropout else x
+        y = y + F.linear(F.linear(d, lora_a.to(dtype)), lora_b.to(dtype)) * scale
+    return y
+
+
+def _linears(x, group):
+    """Projections of one input: ``group`` is (stacked base weight or None, [proj, ...]).
+
+    With a stacked weight the base projections are one matmul; without dropout (which PEFT draws
+    per adapter) the LoRA A projections are one matmul too.
+    """
+    stacked, projs = group
+    dtype = x.dtype
+    if stacked is None:
+        return [_linear(x, proj) for proj in projs]
+    if isinstance(stacked, str):  # quantized: dequantized and stacked here, inside the graph
+        stacked = torch.cat([_weight(p[0], dtype) for p in projs])
+    biases = [p[1] for p in projs]
+    bias = None if biases[0] is None else torch.cat([b.to(dtype) for b in biases])
+    ys = list(F.linear(x, stacked.to(dtype), bias).split([_rows(p[0]) for p in projs], dim=-1))
+    loras = [p for p in projs if p[2] is not None]
+    if len(loras) == len(projs) and not any(p[5] for p in projs):
+        xa = F.linear(x, torch.cat([p[2].to(dtype) for p in projs])).split([p[2].shape[0] for p in projs], dim=-1)
+        return [y + F.linear(a, p[3].to(dtype)) * p[4] for y, a, p in zip(ys, xa, projs)]
+    for i, (_, _, lora_a, lora_b, scale, dropout) in enumerate(projs):
+        if lora_a is not None:
+            d = F.dropout(x, dropout, training=True) if dropout else x
+            ys[i] = ys[i] + F.linear(F.linear(d, lora_a.to(dtype)), lora_b.to(dtype)) * scale
+    return ys
+
+
+def _rms_norm(x, weight, eps):
+    # as LlamaRMSNorm: statistics in fp32, weight applied after casting back
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _attention(q, k, v, meta, shape: _Shape):
+    """q, k, v: [B, L, H, D] -> [B, L, H * D] attention inside each document, causal."""
+    b, n = q.shape[:2]
+    if shape.attention == "varlen":
+        cu_seqlens, max_len, varlen = meta
+        out = varlen(q.reshape(b * n, shape.heads, shape.head_dim), k.reshape(b * n, shape.kv_heads, shape.head_dim),
+                     v.reshape(b * n, shape.kv_heads, shape.head_dim), cu_seqlens, max_len, shape)
+        return out.reshape(b, n, shape.heads * shape.head_dim)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = shape.heads != shape.kv_heads
+    if shape.attention == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        out = flex_attention(q, k, v, block_mask=meta, scale=shape.scale, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta, scale=shape.scale, enable_gqa=gqa)
+    return out.transpose(1, 2).reshape(b, n, shape.heads * shape.head_dim)
+
+
+def _decoder_layer(x, cos, sin, meta, weights, shape: _Shape):
+    """One Llama decoder layer; ``x`` is the residual stream [B, L, hidden] in the model's dtype."""
+    ln1, qkv, o_proj, ln2, gate_up, down_proj = weights
+    b, n, _ = x.shape
+    dtype = shape.compute_dtype
+    h = _rms_norm(x, ln1, shape.eps).to(dtype)
+    q, k, v = _linears(h, qkv)
+    q = q.reshape(b, n, shape.heads, shape.head_dim)
+    k = k.reshape(b, n, shape.kv_heads, shape.head_dim)
+    v = v.reshape(b, n, shape.kv_heads, shape.head_dim)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    q = (q * cos + _rotate_half(q) * sin).to(dtype)
+    k = (k * cos + _rotate_half(k) * sin).to(dtype)
+    x = x + _linear(_attention(q, k, v, meta, shape), o_proj)
+    h = _rms_norm(x, ln2, shape.eps).to(dtype)
+    gate, up = _linears(h, gate_up)
+    x = x + _linear(F.silu(gate) * up, down_proj)
+    return x
+
+
+_compiled_layer = None
+
+
+def _compiled():
+    global _compiled_layer
+    if _compiled_layer is None:
+        _compiled_layer = torch.compile(_decoder_layer)
+    return _compiled_layer
+
+
+def _varlen_function():
+    """``torch.nn.attention.varlen.varlen_attn`` adapted to its two published signatures, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        gqa = "enable_gqa" in params  # torch 2.11 has window_size and scale but not enable_gqa
+
+        def call(q, k, v, cu, max_len, shape):
+            extra = {"enable_gqa": True} if shape.heads != shape.kv_heads else {}
+            return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=shape.scale, window_size=(-1, 0), **extra)
+        call.gqa, call.scaled = gqa, True
+    elif "is_causal" in params:
+        def call(q, k, v, cu, max_len, shape):
+            return varlen_attn(q, k, v, cu, cu, max_len, max_len, is_causal=True)
+        call.gqa, call.scaled = False, False  # the default scale 1/sqrt(head_dim) only
+    else:
+        return None
+    return call
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``h @ weight.T`` against ``targets``, chunk by chunk.
+
+    The gradients are computed in the forward pass, so at most one chunk of logits exists at a
+    time; logits are formed in the compute dtype and the softmax taken in fp32, as the model's
+    forward under autocast followed by ``cross_entropy(logits.float())`` does.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype):
+        n = h.shape[0]
+        w = weight.to(dtype)
+        hc = h.to(dtype)
+        chunk = max(1, LOGIT_CHUNK_ELEMENTS // w.shape[0])
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(hc)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if weight.requires_grad else None
+        for start in range(0, n, chunk):
+            hs, ts = hc[start:start + chunk], targets[start:start + chunk]
+            logits = (hs @ w.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, ts[:, None]).squeeze(1)).sum()
+            probs = torch.exp(logits.sub_(lse[:, None]))
+            probs[torch.arange(len(ts), device=ts.device), ts] -= 1.0
+            probs = probs.div_(n).to(dtype)
+            grad_h[start:start + chunk] = probs @ w
+            if grad_w is not None:
+                grad_w += (probs.T @ hs).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.input_dtype, ctx.weight_dtype = h.dtype, weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * grad_out).to(ctx.input_dtype)
+        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype)
+        return gh, gw, None, None
+
+
+def _head_weight(head):
+    """The output projection's weight (through a PEFT ``modules_to_save`` wrapper too)."""
+    if hasattr(head, "modules_to_save") and hasattr(head, "active_adapters"):
+        active = [a for a in head.active_adapters if a in head.modules_to_save]
+        if active and not head.disable_adapters:
+            head = head.modules_to_save[active[0]]
+        else:
+            head = head.original_module
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("an output head with a bias")
+    return head.weight
+
+
+def _stack_storage(projs):
+    """Put frozen, unquantized base weights in one tensor; returns it (None when they can't be)."""
+    bases = [getattr(p, "base_layer", p) for p in projs]
+    if not all(type(b) is torch.nn.Linear for b in bases):
+        return None
+    weights = [b.weight for b in bases]
+    if any(w.requires_grad for w in weights) or len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+        return None
+    stacked = torch.cat([w.data for w in weights])
+    start = 0
+    for w in weights:
+        w.data = stacked[start:start + w.shape[0]]
+        start += w.shape[0]
+    return stacked
+
+
+class FastCausalLM(torch.nn.Module):
+    """Trains ``module`` (a causal LM built by ``build_model``) through the fast path.
+
+    ``forward(input_ids, labels, position_ids)`` returns an object with ``.loss``, as the model's
+    own forward does; a row's documents start where ``position_ids`` is 0 (and at the row's start).
+
+    Args:
+        module: the (PEFT-wrapped) model; its parameters are trained in place.
+        compute_dtype: the autocast dtype (bf16 or fp16; fp32 for the CPU tests).
+        checkpoint: recompute each layer in the backward pass (gradient checkpointing); 4-bit
+            models always do.
+        compile: compile the decoder layer (default: on CUDA).
+        attention: "varlen", "flex" or "dense" (default: varlen on CUDA where torch has it,
+            else flex; dense on the CPU).
+    """
+
+    def __init__(self, module, compute_dtype, checkpoint: bool = False, compile: bool | None = None,
+                 attention: str | None = None, fuse: bool = True):
+        super().__init__()
+        reason = unsupported(module, None)
+        if reason:
+            raise ValueError(f"the fast path does not support {reason}")
+        self.module = module
+        base = _base_model(module)
+        # plain attributes, not submodules: the parameters keep their one name under ``module``
+        object.__setattr__(self, "_inner", base.model)
+        object.__setattr__(self, "_head", base.get_output_embeddings())
+        config = base.config
+        attn = self._inner.layers[0].self_attn
+        heads = config.num_attention_heads
+        head_dim = getattr(attn, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        scale = float(getattr(attn, "scaling", head_dim ** -0.5))
+        device = next(module.parameters()).device
+        self._varlen = _varlen_function() if device.type == "cuda" else None
+        if attention is None:
+            varlen_ok = self._varlen is not None and (kv_heads == heads or self._varlen.gqa) and (
+                self._varlen.scaled or math.isclose(scale, head_dim ** -0.5))
+            attention = "varlen" if varlen_ok else "flex" if device.type == "cuda" else "dense"
+        self._shape = _Shape(heads, kv_heads, head_dim, float(self._inner.layers[0].input_layernorm.variance_epsilon),
+                             scale, compute_dtype, attention)
+        self._quantized = any(type(getattr(p, "base_layer", p)).__name__ == "Linear4bit"
+                              for p in _projections(self._inner.layers[0]))
+        self._fp4 = any(type(b).__name__ == "Linear4bit" and b.weight.quant_state.quant_type != "nf4"
+                        for b in (getattr(p, "base_layer", p) for p in _projections(self._inner.layers[0])))
+        self._checkpoint = checkpoint or self._quantized
+        self._compile = device.type == "cuda" if compile is None else compile
+        self._fuse = fuse
+        self._weights = {}
+        # frozen q/k/v (and gate/up) weights moved into one tensor each, the parameters becoming
+        # views of it: same values and memory, one matmul instead of three
+        self._stacked = {}
+        if fuse:
+            for layer in self._inner.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                self._stacked[id(layer)] = (_stack_storage((attn.q_proj, attn.k_proj, attn.v_proj)),
+                                            _stack_storage((mlp.gate_proj, mlp.up_proj)))
+
+    @property
+    def attention(self) -> str:
+        return self._shape.attention
+
+    def _proj(self, proj):
+        lora_a = lora_b = None
+        scale, dropout = 1.0, 0.0
+        if hasattr(proj, "lora_A"):
+            active = [a for a in proj.active_adapters if a in proj.lora_A]
+            if active:
+                a = active[0]
+                lora_a, lora_b = proj.lora_A[a].weight, proj.lora_B[a].weight
+                scale = float(proj.scaling[a])
+                drop = proj.lora_dropout[a]
+                dropout = float(drop.p) if isinstance(drop, torch.nn.Dropout) and self.training else 0.0
+            proj = proj.base_layer
+        weight = proj.weight
+        if type(proj).__name__ == "Linear4bit" and weight.quant_state.quant_type == "nf4":
+            weight = _nf4_weight(weight)
+        elif type(proj).__name__ == "Linear4bit":
+            import bitsandbytes.functional as bnbf
+
+            weight = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        return weight, proj.bias, lora_a, lora_b, scale, dropout
+
+    def _group(self, projs, stacked):
+        if not self._fuse:
+            return None, [self._proj(p) for p in projs]
+        bases = [getattr(p, "base_layer", p) for p in projs]
+        out = [self._proj(p) for p in projs]
+        if stacked is not None:
+            start = 0
+            for i, proj in enumerate(out):
+                rows = proj[0].shape[0]
+                out[i] = (stacked[start:start + rows], *proj[1:])
+                start += rows
+        elif all(isinstance(p[0], tuple) for p in out) and len({(p[0][-1][1]) for p in out}) == 1:
+            stacked = "dequantize"
+        return stacked, out
+
+    def _layer_weights(self, layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, gate_up = self._stacked.get(id(layer), (None, None))
+        return (layer.input_layernorm.weight, self._group((attn.q_proj, attn.k_proj, attn.v_proj), qkv),
+                self._proj(attn.o_proj), layer.post_attention_layernorm.weight,
+                self._group((mlp.gate_proj, mlp.up_proj), gate_up), self._proj(mlp.down_proj))
+
+    def _run_layer(self, layer, x, cos, sin, meta):
+        fn = _compiled() if self._compile else _decoder_layer
+        if self._fp4:  # dequantized by bitsandbytes' own kernel at every call, never kept
+            return fn(x, cos, sin, meta, self._layer_weights(layer), self._shape)
+        # the parameters are the same objects from step to step: look them up once (PEFT's
+        # attribute lookups cost more CPU time than the GPU spends on a small layer)
+        key = (id(layer), self.training)
+        if key not in self._weights:
+            self._weights[key] = self._layer_weights(layer)
+        return fn(x, cos, sin, meta, self._weights[key], self._shape)
+
+    def _attention_meta(self, position_ids):
+        b, n = position_ids.shape
+        starts = position_ids == 0
+        starts[:, 0] = True
+        if self._shape.attention == "varlen":
+            flat = torch.nonzero(starts.reshape(-1)).squeeze(1)
+            cu = torch.cat([flat, flat.new_tensor([b * n])]).to(torch.int32)
+            return cu, n, self._varlen
+        doc = torch.cumsum(starts, dim=1)
+        if self._shape.attention == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def same_document_causal(bi, hi, qi, ki):
+                return (doc[bi, qi] == doc[bi, ki]) & (qi >= ki)
+
+            return create_block_mask(same_document_causal, b, None, n, n, device=position_ids.device)
+        causal = torch.tril(torch.ones(n, n, dtype=torch.bool, device=position_ids.device))
+        return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, **unused):
+        """Mean loss over the target tokens (``labels`` shifted by one, -100 ignored).
+
+        ``attention_mask`` is ignored: documents come from ``position_ids``.
+        """
+        b, n = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(n, device=input_ids.device).expand(b, n)
+        padded = -n % LENGTH_MULTIPLE if self._compile else 0
+        if padded:
+            # padding is a document of its own with no targets: the real tokens see none of it
+            input_ids = F.pad(input_ids, (0, padded))
+            labels = F.pad(labels, (0, padded), value=IGNORE_INDEX)
+            position_ids = torch.cat([position_ids, torch.arange(padded, device=position_ids.device).expand(b, padded)], 1)
+            n += padded
+        targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1).reshape(-1)
+        keep = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)
+        meta = self._attention_meta(position_ids)
+
+        x = self.module.get_input_embeddings()(input_ids)
+        cos, sin = self._inner.rotary_emb(x, position_ids)
+        for layer in self._inner.layers:
+            if self._checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(self._run_layer, layer, x, cos, sin, meta, use_reentrant=False)
+            else:
+                x = self._run_layer(layer, x, cos, sin, meta)
+        x = self._inner.norm(x)
+        hidden = x.reshape(b * n, -1).index_select(0, keep)
+        loss = _LinearCrossEntropy.apply(hidden, _head_weight(self._head), targets.index_select(0, keep),
+                                         self._shape.compute_dtype)
+        return SimpleNamespace(loss=loss)
