@@ -156,14 +156,18 @@ def setting(kind, args, model_dir, dist, results, out):
         restore()
         options = {"fast_eager": {"compile": False}, "fast_flex": {"attention": "flex"},
                    "fast_dense": {"attention": "dense"}, "fast_nofuse": {"fuse": False}}[attempt]
-        fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"], **options)
+        torch._dynamo.reset()  # each attempt compiles afresh: its first step says what compiling costs
         optimizer = make_optimizer(params, TRAIN, device)
         try:
+            fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"], **options)
             entry["variants"].append(run(attempt, fast, user_batch, params, optimizer, args, device))
         except Exception as exc:  # an attempt that fails is a result too
             entry["variants"].append({"variant": attempt, "error": f"{type(exc).__name__}: {exc}"[:500]})
             print(f"  {attempt}: {entry['variants'][-1]['error']}", flush=True)
+        fast = None  # unbound when the constructor failed
         del optimizer, fast
+        if out and dist.main:  # what has been measured survives a run cut short
+            out.write_text(json.dumps({"results": results, **environment(args, dist)}, indent=2))
     restore()
     del model, params, start
     if device.type == "cuda":
