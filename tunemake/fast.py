@@ -414,7 +414,6 @@ class FastCausalLM(torch.nn.Module):
     def _group(self, projs, stacked):
         if not self._fuse:
             return None, [self._proj(p) for p in projs]
-        bases = [getattr(p, "base_layer", p) for p in projs]
         out = [self._proj(p) for p in projs]
         if stacked is not None:
             start = 0

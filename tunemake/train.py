@@ -125,6 +125,9 @@ def processes_per_node(train: dict) -> int:
     visible = torch.cuda.device_count()
     if gpus is None:
         gpus = visible
+        if not visible and os.environ.get("SLURM_JOB_ID"):
+            log.warning("gpus: null and Slurm job %s has no GPU: training on the CPU (a cluster job gets GPUs "
+                        "only when the experiment sets gpus: N)", os.environ["SLURM_JOB_ID"])
     if gpus > visible:
         raise TrainError(f"gpus: {gpus} requested but {visible} visible on this node")
     return gpus if gpus > 0 else max(1, int(train.get("nproc", 1)))
@@ -689,7 +692,7 @@ def train_epoch(spec: dict) -> int:
         TrainError: bad configuration, non-finite loss, pruned previous state.
     """
     check_spec(spec)
-    train, method = spec["train"], spec["method"]
+    train = spec["train"]
     dist = setup_processes(train.get("gpus") or 0)
     torch.set_num_threads(max(1, spec.get("threads", 1) // max(1, dist.world)))
     torch.use_deterministic_algorithms(dist.device.type == "cpu", warn_only=True)
