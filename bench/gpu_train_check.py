@@ -81,7 +81,8 @@ def main() -> int:
             results.append({"setting": name, "status": status})
             continue
         ckpt = torch.load(spec["out"]["pth"], map_location="cpu", weights_only=True)
-        steps = [json.loads(line) for line in Path(spec["log_dir"], "epoch_1.metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in Path(spec["log_dir"], "epoch_1.metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in records if not r.get("end_of_epoch")]  # the last record sums up the epoch
         warm = steps[len(steps) // 5:] or steps
         results.append({
             "setting": name, **setting, "status": 0,
