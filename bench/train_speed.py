@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from tunemake.fast import FastCausalLM
-from tunemake.train import Dist, Rows, build_model, make_batch, make_optimizer, micro_step, optimizer_step, setup_processes, step_model, trainable_state
+from tunemake.train import Rows, build_model, fast_path, make_batch, make_optimizer, micro_step, optimizer_step, setup_processes, step_model, trainable_state
 
 TRAIN = {"lr": 1e-5, "betas": [0.9, 0.999], "weight_decay": 0.0, "max_grad_norm": 1.0, "precision": "bf16"}
 
@@ -149,8 +149,8 @@ def setting(kind, args, model_dir, dist, results, out):
     stepped = step_model(model, spec, dist, torch.bfloat16)
     optimizer = make_optimizer(params, TRAIN, device)
     entry["variants"].append(run("tunemake", stepped, user_batch, params, optimizer, args, device))
-    fast = stepped.module if type(stepped).__name__ == "DistributedDataParallel" else stepped
-    entry["attention"] = fast.attention if isinstance(fast, FastCausalLM) else "the model's own forward"
+    fast = fast_path(stepped)
+    entry["attention"] = fast.attention if fast else "the model's own forward"
     del optimizer, stepped, fast
     for attempt in args.attempts.split(",") if args.attempts and kind in args.attempt_settings.split(",") else []:
         restore()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tunemake.fast import FastCausalLM, unsupported
-from tunemake.train import Dist, Rows, make_batch, step_model, uses_fast_path
+from tunemake.train import Dist, Rows, fast_path, make_batch, step_model
 
 CONFIG = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
@@ -159,7 +159,7 @@ def test_cpu_falls_back_to_the_models_forward():
     model = with_lora(tiny_llama())
     spec = {"method": {"gradient_checkpointing": False}}
     stepped = step_model(model, spec, Dist(), torch.bfloat16)
-    assert stepped is model and not uses_fast_path(stepped)
+    assert stepped is model and fast_path(stepped) is None
 
 
 def test_unsupported_models_are_named():

@@ -44,6 +44,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunemake.config import local_model_dir
 from tunemake.errors import ConfigError
 
 MB = 2**20
@@ -174,7 +175,7 @@ def model_shape(model: dict) -> Shape:
         return Shape(hidden=demo["hidden_size"], layers=demo["num_layers"], intermediate=demo["intermediate_size"],
                      vocab=demo["vocab_size"], heads=demo["num_heads"], kv_heads=demo["num_heads"],
                      head_dim=demo["hidden_size"] // demo["num_heads"], tied=False, source="demo")
-    directory = _local_dir(model["path"], model.get("revision"))
+    directory = local_model_dir(model["path"], model.get("revision"))
     if directory is not None:
         config_file = directory / "config.json"
         if config_file.is_file():
@@ -239,20 +240,6 @@ def weight_parameters(directory: str | os.PathLike) -> int:
             continue
         total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
     return total
-
-
-def _local_dir(path: str, revision: str | None) -> Path | None:
-    """``path`` when it is a directory, else a hub id's snapshot in the cache (None: neither)."""
-    if os.path.isdir(path):
-        return Path(path)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    found = try_to_load_from_cache(path, "config.json", revision=revision)
-    return Path(found).parent if isinstance(found, str) else None
 
 
 def _zero(exp: dict) -> tuple[int, bool, bool]:

@@ -520,10 +520,24 @@ def step_model(model, spec: dict, dist: Dist, amp_dtype):
     return model
 
 
-def uses_fast_path(model) -> bool:
-    while type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine"):
+def _layers(model):
+    """The model and what it wraps, outermost first: DDP or a DeepSpeed engine, the fast path, the
+    model ``build_model`` made."""
+    yield model
+    while type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine", "FastCausalLM"):
         model = model.module
-    return type(model).__name__ == "FastCausalLM"
+        yield model
+
+
+def fast_path(model):
+    """The :class:`tunemake.fast.FastCausalLM` the step runs through, or None."""
+    return next((m for m in _layers(model) if type(m).__name__ == "FastCausalLM"), None)
+
+
+def unwrap(model):
+    """The model ``build_model`` made, from inside DDP, a DeepSpeed engine or the fast path."""
+    *_, inner = _layers(model)
+    return inner
 
 
 def make_optimizer(params, train: dict, device: torch.device):
@@ -542,13 +556,6 @@ def _disable_bnb_cpu_repacking(model) -> None:
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
-
-def unwrap(model):
-    """The model ``build_model`` made, from inside DDP, a DeepSpeed engine or the fast path."""
-    while type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine", "FastCausalLM"):
-        model = model.module
-    return model
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -763,7 +770,7 @@ def train_epoch(spec: dict) -> int:
     amp_dtype = autocast_dtype(train["precision"], dist.device)
     if engine is None:
         model = step_model(model, spec, dist, amp_dtype)
-    fast = uses_fast_path(model)
+    fast = fast_path(model) is not None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     pad_id = _pad_id(spec)
 
@@ -976,7 +983,7 @@ def evaluate_heldout(model, spec: dict, dist: Dist, pad_id: int, amp_dtype) -> f
     totals = torch.zeros(2, dtype=torch.float64)
     batch_size = max(1, spec["train"]["batch_size"])
     mine = np.arange(rows.num_rows)[dist.rank::dist.world]
-    forward = unwrap(model) if uses_fast_path(model) else model  # the fast path returns no logits
+    forward = unwrap(model) if fast_path(model) else model  # the fast path returns no logits
     for start in range(0, len(mine), batch_size):
         batch = {k: v.to(dist.device) for k, v in make_batch(rows, mine[start:start + batch_size], pad_id).items()}
         with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
