@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,18 +103,105 @@ def run(name, model, batch, params, optimizer, args, device) -> dict:
     result = {"variant": name, "tokens_per_s": tokens / median, "step_s_median": median,
               "step_s": [round(t, 4) for t in times], "first_step": first,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    if args.profile and name == "tunemake" and device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
+    if device.type == "cuda":
+        result["phases_ms"] = phases(model, batch, params, optimizer)
+    print(f"  {name}: {result['tokens_per_s']:,.0f} tok/s, peak {result['peak_gib'] or 0:.2f} GiB, "
+          f"loss {first['loss']:.5f}, grad norm {first['grad_norm']:.5f}, first step {times[0]:.1f} s, "
+          f"phases (ms) {result.get('phases_ms')}", flush=True)
+    return result
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+
+def profile_step(model, batch, params, optimizer, args) -> dict:
+    """Two steps under the profiler: the kernels that take longest and, with --trace, a timeline.
+
+    Run last in a setting: a profiler pass slows what the same process measures after it.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):  # compiled and warm before the profiler starts
+        micro_step(model, batch, torch.bfloat16)
+        optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):  # two steps: the gap between them shows too
             micro_step(model, batch, torch.bfloat16)
             optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
-            sync()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile)
-        result["profile"] = table
-    print(f"  {name}: {result['tokens_per_s']:,.0f} tok/s, peak {result['peak_gib'] or 0:.2f} GiB, "
-          f"loss {first['loss']:.5f}, grad norm {first['grad_norm']:.5f}, first step {times[0]:.1f} s", flush=True)
+        torch.cuda.synchronize()
+    result = {"table": prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile)}
+    print(result["table"], flush=True)
+    if args.trace:
+        trace = Path(args.trace) / "trace-tunemake.json"
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+        result["timeline"] = timeline(trace)
+        print(json.dumps(result["timeline"], indent=1), flush=True)
+        subprocess.run(["gzip", "-f", str(trace)], check=False)
     return result
+
+
+def phases(model, batch, params, optimizer, steps: int = 5) -> dict:
+    """GPU time (ms, median over ``steps``) of forward + loss, backward and the optimizer, by CUDA events.
+
+    Events are recorded on the stream without synchronizing, so each phase's time includes the
+    GPU waiting for the CPU to launch it; the phases add up to the step.
+    """
+    spans = []
+    for _ in range(steps):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        events[0].record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch, use_cache=False).loss
+        events[1].record()
+        loss.backward()
+        events[2].record()
+        optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
+        events[3].record()
+        torch.cuda.synchronize()
+        spans.append([a.elapsed_time(b) for a, b in zip(events, events[1:])])
+    return {name: round(statistics.median(s[i] for s in spans), 2) for i, name in enumerate(("forward", "backward", "optimizer"))}
+
+
+def timeline(trace: Path) -> dict:
+    """What the GPU did in a profiler trace: busy time, idle gaps, time by kind of kernel (ms)."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                     if e.get("cat") == "kernel" and "dur" in e)
+    if not kernels:
+        return {}
+    busy, gaps, end = 0.0, [], kernels[0][0]
+    for start, stop, name in kernels:
+        if start > end:
+            gaps.append((start - end, name))
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+
+    def kind(name: str) -> str:
+        low = name.lower()
+        for key, label in (("nccl", "nccl"), ("flash", "attention"), ("fmha", "attention"), ("attn", "attention"),
+                           ("gemm", "gemm"), ("sm90_xmma", "gemm"), ("cutlass", "gemm"), ("nvjet", "gemm"),
+                           ("triton_", "triton (compiled)"), ("adam", "optimizer"), ("multi_tensor", "foreach"),
+                           ("reduce", "reduction"), ("elementwise", "aten elementwise"), ("copy", "copy"),
+                           ("index", "index"), ("scatter", "index"), ("gather", "index")):
+            if key in low:
+                return label
+        return "other"
+
+    by_kind, by_name = {}, {}
+    for start, stop, name in kernels:
+        by_kind.setdefault(kind(name), [0.0, 0])
+        by_kind[kind(name)][0] += (stop - start) / 1e3
+        by_kind[kind(name)][1] += 1
+        by_name.setdefault(name[:90], [0.0, 0])
+        by_name[name[:90]][0] += (stop - start) / 1e3
+        by_name[name[:90]][1] += 1
+    span = (end - kernels[0][0]) / 1e3
+    gaps.sort(reverse=True)
+    return {"span_ms": round(span, 2), "busy_ms": round(busy / 1e3, 2), "kernels": len(kernels),
+            "gaps_over_20us_ms": round(sum(g for g, _ in gaps if g > 20) / 1e3, 2),
+            "gaps_under_20us_ms": round(sum(g for g, _ in gaps if g <= 20) / 1e3, 2),
+            "largest_gaps": [(round(g / 1e3, 3), n[:80]) for g, n in gaps[:15]],
+            "by_kind_ms": {k: [round(v[0], 2), v[1]] for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][0])},
+            "top_kernels_ms": [(n, round(v[0], 2), v[1]) for n, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]]}
 
 
 def setting(kind, args, model_dir, dist, results, out):
@@ -155,7 +243,10 @@ def setting(kind, args, model_dir, dist, results, out):
     for attempt in args.attempts.split(",") if args.attempts and kind in args.attempt_settings.split(",") else []:
         restore()
         options = {"fast_eager": {"compile": False}, "fast_flex": {"attention": "flex"},
-                   "fast_dense": {"attention": "dense"}, "fast_nofuse": {"fuse": False}}[attempt]
+                   "fast_dense": {"attention": "dense"}, "fast_nofuse": {"fuse": False},
+                   "fast_cdt": {"compile_options": {"coordinate_descent_tuning": True}},
+                   "fast_autotune": {"compile_options": {"max_autotune": True, "coordinate_descent_tuning": True}},
+                   }[attempt]
         torch._dynamo.reset()  # each attempt compiles afresh: its first step says what compiling costs
         optimizer = make_optimizer(params, TRAIN, device)
         try:
@@ -168,6 +259,12 @@ def setting(kind, args, model_dir, dist, results, out):
         del optimizer, fast
         if out and dist.main:  # what has been measured survives a run cut short
             out.write_text(json.dumps({"results": results, **environment(args, dist)}, indent=2))
+    if args.profile and device.type == "cuda" and dist.world == 1:
+        restore()
+        optimizer = make_optimizer(params, TRAIN, device)
+        fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"])
+        entry["profile"] = profile_step(fast, user_batch, params, optimizer, args)
+        del optimizer, fast
     restore()
     del model, params, start
     if device.type == "cuda":
@@ -197,9 +294,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--settings", default="lora,lora_ckpt,qlora")
-    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse")
+    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune")
     parser.add_argument("--attempt-settings", default="lora", help="the settings the attempts run in")
-    parser.add_argument("--profile", type=int, default=0, help="print the N kernels that take longest in one tunemake step")
+    parser.add_argument("--profile", type=int, default=0, help="profile two tunemake steps: the N kernels that take longest")
+    parser.add_argument("--trace", help="with --profile: write the profiler's trace and a timeline summary to this folder")
     parser.add_argument("--only-tunemake", action="store_true", help="skip the baseline")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tunemake-train-speed"))
     parser.add_argument("--json")

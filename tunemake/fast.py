@@ -226,14 +226,15 @@ def _decoder_layer(x, cos, sin, meta, weights, shape: _Shape):
     return x
 
 
-_compiled_layer = None
+_compiled_layers = {}
 
 
-def _compiled():
-    global _compiled_layer
-    if _compiled_layer is None:
-        _compiled_layer = torch.compile(_decoder_layer)
-    return _compiled_layer
+def _compiled(options=None):
+    """The decoder layer compiled once per set of inductor ``options`` (None: torch's defaults)."""
+    key = tuple(sorted((options or {}).items()))
+    if key not in _compiled_layers:
+        _compiled_layers[key] = torch.compile(_decoder_layer, options=dict(options) if options else None)
+    return _compiled_layers[key]
 
 
 def _varlen_function():
@@ -340,12 +341,13 @@ class FastCausalLM(torch.nn.Module):
         checkpoint: recompute each layer in the backward pass (gradient checkpointing); 4-bit
             models always do.
         compile: compile the decoder layer (default: on CUDA).
+        compile_options: inductor options for ``torch.compile`` (the benchmark's attempts).
         attention: "varlen", "flex" or "dense" (default: varlen on CUDA where torch has it,
             else flex; dense on the CPU).
     """
 
     def __init__(self, module, compute_dtype, checkpoint: bool = False, compile: bool | None = None,
-                 attention: str | None = None, fuse: bool = True):
+                 attention: str | None = None, fuse: bool = True, compile_options: dict | None = None):
         super().__init__()
         reason = unsupported(module, None)
         if reason:
@@ -375,6 +377,7 @@ class FastCausalLM(torch.nn.Module):
                         for b in (getattr(p, "base_layer", p) for p in _projections(self._inner.layers[0])))
         self._checkpoint = checkpoint or self._quantized
         self._compile = device.type == "cuda" if compile is None else compile
+        self._compile_options = compile_options
         self._fuse = fuse
         self._weights = {}
         # frozen q/k/v (and gate/up) weights moved into one tensor each, the parameters becoming
@@ -433,7 +436,7 @@ class FastCausalLM(torch.nn.Module):
                 self._group((mlp.gate_proj, mlp.up_proj), gate_up), self._proj(mlp.down_proj))
 
     def _run_layer(self, layer, x, cos, sin, meta):
-        fn = _compiled() if self._compile else _decoder_layer
+        fn = _compiled(self._compile_options) if self._compile else _decoder_layer
         if self._fp4:  # dequantized by bitsandbytes' own kernel at every call, never kept
             return fn(x, cos, sin, meta, self._layer_weights(layer), self._shape)
         # the parameters are the same objects from step to step: look them up once (PEFT's
