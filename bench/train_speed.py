@@ -22,6 +22,7 @@ it times the tunemake step in DDP only.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -240,12 +241,33 @@ def setting(kind, args, model_dir, dist, results, out):
     fast = fast_path(stepped)
     entry["attention"] = fast.attention if fast else "the model's own forward"
     del optimizer, stepped, fast
+    for variant in args.ddp_variants.split(",") if args.ddp_variants and dist.world > 1 else []:
+        restore()
+        options = {"view": {"gradient_as_bucket_view": True},
+                   "view_bucket100": {"gradient_as_bucket_view": True, "bucket_cap_mb": 100},
+                   "view_static": {"gradient_as_bucket_view": True, "static_graph": True},
+                   "bf16_hook": {"gradient_as_bucket_view": True, "hook": "bf16"}}[variant]
+        hook = options.pop("hook", None)
+        gc.collect()  # the DDP before this one: its reducer's hooks go with it
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"]),
+            device_ids=[device.index] if device.type == "cuda" else None, **options)
+        if hook == "bf16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        optimizer = make_optimizer(params, TRAIN, device)
+        entry["variants"].append(run(f"ddp_{variant}", ddp, user_batch, params, optimizer, args, device))
+        del ddp, optimizer
+        gc.collect()
     for attempt in args.attempts.split(",") if args.attempts and kind in args.attempt_settings.split(",") else []:
         restore()
         options = {"fast_eager": {"compile": False}, "fast_flex": {"attention": "flex"},
                    "fast_dense": {"attention": "dense"}, "fast_nofuse": {"fuse": False},
                    "fast_cdt": {"compile_options": {"coordinate_descent_tuning": True}},
                    "fast_autotune": {"compile_options": {"max_autotune": True, "coordinate_descent_tuning": True}},
+                   "fast_cudnn": {"attention": "cudnn"}, "fast_cpp": {"compile_options": {"cpp_wrapper": True}},
+                   "fast_cudnn_cpp": {"attention": "cudnn", "compile_options": {"cpp_wrapper": True}},
                    }[attempt]
         torch._dynamo.reset()  # each attempt compiles afresh: its first step says what compiling costs
         optimizer = make_optimizer(params, TRAIN, device)
@@ -294,7 +316,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--settings", default="lora,lora_ckpt,qlora")
-    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune")
+    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_cudnn,fast_cpp,fast_cudnn_cpp")
+    parser.add_argument("--ddp-variants", default="", help="under torchrun, DDP options to time too: view,view_bucket100,view_static,bf16_hook")
     parser.add_argument("--attempt-settings", default="lora", help="the settings the attempts run in")
     parser.add_argument("--profile", type=int, default=0, help="profile two tunemake steps: the N kernels that take longest")
     parser.add_argument("--trace", help="with --profile: write the profiler's trace and a timeline summary to this folder")
