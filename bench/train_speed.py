@@ -22,6 +22,7 @@ it times the tunemake step in DDP only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -82,8 +83,12 @@ def packed_batch(args, rank: int) -> Rows:
     return rows
 
 
-def run(name, model, batch, params, optimizer, args, device) -> dict:
-    """Warm-up, then timed steps; the first step's loss and gradient norm."""
+def run(name, model, batch, params, optimizer, args, device, before_step=None, backward=None) -> dict:
+    """Warm-up, then timed steps; the first step's loss and gradient norm.
+
+    ``before_step(params)`` runs between the backward pass and the optimizer (the variant that
+    averages gradients itself); ``backward`` is a context the step runs in (compiled autograd).
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -93,7 +98,10 @@ def run(name, model, batch, params, optimizer, args, device) -> dict:
     for step in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        loss = micro_step(model, batch, torch.bfloat16)
+        with backward() if backward else contextlib.nullcontext():
+            loss = micro_step(model, batch, torch.bfloat16)
+        if before_step:
+            before_step(params)
         grad_norm = optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
         sync()
         times.append(time.perf_counter() - t0)
@@ -104,11 +112,16 @@ def run(name, model, batch, params, optimizer, args, device) -> dict:
     result = {"variant": name, "tokens_per_s": tokens / median, "step_s_median": median,
               "step_s": [round(t, 4) for t in times], "first_step": first,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    if device.type == "cuda":
+    if device.type == "cuda" and not before_step and not backward:
         result["phases_ms"] = phases(model, batch, params, optimizer)
+    if torch.distributed.is_initialized():  # every process must hold the same parameters after the steps
+        check = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+        gathered = [torch.zeros_like(check) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, check)
+        result["ranks_in_sync"] = bool(all(torch.equal(g, gathered[0]) for g in gathered))
     print(f"  {name}: {result['tokens_per_s']:,.0f} tok/s, peak {result['peak_gib'] or 0:.2f} GiB, "
           f"loss {first['loss']:.5f}, grad norm {first['grad_norm']:.5f}, first step {times[0]:.1f} s, "
-          f"phases (ms) {result.get('phases_ms')}", flush=True)
+          f"phases (ms) {result.get('phases_ms')}, ranks in sync {result.get('ranks_in_sync')}", flush=True)
     return result
 
 
@@ -138,6 +151,19 @@ def profile_step(model, batch, params, optimizer, args) -> dict:
         print(json.dumps(result["timeline"], indent=1), flush=True)
         subprocess.run(["gzip", "-f", str(trace)], check=False)
     return result
+
+
+def average_flat(params) -> None:
+    """Average the gradients over the processes with one all-reduce (no overlap with the backward pass)."""
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.AVG)
+    torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def compiled_autograd():
+    """The backward pass traced and compiled as one graph (torch's compiled autograd)."""
+    return torch._dynamo.compiled_autograd._enable(torch.compile(dynamic=False))
 
 
 def phases(model, batch, params, optimizer, steps: int = 5) -> dict:
@@ -243,22 +269,28 @@ def setting(kind, args, model_dir, dist, results, out):
     del optimizer, stepped, fast
     for variant in args.ddp_variants.split(",") if args.ddp_variants and dist.world > 1 else []:
         restore()
-        options = {"view": {"gradient_as_bucket_view": True},
-                   "view_bucket100": {"gradient_as_bucket_view": True, "bucket_cap_mb": 100},
-                   "view_static": {"gradient_as_bucket_view": True, "static_graph": True},
-                   "bf16_hook": {"gradient_as_bucket_view": True, "hook": "bf16"}}[variant]
-        hook = options.pop("hook", None)
-        gc.collect()  # the DDP before this one: its reducer's hooks go with it
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"]),
-            device_ids=[device.index] if device.type == "cuda" else None, **options)
-        if hook == "bf16":
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-            ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"])
         optimizer = make_optimizer(params, TRAIN, device)
-        entry["variants"].append(run(f"ddp_{variant}", ddp, user_batch, params, optimizer, args, device))
-        del ddp, optimizer
+        gc.collect()  # the DDP before this one: its reducer's hooks go with it
+        if variant == "flat":  # no DDP: one all-reduce of every gradient after the backward pass
+            entry["variants"].append(run("flat_allreduce", fast, user_batch, params, optimizer, args, device,
+                                         before_step=average_flat))
+        else:
+            options = {"view": {"gradient_as_bucket_view": True},
+                       "view_nobcast": {"gradient_as_bucket_view": True, "broadcast_buffers": False},
+                       "view_bucket100": {"gradient_as_bucket_view": True, "bucket_cap_mb": 100},
+                       "view_static": {"gradient_as_bucket_view": True, "static_graph": True},
+                       "bf16_hook": {"gradient_as_bucket_view": True, "hook": "bf16"}}[variant]
+            hook = options.pop("hook", None)
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                fast, device_ids=[device.index] if device.type == "cuda" else None, **options)
+            if hook == "bf16":
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+            entry["variants"].append(run(f"ddp_{variant}", ddp, user_batch, params, optimizer, args, device))
+            del ddp
+        del fast, optimizer
         gc.collect()
     for attempt in args.attempts.split(",") if args.attempts and kind in args.attempt_settings.split(",") else []:
         restore()
@@ -266,14 +298,13 @@ def setting(kind, args, model_dir, dist, results, out):
                    "fast_dense": {"attention": "dense"}, "fast_nofuse": {"fuse": False},
                    "fast_cdt": {"compile_options": {"coordinate_descent_tuning": True}},
                    "fast_autotune": {"compile_options": {"max_autotune": True, "coordinate_descent_tuning": True}},
-                   "fast_cudnn": {"attention": "cudnn"}, "fast_cpp": {"compile_options": {"cpp_wrapper": True}},
-                   "fast_cudnn_cpp": {"attention": "cudnn", "compile_options": {"cpp_wrapper": True}},
-                   }[attempt]
+                   "fast_ca": {}}[attempt]
         torch._dynamo.reset()  # each attempt compiles afresh: its first step says what compiling costs
         optimizer = make_optimizer(params, TRAIN, device)
         try:
             fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"], **options)
-            entry["variants"].append(run(attempt, fast, user_batch, params, optimizer, args, device))
+            entry["variants"].append(run(attempt, fast, user_batch, params, optimizer, args, device,
+                                         backward=compiled_autograd if attempt == "fast_ca" else None))
         except Exception as exc:  # an attempt that fails is a result too
             entry["variants"].append({"variant": attempt, "error": f"{type(exc).__name__}: {exc}"[:500]})
             print(f"  {attempt}: {entry['variants'][-1]['error']}", flush=True)
@@ -316,8 +347,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--settings", default="lora,lora_ckpt,qlora")
-    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_cudnn,fast_cpp,fast_cudnn_cpp")
-    parser.add_argument("--ddp-variants", default="", help="under torchrun, DDP options to time too: view,view_bucket100,view_static,bf16_hook")
+    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_ca")
+    parser.add_argument("--ddp-variants", default="", help="under torchrun, DDP options to time too: view,view_nobcast,view_bucket100,view_static,bf16_hook,flat")
     parser.add_argument("--attempt-settings", default="lora", help="the settings the attempts run in")
     parser.add_argument("--profile", type=int, default=0, help="profile two tunemake steps: the N kernels that take longest")
     parser.add_argument("--trace", help="with --profile: write the profiler's trace and a timeline summary to this folder")

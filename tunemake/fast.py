@@ -28,10 +28,10 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutput
 
 IGNORE_INDEX = -100
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -110,7 +110,7 @@ class _Shape:
     eps: float
     scale: float
     compute_dtype: torch.dtype
-    attention: str  # "varlen", "cudnn", "flex" or "dense"
+    attention: str  # "varlen", "flex" or "dense"
 
 
 def _nf4_weight(weight):
@@ -190,12 +190,6 @@ def _rotate_half(x):
 def _attention(q, k, v, meta, shape: _Shape):
     """q, k, v: [B, L, H, D] -> [B, L, H * D] attention inside each document, causal."""
     b, n = q.shape[:2]
-    if shape.attention == "cudnn":
-        cu_seqlens, max_len, _ = meta
-        out, _ = torch.ops.tunemake.cudnn_varlen(
-            q.reshape(b * n, shape.heads, shape.head_dim), k.reshape(b * n, shape.kv_heads, shape.head_dim),
-            v.reshape(b * n, shape.kv_heads, shape.head_dim), cu_seqlens, max_len, shape.scale)
-        return out.reshape(b, n, shape.heads * shape.head_dim)
     if shape.attention == "varlen":
         cu_seqlens, max_len, varlen = meta
         out = varlen(q.reshape(b * n, shape.heads, shape.head_dim), k.reshape(b * n, shape.kv_heads, shape.head_dim),
@@ -264,83 +258,6 @@ def _varlen_function():
     else:
         return None
     return call
-
-
-#: how cuDNN lays out the log-sum-exp of packed documents, read once on the device (see _cudnn_lse_shape)
-_CUDNN_LSE = {}
-
-
-def _cudnn_lse_shape(q, cu_seqlens, max_len) -> tuple:
-    """The log-sum-exp's shape for ``q`` [T, H, D], in the layout the probe saw cuDNN return."""
-    t, h = q.shape[:2]
-    b = cu_seqlens.shape[0] - 1
-    return {"HT": (h, t), "HT1": (h, t, 1), "TH": (t, h), "TH1": (t, h, 1), "BHS": (b, h, max_len),
-            "BHS1": (b, h, max_len, 1)}[_CUDNN_LSE.get("layout", "HT")]
-
-
-def _cudnn_available(device) -> bool:
-    """Whether torch's cuDNN attention runs on packed documents here: probed once against SDPA per document."""
-    if "ok" not in _CUDNN_LSE:
-        try:
-            gen = torch.Generator(device=device).manual_seed(0)
-            q, k, v = (torch.randn(96, 2, 64, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(3))
-            cu = torch.tensor([0, 32, 96], device=device, dtype=torch.int32)
-            out, lse = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, 64, 64, True, 0.0, True, False,
-                                                               scale=0.125)[:2]
-            ref = torch.cat([F.scaled_dot_product_attention(*(t[a:e].transpose(0, 1) for t in (q, k, v)), is_causal=True,
-                                                            scale=0.125).transpose(0, 1) for a, e in ((0, 32), (32, 96))])
-            layouts = {"HT": (2, 96), "HT1": (2, 96, 1), "TH": (96, 2), "TH1": (96, 2, 1), "BHS": (2, 2, 64),
-                       "BHS1": (2, 2, 64, 1)}
-            layout = next(name for name, shape in layouts.items() if tuple(lse.shape) == shape)
-            _CUDNN_LSE["layout"] = layout
-            _CUDNN_LSE["ok"] = bool((out.float() - ref.float()).abs().max() < 2e-2)
-        except Exception:  # no cuDNN attention for packed documents in this torch / on this card
-            _CUDNN_LSE["ok"] = False
-    return _CUDNN_LSE["ok"]
-
-
-@torch.library.custom_op("tunemake::cudnn_varlen", mutates_args=(), device_types="cuda")
-def _cudnn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention inside each packed document through torch's cuDNN kernels: (output, log-sum-exp)."""
-    out, lse = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_seqlens, cu_seqlens, max_len, max_len, True,
-                                                       0.0, True, False, scale=scale)[:2]
-    return out, lse.reshape(_cudnn_lse_shape(q, cu_seqlens, max_len))
-
-
-@_cudnn_varlen.register_fake
-def _(q, k, v, cu_seqlens, max_len, scale):
-    return torch.empty_like(q), q.new_empty(_cudnn_lse_shape(q, cu_seqlens, max_len), dtype=torch.float32)
-
-
-@torch.library.custom_op("tunemake::cudnn_varlen_backward", mutates_args=(), device_types="cuda")
-def _cudnn_varlen_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                           lse: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    philox = torch.zeros((), dtype=torch.int64, device=q.device)  # no dropout: never read
-    dq, dk, dv = torch.ops.aten._cudnn_attention_backward(grad.contiguous(), q, k, v, out, lse, philox, philox, None,
-                                                          cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, scale=scale)
-    return dq, dk, dv
-
-
-@_cudnn_varlen_backward.register_fake
-def _(grad, q, k, v, out, lse, cu_seqlens, max_len, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _cudnn_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_len, scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
-    ctx.max_len, ctx.scale = max_len, scale
-
-
-def _cudnn_grad(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _cudnn_varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_len, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-_cudnn_varlen.register_autograd(_cudnn_grad, setup_context=_cudnn_setup)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -425,7 +342,7 @@ class FastCausalLM(torch.nn.Module):
             models always do.
         compile: compile the decoder layer (default: on CUDA).
         compile_options: inductor options for ``torch.compile`` (the benchmark's attempts).
-        attention: "varlen", "cudnn", "flex" or "dense" (default: varlen on CUDA where torch has it,
+        attention: "varlen", "flex" or "dense" (default: varlen on CUDA where torch has it,
             else flex; dense on the CPU).
     """
 
@@ -448,8 +365,6 @@ class FastCausalLM(torch.nn.Module):
         scale = float(getattr(attn, "scaling", head_dim ** -0.5))
         device = next(module.parameters()).device
         self._varlen = _varlen_function() if device.type == "cuda" else None
-        if attention == "cudnn" and not _cudnn_available(device):
-            raise ValueError("torch's cuDNN attention does not run on packed documents here")
         if attention is None:
             varlen_ok = self._varlen is not None and (kv_heads == heads or self._varlen.gqa) and (
                 self._varlen.scaled or math.isclose(scale, head_dim ** -0.5))
@@ -535,7 +450,7 @@ class FastCausalLM(torch.nn.Module):
         b, n = position_ids.shape
         starts = position_ids == 0
         starts[:, 0] = True
-        if self._shape.attention in ("varlen", "cudnn"):
+        if self._shape.attention == "varlen":
             flat = torch.nonzero(starts.reshape(-1)).squeeze(1)
             cu = torch.cat([flat, flat.new_tensor([b * n])]).to(torch.int32)
             return cu, n, self._varlen
@@ -580,4 +495,5 @@ class FastCausalLM(torch.nn.Module):
         hidden = x.reshape(b * n, -1).index_select(0, keep)
         loss = _LinearCrossEntropy.apply(hidden, _head_weight(self._head), targets.index_select(0, keep),
                                          self._shape.compute_dtype)
-        return SimpleNamespace(loss=loss)
+        # a transformers output, as the model's own forward returns: DDP finds the loss in it
+        return CausalLMOutput(loss=loss)
