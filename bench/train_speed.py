@@ -331,7 +331,8 @@ def environment(args, dist) -> dict:
 
     return {"card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "gpus": dist.world,
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+            "date": time.strftime("%Y-%m-%d"), "args": vars(args),
+            "cpus": len(os.sched_getaffinity(0)), "omp_threads": torch.get_num_threads()}
 
 
 def main() -> int:
@@ -374,7 +375,8 @@ def main() -> int:
 
     if dist.main:
         env = environment(args, dist)
-        print(f"\ncard: {env['card']} x {dist.world}, torch {env['torch']}, seq {args.seq}, batch {args.batch} per GPU")
+        print(f"\ncard: {env['card']} x {dist.world}, torch {env['torch']}, seq {args.seq}, batch {args.batch} per GPU, "
+              f"{env['cpus']} CPUs, {env['omp_threads']} threads")
         print(f"{'setting':10} {'variant':11} {'tok/s/GPU':>10} {'peak GiB':>9} {'ratio':>6} {'loss':>9} {'grad norm':>10}")
         for entry in results:
             base = next((v for v in entry["variants"] if v["variant"] == "baseline"), None)
