@@ -102,7 +102,7 @@ def setup_processes(gpus: int) -> Dist:
         import torch.distributed as td
 
         if not td.is_initialized():
-            td.init_process_group("nccl" if use_cuda else "gloo")
+            td.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return Dist(rank, world, local_rank, device)
 
 
@@ -516,7 +516,10 @@ def step_model(model, spec: dict, dist: Dist, amp_dtype):
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        # gradients as views into DDP's buckets: no copy into the buckets and no second copy of the
+        # gradients (faster on 2x H200 in every run, docs/performance.md)
+        model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                                        gradient_as_bucket_view=True)
     return model
 
 
