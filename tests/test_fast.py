@@ -100,6 +100,40 @@ def test_fast_path_equals_reference_fp32(method, fuse):
     assert_close(ref, got, rtol=1e-4)
 
 
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_concatenated_lora_products_equal_reference(checkpoint):
+    """q/k/v and gate/up with their LoRA B blocks in one product: same loss and gradients, also
+    after an update (the B blocks are rewritten before each forward)."""
+    model = with_lora(tiny_llama())
+    reference = copy.deepcopy(model)
+    fast = FastCausalLM(model, torch.float32, checkpoint=checkpoint, compile=False, attention="dense", concat_lora=True)
+    assert len(fast._lora_b_slots) == 2 * 5  # two layers, q/k/v and gate/up in each
+    rows = packed_rows(ROWS)
+    for _ in range(2):
+        ref = loss_and_grads(reference, make_batch(rows, [0, 1, 2], pad_id=0))
+        got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False))
+        assert_close(ref, got, rtol=1e-4)
+        with torch.no_grad():
+            for net in (reference, model):
+                for p in net.parameters():
+                    if p.grad is not None:
+                        p -= 0.5 * p.grad
+
+
+def test_concatenated_lora_under_bf16_autocast():
+    model = with_lora(tiny_llama(dtype=torch.bfloat16))
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # adapters in fp32, as build_model keeps them
+    batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
+    plain = loss_and_grads(FastCausalLM(copy.deepcopy(model), torch.bfloat16, compile=False, attention="dense"), batch,
+                           autocast=torch.bfloat16)
+    concat = loss_and_grads(FastCausalLM(model, torch.bfloat16, compile=False, attention="dense", concat_lora=True),
+                            batch, autocast=torch.bfloat16)
+    assert all(g.dtype == torch.float32 for g in concat[1].values())
+    assert_close(plain, concat, rtol=2e-2)
+
+
 def test_documents_do_not_see_each_other():
     """A document's loss does not change when another document of the row changes."""
     model = with_lora(tiny_llama())

@@ -159,6 +159,11 @@ def _linears(x, group):
     dtype = x.dtype
     if stacked is None:
         return [_linear(x, proj) for proj in projs]
+    if isinstance(stacked, _Wide):
+        a_cat = torch.cat([p[2].to(dtype) for p in projs])
+        y = _ConcatLora.apply(x, stacked.tensor, a_cat, tuple(p[4] for p in projs), stacked.rows, stacked.ranks,
+                              *[p[3] for p in projs])
+        return list(y.split(stacked.rows, dim=-1))
     if isinstance(stacked, str):  # quantized: dequantized and stacked here, inside the graph
         stacked = torch.cat([_weight(p[0], dtype) for p in projs])
     biases = [p[1] for p in projs]
@@ -173,6 +178,49 @@ def _linears(x, group):
             d = F.dropout(x, dropout, training=True) if dropout else x
             ys[i] = ys[i] + F.linear(F.linear(d, lora_a.to(dtype)), lora_b.to(dtype)) * scale
     return ys
+
+
+@dataclass(frozen=True, eq=False)
+class _Wide:
+    """Frozen stacked weights [O, I] stored as the first I columns of ``tensor`` [O, I + R], the
+    projections' LoRA B blocks in the other R (written before each forward, zero off the blocks)."""
+    tensor: torch.Tensor
+    rows: tuple  # output rows of each projection
+    ranks: tuple  # LoRA rank of each projection
+
+
+class _ConcatLora(torch.autograd.Function):
+    """Stacked projections with their LoRA adapters as one matrix product: ``[x, s * x A^T] @ wide^T``.
+
+    The frozen weights and the B blocks share the product's inner dimension, so the B products and
+    the passes that add them to the base outputs disappear; in the backward pass ``dy @ wide`` gives
+    the input gradient and the gradient of ``x A^T`` together. ``bs`` (the B parameters) are passed
+    for their gradients only: their values are already in ``wide``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, wide, a_cat, scales, rows, ranks, *bs):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xa = x2 @ a_cat.t()
+        xa = torch.cat([part * s for part, s in zip(xa.split(ranks, dim=1), scales)], dim=1)
+        y = torch.cat([x2, xa], dim=1) @ wide.t()
+        ctx.save_for_backward(x2, xa, a_cat, wide)
+        ctx.shape, ctx.scales, ctx.rows, ctx.ranks = shape, scales, rows, ranks
+        ctx.b_dtypes = tuple(b.dtype for b in bs)
+        return y.reshape(*shape[:-1], wide.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, a_cat, wide = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        inner = x2.shape[1]
+        dxin = dy2 @ wide  # [dx from the frozen weights | the gradient of s * x A^T]
+        da = torch.cat([part * s for part, s in zip(dxin[:, inner:].split(ctx.ranks, dim=1), ctx.scales)], dim=1)
+        dx = dxin[:, :inner] + da @ a_cat
+        dbs = [(g.t() @ part).to(dtype) for g, part, dtype in
+               zip(dy2.split(ctx.rows, dim=1), xa.split(ctx.ranks, dim=1), ctx.b_dtypes)]
+        return (dx.reshape(ctx.shape), None, da.t() @ x2, None, None, None, *dbs)
 
 
 def _rms_norm(x, weight, eps):
@@ -313,20 +361,52 @@ def _head_weight(head):
     return head.weight
 
 
-def _stack_storage(projs):
-    """Put frozen, unquantized base weights in one tensor; returns it (None when they can't be)."""
+def _stack_storage(projs, concat_lora: bool = False):
+    """Put frozen, unquantized base weights in one tensor; returns it (None when they can't be).
+
+    With ``concat_lora`` and plain LoRA on every projection (no dropout, no bias), the tensor gets
+    room for the B blocks (a :class:`_Wide`; see :class:`_ConcatLora`).
+    """
     bases = [getattr(p, "base_layer", p) for p in projs]
     if not all(type(b) is torch.nn.Linear for b in bases):
         return None
     weights = [b.weight for b in bases]
     if any(w.requires_grad for w in weights) or len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
         return None
-    stacked = torch.cat([w.data for w in weights])
+    ranks = _concat_ranks(projs) if concat_lora and not any(b.bias is not None for b in bases) else None
+    rows, inner = [w.shape[0] for w in weights], weights[0].shape[1]
+    stacked = weights[0].new_zeros(sum(rows), inner + sum(ranks)) if ranks else torch.cat([w.data for w in weights])
     start = 0
     for w in weights:
-        w.data = stacked[start:start + w.shape[0]]
+        if ranks:
+            stacked[start:start + w.shape[0], :inner] = w.data
+        w.data = stacked[start:start + w.shape[0], :inner]
         start += w.shape[0]
-    return stacked
+    return _Wide(stacked, tuple(rows), tuple(ranks)) if ranks else stacked
+
+
+def _b_slots(projs, wide: _Wide):
+    """(view of ``wide`` where each projection's B goes, the B parameter)."""
+    slots, row, col = [], 0, wide.tensor.shape[1] - sum(wide.ranks)
+    for proj, rows, rank in zip(projs, wide.rows, wide.ranks):
+        active = next(a for a in proj.active_adapters if a in proj.lora_A)
+        slots.append((wide.tensor[row:row + rows, col:col + rank], proj.lora_B[active].weight))
+        row, col = row + rows, col + rank
+    return slots
+
+
+def _concat_ranks(projs):
+    """The LoRA ranks of ``projs`` when each has one active plain adapter without dropout, else None."""
+    ranks = []
+    for proj in projs:
+        active = [a for a in getattr(proj, "active_adapters", []) if a in getattr(proj, "lora_A", {})]
+        if len(active) != 1 or _projection_problem(proj):
+            return None
+        drop = proj.lora_dropout[active[0]]
+        if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
+            return None
+        ranks.append(proj.lora_A[active[0]].weight.shape[0])
+    return ranks
 
 
 class FastCausalLM(torch.nn.Module):
@@ -342,12 +422,15 @@ class FastCausalLM(torch.nn.Module):
             models always do.
         compile: compile the decoder layer (default: on CUDA).
         compile_options: inductor options for ``torch.compile`` (the benchmark's attempts).
+        concat_lora: with ``fuse``, compute stacked projections and their LoRA B products as one
+            matrix product (:class:`_ConcatLora`; the frozen weights get R more columns).
         attention: "varlen", "flex" or "dense" (default: varlen on CUDA where torch has it,
             else flex; dense on the CPU).
     """
 
     def __init__(self, module, compute_dtype, checkpoint: bool = False, compile: bool | None = None,
-                 attention: str | None = None, fuse: bool = True, compile_options: dict | None = None):
+                 attention: str | None = None, fuse: bool = True, compile_options: dict | None = None,
+                 concat_lora: bool = False):
         super().__init__()
         reason = unsupported(module, None)
         if reason:
@@ -383,11 +466,15 @@ class FastCausalLM(torch.nn.Module):
         # frozen q/k/v (and gate/up) weights moved into one tensor each, the parameters becoming
         # views of it: same values and memory, one matmul instead of three
         self._stacked = {}
+        self._lora_b_slots = []  # (where in a _Wide, LoRA B parameter): copied before each forward
         if fuse:
             for layer in self._inner.layers:
                 attn, mlp = layer.self_attn, layer.mlp
-                self._stacked[id(layer)] = (_stack_storage((attn.q_proj, attn.k_proj, attn.v_proj)),
-                                            _stack_storage((mlp.gate_proj, mlp.up_proj)))
+                groups = ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj))
+                self._stacked[id(layer)] = tuple(_stack_storage(projs, concat_lora) for projs in groups)
+                for projs, wide in zip(groups, self._stacked[id(layer)]):
+                    if isinstance(wide, _Wide):
+                        self._lora_b_slots += _b_slots(projs, wide)
 
     @property
     def attention(self) -> str:
@@ -418,6 +505,8 @@ class FastCausalLM(torch.nn.Module):
         if not self._fuse:
             return None, [self._proj(p) for p in projs]
         out = [self._proj(p) for p in projs]
+        if isinstance(stacked, _Wide):
+            return stacked, out
         if stacked is not None:
             start = 0
             for i, proj in enumerate(out):
@@ -484,6 +573,9 @@ class FastCausalLM(torch.nn.Module):
         keep = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)
         meta = self._attention_meta(position_ids)
 
+        if self._lora_b_slots:  # the B blocks of the concatenated products: this step's values
+            with torch.no_grad():
+                torch._foreach_copy_([slot for slot, _ in self._lora_b_slots], [b for _, b in self._lora_b_slots])
         x = self.module.get_input_embeddings()(input_ids)
         cos, sin = self._inner.rotary_emb(x, position_ids)
         for layer in self._inner.layers:
