@@ -10,6 +10,9 @@ forward under autocast; it only computes it with fewer passes over memory:
   dropout fused) and run for every layer;
 - the cross-entropy computed chunk by chunk from the last hidden state, gradient included, so the
   full logits are never held (only target positions are projected);
+- frozen q/k/v and gate/up weights stacked, one matrix product per group; with LoRA (no dropout)
+  the adapters' B blocks sit beside the frozen weights, so base and LoRA outputs come from the
+  same product (:class:`_ConcatLora`);
 - QLoRA: 4-bit weights dequantized per layer and never kept: each layer is recomputed in the
   backward pass (as with gradient checkpointing, which QLoRA uses by default).
 
@@ -204,7 +207,7 @@ class _ConcatLora(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         xa = x2 @ a_cat.t()
         xa = torch.cat([part * s for part, s in zip(xa.split(ranks, dim=1), scales)], dim=1)
-        y = torch.cat([x2, xa], dim=1) @ wide.t()
+        y = torch.cat([x2, xa], dim=1) @ wide.to(x.dtype).t()
         ctx.save_for_backward(x2, xa, a_cat, wide)
         ctx.shape, ctx.scales, ctx.rows, ctx.ranks = shape, scales, rows, ranks
         ctx.b_dtypes = tuple(b.dtype for b in bs)
@@ -215,7 +218,7 @@ class _ConcatLora(torch.autograd.Function):
         x2, xa, a_cat, wide = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         inner = x2.shape[1]
-        dxin = dy2 @ wide  # [dx from the frozen weights | the gradient of s * x A^T]
+        dxin = dy2 @ wide.to(dy2.dtype)  # [dx from the frozen weights | the gradient of s * x A^T]
         da = torch.cat([part * s for part, s in zip(dxin[:, inner:].split(ctx.ranks, dim=1), ctx.scales)], dim=1)
         dx = dxin[:, :inner] + da @ a_cat
         dbs = [(g.t() @ part).to(dtype) for g, part, dtype in
@@ -423,14 +426,15 @@ class FastCausalLM(torch.nn.Module):
         compile: compile the decoder layer (default: on CUDA).
         compile_options: inductor options for ``torch.compile`` (the benchmark's attempts).
         concat_lora: with ``fuse``, compute stacked projections and their LoRA B products as one
-            matrix product (:class:`_ConcatLora`; the frozen weights get R more columns).
+            matrix product (:class:`_ConcatLora`; the frozen weights get R more columns; 2% faster
+            on the 7B bench, docs/performance.md attempt 16).
         attention: "varlen", "flex" or "dense" (default: varlen on CUDA where torch has it,
             else flex; dense on the CPU).
     """
 
     def __init__(self, module, compute_dtype, checkpoint: bool = False, compile: bool | None = None,
                  attention: str | None = None, fuse: bool = True, compile_options: dict | None = None,
-                 concat_lora: bool = False):
+                 concat_lora: bool = True):
         super().__init__()
         reason = unsupported(module, None)
         if reason:
