@@ -16,8 +16,8 @@ Estimated, from the model's shape and the experiment:
   optimizer states / gradients / weights over every GPU of the job, ``*_offload`` moves them to host
   memory; activations from ``batch_size * max_length`` tokens (layer inputs only with gradient
   checkpointing), float32 logits, and a fixed CUDA overhead.
-- Host memory per node: each training process loads the whole model on the CPU before moving it
-  to its GPU (QLoRA loads straight to the GPU), plus offloaded ZeRO states; training on the CPU
+- Host memory per node: each training process loads the model shard by shard straight onto its
+  GPU (about one safetensors shard in host memory), plus offloaded ZeRO states; training on the CPU
   (no GPU asked for) holds the whole training state there. Convert builds the model in float32 on
   the CPU; merge streams, so it holds about the adapter; evaluate loads the model once.
 - Training runtime per epoch (one job per epoch) from the templated dataset's token count
@@ -314,8 +314,8 @@ def _estimates(exp: dict, config: dict, shape: Shape) -> dict[str, dict]:
     activations += 2 * tokens * shape.vocab * 4  # float32 logits and their gradient
     device_need = (device_state + activations) * 1.1
 
-    # from_pretrained builds the model on the CPU, then .to(gpu); QLoRA loads onto the GPU shard by shard.
-    loaded = min(n * weight_bytes, 5000 * MB) if method["type"] == "qlora" else n * weight_bytes
+    # on a GPU from_pretrained loads shard by shard onto the device (build_model's device_map)
+    loaded = min(n * weight_bytes, 5000 * MB) if on_gpu else n * weight_bytes
     if on_gpu:
         host = processes * (PROCESS_MB * MB + loaded) + offloaded * processes
         gpu_mem = device_need + CUDA_MB * MB

@@ -463,6 +463,9 @@ def build_model(spec: dict, device: torch.device):
             )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+    if device.type == "cuda" or method["type"] == "qlora":
+        # each process loads the weights shard by shard straight onto its device: no whole copy of
+        # the model in host memory per process
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(base["path"], **kwargs)
     if method["type"] != "qlora":
