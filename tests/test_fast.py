@@ -28,12 +28,12 @@ def tiny_llama(seed: int = 0, dtype=torch.float32, **overrides):
     return LlamaForCausalLM(config).to(dtype)
 
 
-def with_lora(model, dropout: float = 0.0, modules_to_save=None):
+def with_lora(model, dropout: float = 0.0, modules_to_save=None, **options):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, task_type="CAUSAL_LM",
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                        modules_to_save=modules_to_save)
+                        modules_to_save=modules_to_save, **options)
     model = get_peft_model(model, config)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -86,8 +86,9 @@ def assert_close(ref, fast, rtol):
 ROWS = [[9, 14, 7], [20, 10], [5]]  # packed documents; the last row is padded
 
 
-@pytest.mark.parametrize("method,fuse", [("lora", True), ("lora", False), ("full", True), ("lora_head", True)])
-def test_fast_path_equals_reference_fp32(method, fuse):
+@pytest.mark.parametrize("method,fuse,concat", [("lora", True, True), ("lora", True, False), ("lora", False, False),
+                                                ("full", True, True), ("lora_head", True, True)])
+def test_fast_path_equals_reference_fp32(method, fuse, concat):
     model = tiny_llama()
     if method == "lora":
         model = with_lora(model)
@@ -95,16 +96,20 @@ def test_fast_path_equals_reference_fp32(method, fuse):
         model = with_lora(model, modules_to_save=["lm_head", "embed_tokens"])
     rows = packed_rows(ROWS)
     ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], pad_id=0))
-    fast = FastCausalLM(model, torch.float32, compile=False, attention="dense", fuse=fuse)
+    fast = FastCausalLM(model, torch.float32, compile=False, attention="dense", fuse=fuse, concat_lora=concat)
     got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False))
     assert_close(ref, got, rtol=1e-4)
 
 
-@pytest.mark.parametrize("checkpoint", [False, True])
-def test_concatenated_lora_products_equal_reference(checkpoint):
+# ranks and scales that differ between the projections of one product (PEFT's rank / alpha patterns)
+MIXED = {"rank_pattern": {"k_proj": 4, "up_proj": 16}, "alpha_pattern": {"v_proj": 4, "gate_proj": 32}}
+
+
+@pytest.mark.parametrize("checkpoint,options", [(False, {}), (True, {}), (False, MIXED), (False, {"use_rslora": True})])
+def test_concatenated_lora_products_equal_reference(checkpoint, options):
     """q/k/v and gate/up with their LoRA B blocks in one product: same loss and gradients, also
     after an update (the B blocks are rewritten before each forward)."""
-    model = with_lora(tiny_llama())
+    model = with_lora(tiny_llama(), **options)
     reference = copy.deepcopy(model)
     fast = FastCausalLM(model, torch.float32, checkpoint=checkpoint, compile=False, attention="dense", concat_lora=True)
     assert len(fast._lora_b_slots) == 2 * 5  # two layers, q/k/v and gate/up in each
@@ -126,8 +131,8 @@ def test_concatenated_lora_under_bf16_autocast():
         if p.requires_grad:
             p.data = p.data.float()  # adapters in fp32, as build_model keeps them
     batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
-    plain = loss_and_grads(FastCausalLM(copy.deepcopy(model), torch.bfloat16, compile=False, attention="dense"), batch,
-                           autocast=torch.bfloat16)
+    plain = loss_and_grads(FastCausalLM(copy.deepcopy(model), torch.bfloat16, compile=False, attention="dense",
+                                        concat_lora=False), batch, autocast=torch.bfloat16)
     concat = loss_and_grads(FastCausalLM(model, torch.bfloat16, compile=False, attention="dense", concat_lora=True),
                             batch, autocast=torch.bfloat16)
     assert all(g.dtype == torch.float32 for g in concat[1].values())

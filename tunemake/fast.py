@@ -198,7 +198,11 @@ class _ConcatLora(torch.autograd.Function):
     The frozen weights and the B blocks share the product's inner dimension, so the B products and
     the passes that add them to the base outputs disappear; in the backward pass ``dy @ wide`` gives
     the input gradient and the gradient of ``x A^T`` together. ``bs`` (the B parameters) are passed
-    for their gradients only: their values are already in ``wide``.
+    for their gradients only: their values are already in ``wide``, in the frozen weights' dtype.
+
+    ``wide`` is rewritten before each forward, so each forward needs its backward before the next
+    forward (as the training loop does; two forwards then one backward raise autograd's in-place
+    error, without gradient checkpointing).
     """
 
     @staticmethod
@@ -591,5 +595,6 @@ class FastCausalLM(torch.nn.Module):
         hidden = x.reshape(b * n, -1).index_select(0, keep)
         loss = _LinearCrossEntropy.apply(hidden, _head_weight(self._head), targets.index_select(0, keep),
                                          self._shape.compute_dtype)
-        # a transformers output, as the model's own forward returns: DDP finds the loss in it
+        # a transformers output, as the model's own forward returns: DDP's static graph and
+        # unused-parameter search find the loss in it
         return CausalLMOutput(loss=loss)
