@@ -22,7 +22,6 @@ it times the tunemake step in DDP only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -83,11 +82,11 @@ def packed_batch(args, rank: int) -> Rows:
     return rows
 
 
-def run(name, model, batch, params, optimizer, args, device, before_step=None, backward=None) -> dict:
+def run(name, model, batch, params, optimizer, args, device, before_step=None) -> dict:
     """Warm-up, then timed steps; the first step's loss and gradient norm.
 
     ``before_step(params)`` runs between the backward pass and the optimizer (the variant that
-    averages gradients itself); ``backward`` is a context the step runs in (compiled autograd).
+    averages gradients itself).
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -98,8 +97,7 @@ def run(name, model, batch, params, optimizer, args, device, before_step=None, b
     for step in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        with backward() if backward else contextlib.nullcontext():
-            loss = micro_step(model, batch, torch.bfloat16)
+        loss = micro_step(model, batch, torch.bfloat16)
         if before_step:
             before_step(params)
         grad_norm = optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
@@ -112,7 +110,7 @@ def run(name, model, batch, params, optimizer, args, device, before_step=None, b
     result = {"variant": name, "tokens_per_s": tokens / median, "step_s_median": median,
               "step_s": [round(t, 4) for t in times], "first_step": first,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    if device.type == "cuda" and not before_step and not backward:
+    if device.type == "cuda" and not before_step:
         result["phases_ms"] = phases(model, batch, params, optimizer)
     if torch.distributed.is_initialized():  # every process must hold the same parameters after the steps
         check = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
@@ -159,11 +157,6 @@ def average_flat(params) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.AVG)
     torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
-
-
-def compiled_autograd():
-    """The backward pass traced and compiled as one graph (torch's compiled autograd)."""
-    return torch._dynamo.compiled_autograd._enable(torch.compile(dynamic=False))
 
 
 def phases(model, batch, params, optimizer, steps: int = 5) -> dict:
@@ -298,13 +291,12 @@ def setting(kind, args, model_dir, dist, results, out):
                    "fast_dense": {"attention": "dense"}, "fast_nofuse": {"fuse": False},
                    "fast_cdt": {"compile_options": {"coordinate_descent_tuning": True}},
                    "fast_autotune": {"compile_options": {"max_autotune": True, "coordinate_descent_tuning": True}},
-                   "fast_ca": {}, "fast_kcat": {"concat_lora": True}}[attempt]
+                   "fast_nokcat": {"concat_lora": False}}[attempt]
         torch._dynamo.reset()  # each attempt compiles afresh: its first step says what compiling costs
         optimizer = make_optimizer(params, TRAIN, device)
         try:
             fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"], **options)
-            entry["variants"].append(run(attempt, fast, user_batch, params, optimizer, args, device,
-                                         backward=compiled_autograd if attempt == "fast_ca" else None))
+            entry["variants"].append(run(attempt, fast, user_batch, params, optimizer, args, device))
         except Exception as exc:  # an attempt that fails is a result too
             entry["variants"].append({"variant": attempt, "error": f"{type(exc).__name__}: {exc}"[:500]})
             print(f"  {attempt}: {entry['variants'][-1]['error']}", flush=True)
@@ -348,7 +340,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--settings", default="lora,lora_ckpt,qlora")
-    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_ca,fast_kcat")
+    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat")
     parser.add_argument("--ddp-variants", default="", help="under torchrun, DDP options to time too: view,view_nobcast,view_bucket100,view_static,bf16_hook,flat")
     parser.add_argument("--attempt-settings", default="lora", help="the settings the attempts run in")
     parser.add_argument("--profile", type=int, default=0, help="profile two tunemake steps: the N kernels that take longest")
