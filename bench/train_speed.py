@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -163,22 +164,43 @@ def phases(model, batch, params, optimizer, steps: int = 5) -> dict:
     """GPU time (ms, median over ``steps``) of forward + loss, backward and the optimizer, by CUDA events.
 
     Events are recorded on the stream without synchronizing, so each phase's time includes the
-    GPU waiting for the CPU to launch it; the phases add up to the step.
+    GPU waiting for the CPU to launch it; the phases add up to the step. ``host_*``: the CPU's
+    time to issue each phase (a phase whose host time is close to its GPU time is CPU-bound);
+    ``syncs``: operations of one more step that made the CPU wait for the GPU.
     """
     spans = []
-    for _ in range(steps):
+    for step in range(steps + 1):
         events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        host = [time.perf_counter()]
+        if step == steps:  # one more step that reports every operation that waits for the GPU
+            torch.cuda.set_sync_debug_mode("warn")
+            catcher = warnings.catch_warnings(record=True)
+            caught = catcher.__enter__()
+            warnings.simplefilter("always")
         events[0].record()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**batch, use_cache=False).loss
         events[1].record()
+        host.append(time.perf_counter())
         loss.backward()
         events[2].record()
+        host.append(time.perf_counter())
         optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
         events[3].record()
+        host.append(time.perf_counter())
         torch.cuda.synchronize()
-        spans.append([a.elapsed_time(b) for a, b in zip(events, events[1:])])
-    return {name: round(statistics.median(s[i] for s in spans), 2) for i, name in enumerate(("forward", "backward", "optimizer"))}
+        if step == steps:
+            torch.cuda.set_sync_debug_mode(0)
+            catcher.__exit__(None, None, None)
+            syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+        else:
+            spans.append([a.elapsed_time(b) for a, b in zip(events, events[1:])]
+                         + [1e3 * (b - a) for a, b in zip(host, host[1:])])
+    names = ("forward", "backward", "optimizer", "host_forward", "host_backward", "host_optimizer")
+    result = {name: round(statistics.median(s[i] for s in spans), 2) for i, name in enumerate(names)}
+    result["syncs"] = len(syncs)
+    result["sync_kinds"] = sorted(set(syncs))[:5]
+    return result
 
 
 def timeline(trace: Path) -> dict:
@@ -291,7 +313,9 @@ def setting(kind, args, model_dir, dist, results, out):
                    "fast_dense": {"attention": "dense"}, "fast_nofuse": {"fuse": False},
                    "fast_cdt": {"compile_options": {"coordinate_descent_tuning": True}},
                    "fast_autotune": {"compile_options": {"max_autotune": True, "coordinate_descent_tuning": True}},
-                   "fast_nokcat": {"concat_lora": False}}[attempt]
+                   "fast_nokcat": {"concat_lora": False}, "fast_varlen": {"attention": "varlen"},
+                   "fast_flash_cpp": {"compile_options": {"cpp_wrapper": True}},
+                   "fast_nosize": {"compile_options": {"size_asserts": False}}}[attempt]
         torch._dynamo.reset()  # each attempt compiles afresh: its first step says what compiling costs
         optimizer = make_optimizer(params, TRAIN, device)
         try:
@@ -340,7 +364,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--settings", default="lora,lora_ckpt,qlora")
-    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat")
+    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_flash_cpp,fast_nosize")
     parser.add_argument("--ddp-variants", default="", help="under torchrun, DDP options to time too: view,view_nobcast,view_bucket100,view_static,bf16_hook,flat")
     parser.add_argument("--attempt-settings", default="lora", help="the settings the attempts run in")
     parser.add_argument("--profile", type=int, default=0, help="profile two tunemake steps: the N kernels that take longest")

@@ -4,8 +4,9 @@
 same loss, from the same weights and gradients into the same parameters, as the model's own
 forward under autocast; it only computes it with fewer passes over memory:
 
-- attention over packed documents with varlen flash attention (``torch.nn.attention.varlen``;
-  flex attention where that is missing), so no dense mask and no attention across documents;
+- attention over packed documents with varlen flash attention (aten's flash ops, called
+  directly; ``torch.nn.attention.varlen`` or flex attention where those are missing), so no
+  dense mask and no attention across documents;
 - each decoder layer compiled once with ``torch.compile`` (norms, rotary, SiLU, LoRA casts and
   dropout fused) and run for every layer;
 - the cross-entropy computed chunk by chunk from the last hidden state, gradient included, so the
@@ -113,7 +114,7 @@ class _Shape:
     eps: float
     scale: float
     compute_dtype: torch.dtype
-    attention: str  # "varlen", "flex" or "dense"
+    attention: str  # "varlen", "flash", "flex" or "dense"
 
 
 def _nf4_weight(weight):
@@ -245,7 +246,7 @@ def _rotate_half(x):
 def _attention(q, k, v, meta, shape: _Shape):
     """q, k, v: [B, L, H, D] -> [B, L, H * D] attention inside each document, causal."""
     b, n = q.shape[:2]
-    if shape.attention == "varlen":
+    if shape.attention in ("varlen", "flash"):
         cu_seqlens, max_len, varlen = meta
         out = varlen(q.reshape(b * n, shape.heads, shape.head_dim), k.reshape(b * n, shape.kv_heads, shape.head_dim),
                      v.reshape(b * n, shape.kv_heads, shape.head_dim), cu_seqlens, max_len, shape)
@@ -259,6 +260,40 @@ def _attention(q, k, v, meta, shape: _Shape):
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta, scale=shape.scale, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(b, n, shape.heads * shape.head_dim)
+
+
+class _FlashVarlen(torch.autograd.Function):
+    """Causal varlen flash attention through aten's own forward and backward ops.
+
+    What ``torch.nn.attention.varlen.varlen_attn`` computes, without its Python custom-op layer
+    between the compiled graph and the kernels. q [tokens, heads, d], k/v [tokens, kv_heads, d].
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len, scale):
+        out, lse, rng, _, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale, window_size_left=-1, window_size_right=0)
+        ctx.save_for_backward(q, k, v, out, lse, cu, rng)
+        ctx.max_len, ctx.scale = max_len, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu, rng = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, rng, q.new_empty(0),
+            scale=ctx.scale, window_size_left=-1, window_size_right=0)
+        return dq, dk, dv, None, None, None
+
+
+def _flash_function(q, k, v, cu, max_len, shape):
+    return _FlashVarlen.apply(q, k, v, cu, max_len, shape.scale)
+
+
+def _flash_available() -> bool:
+    """Whether aten's flash attention ops take the arguments :class:`_FlashVarlen` passes."""
+    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    return op is not None and "window_size_left" in str(op.default._schema)
 
 
 def _decoder_layer(x, cos, sin, meta, weights, shape: _Shape):
@@ -432,8 +467,10 @@ class FastCausalLM(torch.nn.Module):
         concat_lora: with ``fuse``, compute stacked projections and their LoRA B products as one
             matrix product (:class:`_ConcatLora`; the frozen weights get R more columns; 2% faster
             on the 7B bench, docs/performance.md attempt 16).
-        attention: "varlen", "flex" or "dense" (default: varlen on CUDA where torch has it,
-            else flex; dense on the CPU).
+        attention: "flash", "varlen", "flex" or "dense" (default: flash on CUDA where torch has
+            it, else varlen, else flex; dense on the CPU). "flash" calls aten's varlen flash
+            attention ops directly (:class:`_FlashVarlen`), "varlen" through
+            ``torch.nn.attention.varlen``, whose Python layer costs CPU time per call.
     """
 
     def __init__(self, module, compute_dtype, checkpoint: bool = False, compile: bool | None = None,
@@ -459,7 +496,8 @@ class FastCausalLM(torch.nn.Module):
         if attention is None:
             varlen_ok = self._varlen is not None and (kv_heads == heads or self._varlen.gqa) and (
                 self._varlen.scaled or math.isclose(scale, head_dim ** -0.5))
-            attention = "varlen" if varlen_ok else "flex" if device.type == "cuda" else "dense"
+            attention = ("flash" if device.type == "cuda" and _flash_available() else "varlen" if varlen_ok
+                         else "flex" if device.type == "cuda" else "dense")
         self._shape = _Shape(heads, kv_heads, head_dim, float(self._inner.layers[0].input_layernorm.variance_epsilon),
                              scale, compute_dtype, attention)
         self._quantized = any(type(getattr(p, "base_layer", p)).__name__ == "Linear4bit"
@@ -547,10 +585,14 @@ class FastCausalLM(torch.nn.Module):
         b, n = position_ids.shape
         starts = position_ids == 0
         starts[:, 0] = True
-        if self._shape.attention == "varlen":
+        if self._shape.attention in ("varlen", "flash"):
             flat = torch.nonzero(starts.reshape(-1)).squeeze(1)
             cu = torch.cat([flat, flat.new_tensor([b * n])]).to(torch.int32)
-            return cu, n, self._varlen
+            if self._shape.attention == "varlen":
+                return cu, n, self._varlen
+            # the longest document, not the row: the kernel's grid follows it (1.5x faster on
+            # short documents); after a second value the compiled layer takes it as a symbol
+            return cu, int(torch.diff(cu).max()), _flash_function
         doc = torch.cumsum(starts, dim=1)
         if self._shape.attention == "flex":
             from torch.nn.attention.flex_attention import create_block_mask
