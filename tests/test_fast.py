@@ -217,8 +217,8 @@ def test_nf4_dequantization_matches_bitsandbytes():
     from tunemake.fast import _nf4_weight, _weight
 
     torch.manual_seed(0)
-    w = torch.randn(96, 64, dtype=torch.bfloat16)
-    for nested in (True, False):
+    for w, nested in [(torch.randn(96, 64, dtype=torch.bfloat16), nested) for nested in (True, False)] + [
+            (torch.randn(256, 320, dtype=torch.bfloat16) * 3, True)]:  # 1,280 blocks, 5 groups of block scales
         packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
         param = torch.nn.Parameter(packed, requires_grad=False)
         param.quant_state = state
