@@ -131,15 +131,11 @@ def _weight(weight, dtype):
     if not isinstance(weight, tuple):
         return weight.to(dtype)
     _, packed, absmax, absmax2, code2, offset, code, blocksize, blocksize2, shape = weight
+    p = packed.reshape(-1)
+    index = torch.stack([p >> 4, p & 15], dim=-1).reshape(-1).long()  # high nibble first
     if absmax2 is not None:  # double quantization: the block scales are 8-bit themselves
-        group = torch.arange(absmax.numel(), device=absmax.device) // blocksize2
-        absmax = code2[absmax.long()] * absmax2[group] + offset
-    # one pass over the output, each element finding its nibble and its block's scale by index
-    # (compiled, a single kernel reading half a byte per weight)
-    i = torch.arange(math.prod(shape), device=packed.device)
-    byte = packed.reshape(-1)[i // 2].int()
-    nibble = torch.where(i % 2 == 0, byte >> 4, byte & 15)  # high nibble first
-    return (code[nibble] * absmax.float()[i // blocksize]).view(shape).to(dtype)
+        absmax = code2[absmax.long()] * absmax2.repeat_interleave(blocksize2)[: absmax.numel()] + offset
+    return (code[index].view(-1, blocksize) * absmax.float()[:, None]).view(shape).to(dtype)
 
 
 def _rows(weight) -> int:
