@@ -59,9 +59,11 @@ def padded_index(lengths, device, multiple: int = 64):
 def variants(shape: _Shape, row: int):
     varlen = _varlen_function()
 
+    def offsets(lengths, device):
+        return torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
+
     def run_varlen(q, k, v, lengths, max_len):
-        cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=q.device)
-        return varlen(q, k, v, cu, max_len, shape)
+        return varlen(q, k, v, offsets(lengths, q.device), max_len, shape)
 
     def padded(backend):
         def run(q, k, v, lengths):
@@ -75,8 +77,7 @@ def variants(shape: _Shape, row: int):
         return run
 
     def aten_flash(q, k, v, lengths):  # tunemake.fast's direct call of aten's flash ops
-        cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=q.device)
-        return _FlashVarlen.apply(q, k, v, cu, row, shape.scale)
+        return _FlashVarlen.apply(q, k, v, offsets(lengths, q.device), row, shape.scale)
 
     return {
         "varlen": lambda q, k, v, lengths: run_varlen(q, k, v, lengths, row),

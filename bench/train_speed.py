@@ -168,15 +168,9 @@ def phases(model, batch, params, optimizer, steps: int = 5) -> dict:
     time to issue each phase (a phase whose host time is close to its GPU time is CPU-bound);
     ``syncs``: operations of one more step that made the CPU wait for the GPU.
     """
-    spans = []
-    for step in range(steps + 1):
+    def one_step() -> list:
         events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         host = [time.perf_counter()]
-        if step == steps:  # one more step that reports every operation that waits for the GPU
-            torch.cuda.set_sync_debug_mode("warn")
-            catcher = warnings.catch_warnings(record=True)
-            caught = catcher.__enter__()
-            warnings.simplefilter("always")
         events[0].record()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**batch, use_cache=False).loss
@@ -189,15 +183,19 @@ def phases(model, batch, params, optimizer, steps: int = 5) -> dict:
         events[3].record()
         host.append(time.perf_counter())
         torch.cuda.synchronize()
-        if step == steps:
-            torch.cuda.set_sync_debug_mode(0)
-            catcher.__exit__(None, None, None)
-            syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
-        else:
-            spans.append([a.elapsed_time(b) for a, b in zip(events, events[1:])]
-                         + [1e3 * (b - a) for a, b in zip(host, host[1:])])
+        return [a.elapsed_time(b) for a, b in zip(events, events[1:])] + [1e3 * (b - a) for a, b in zip(host, host[1:])]
+
+    spans = [one_step() for _ in range(steps)]
     names = ("forward", "backward", "optimizer", "host_forward", "host_backward", "host_optimizer")
     result = {name: round(statistics.median(s[i] for s in spans), 2) for i, name in enumerate(names)}
+    with warnings.catch_warnings(record=True) as caught:  # one more step, reporting each wait for the GPU
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            one_step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
     result["syncs"] = len(syncs)
     result["sync_kinds"] = sorted(set(syncs))[:5]
     return result
@@ -314,7 +312,7 @@ def setting(kind, args, model_dir, dist, results, out):
                    "fast_cdt": {"compile_options": {"coordinate_descent_tuning": True}},
                    "fast_autotune": {"compile_options": {"max_autotune": True, "coordinate_descent_tuning": True}},
                    "fast_nokcat": {"concat_lora": False}, "fast_varlen": {"attention": "varlen"},
-                   "fast_flash_cpp": {"compile_options": {"cpp_wrapper": True}},
+                   "fast_cpp": {"compile_options": {"cpp_wrapper": True}},
                    "fast_nosize": {"compile_options": {"size_asserts": False}}}[attempt]
         torch._dynamo.reset()  # each attempt compiles afresh: its first step says what compiling costs
         optimizer = make_optimizer(params, TRAIN, device)
@@ -364,7 +362,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--settings", default="lora,lora_ckpt,qlora")
-    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_flash_cpp,fast_nosize")
+    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_cpp,fast_nosize")
     parser.add_argument("--ddp-variants", default="", help="under torchrun, DDP options to time too: view,view_nobcast,view_bucket100,view_static,bf16_hook,flat")
     parser.add_argument("--attempt-settings", default="lora", help="the settings the attempts run in")
     parser.add_argument("--profile", type=int, default=0, help="profile two tunemake steps: the N kernels that take longest")

@@ -231,7 +231,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 @pytest.mark.parametrize("attention,kv_heads", [(None, 4), (None, 2), ("varlen", 4), ("flex", 4)])
 def test_compiled_cuda_path_close_to_reference(attention, kv_heads):
-    """The compiled path on CUDA against the model's own forward, on two batches whose longest
+    """The compiled path on CUDA against the model's own forward, on three batches whose longest
     documents differ (flash attention's ``max_len`` follows it)."""
     from tunemake.fast import _flash_available
 
