@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 PROFILE = REPO / "profiles" / "slurm"
 SMALL_CONFIG = REPO / "tests" / "configs" / "demo_small.yaml"
-TIMEOUT_S = 300
+TIMEOUT_S = 600  # a guard against a hung cluster, not a speed check: the DeepSpeed job alone took 4 min in CI
 # The profile keeps the plugin's 40 s before the first status check, kind to a busy slurmctld;
 # on a private cluster 2 s makes a chain of seven short jobs minutes faster.
 FAST_STATUS = ("--slurm-init-seconds-before-status-checks", "2")
