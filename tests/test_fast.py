@@ -214,7 +214,7 @@ def test_unsupported_models_are_named():
 
 def test_nf4_dequantization_matches_bitsandbytes():
     bnbf = pytest.importorskip("bitsandbytes.functional")
-    from tunemake.fast import _nf4_weight, _weight
+    from tunemake.nf4 import NF4, dequantize
 
     torch.manual_seed(0)
     for w, nested in [(torch.randn(96, 64, dtype=torch.bfloat16), nested) for nested in (True, False)] + [
@@ -222,10 +222,35 @@ def test_nf4_dequantization_matches_bitsandbytes():
         packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
         param = torch.nn.Parameter(packed, requires_grad=False)
         param.quant_state = state
-        assert torch.equal(_weight(_nf4_weight(param), torch.bfloat16), bnbf.dequantize_4bit(packed, state))
+        assert torch.equal(dequantize([NF4.of(param)], torch.bfloat16), bnbf.dequantize_4bit(packed, state))
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("nested,blocksize,dtype", [(True, 64, torch.bfloat16), (False, 64, torch.bfloat16),
+                                                    (True, 128, torch.float16)])
+def test_nf4_kernel_matches_bitsandbytes(nested, blocksize, dtype):
+    """The Triton kernel, stacked weights of different heights included, against bitsandbytes' own
+    CUDA dequantization, bit for bit."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    pytest.importorskip("triton")
+    from tunemake.nf4 import NF4, _kernel, dequantize
+
+    assert _kernel is not None
+    torch.manual_seed(0)
+    weights, expected = [], []
+    for rows in (320, 64, 1000):  # 1000 x 192 / 2 bytes: the last program of the kernel is partial
+        w = (torch.randn(rows, 192, device="cuda") * 2).to(dtype)
+        packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type="nf4",
+                                           quant_storage=torch.uint8)
+        param = torch.nn.Parameter(packed, requires_grad=False)
+        param.quant_state = state
+        weights.append(NF4.of(param))
+        expected.append(bnbf.dequantize_4bit(packed, state).to(dtype))
+    assert torch.equal(dequantize(weights[:1], dtype), expected[0])
+    assert torch.equal(dequantize(weights, dtype), torch.cat(expected))
 
 
 @cuda
@@ -252,27 +277,40 @@ def test_compiled_cuda_path_close_to_reference(attention, kv_heads):
         assert_close(ref, got, rtol=3e-2)
 
 
-@cuda
-def test_qlora_cuda_path_close_to_reference():
-    pytest.importorskip("bitsandbytes")
+def qlora_tiny(device: str):
+    """A tiny Llama with NF4 (double-quantized) base weights and LoRA, as build_model makes for QLoRA."""
     import bitsandbytes as bnb
     from peft import prepare_model_for_kbit_training
 
-    model = tiny_llama(dtype=torch.bfloat16).cuda()
+    from tunemake.train import _disable_bnb_cpu_repacking
+
+    # bitsandbytes' CPU kernels want in_features a multiple of 64
+    model = tiny_llama(dtype=torch.bfloat16, intermediate_size=128).to(device)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear) and child is not model.lm_head:
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.bfloat16,
                                       quant_type="nf4", device="cpu")
                 q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-                setattr(parent, name, q.cuda())
+                setattr(parent, name, q.to(device))
     model.is_loaded_in_4bit = True
     model = with_lora(prepare_model_for_kbit_training(copy.deepcopy(model), use_gradient_checkpointing=False))
+    _disable_bnb_cpu_repacking(model)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    batch = {k: v.cuda() for k, v in make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0).items()}
+    return model
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_qlora_path_close_to_reference(device):
+    """NF4 weights dequantized per layer (tunemake.nf4; its Triton kernel on CUDA), the layer
+    recomputed in the backward pass, against bitsandbytes' own layers."""
+    pytest.importorskip("bitsandbytes")
+    model = qlora_tiny(device)
+    batch = {k: v.to(device) for k, v in make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0).items()}
     ref = loss_and_grads(model, batch, autocast=torch.bfloat16)
-    got = loss_and_grads(FastCausalLM(model, torch.bfloat16), {k: v for k, v in batch.items() if k != "attention_mask"},
-                         autocast=torch.bfloat16)
+    fast = FastCausalLM(model, torch.bfloat16)
+    assert fast._checkpoint
+    got = loss_and_grads(fast, {k: v for k, v in batch.items() if k != "attention_mask"}, autocast=torch.bfloat16)
     assert_close(ref, got, rtol=3e-2)

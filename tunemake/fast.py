@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutput
 
+from tunemake.nf4 import NF4, dequantize
+
 IGNORE_INDEX = -100
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 #: rows are padded to a multiple of this, so a run compiles for a few lengths only
@@ -117,36 +119,34 @@ class _Shape:
     attention: str  # "varlen", "flash", "flex" or "dense"
 
 
-def _nf4_weight(weight):
-    """A bitsandbytes NF4 weight as plain tensors, for :func:`_weight` to dequantize in the graph."""
-    state = weight.quant_state
-    nested = state.nested
-    return ("nf4", weight.data, state.absmax, state.state2.absmax if nested else None,
-            state.state2.code if nested else None, state.offset if nested else None, state.code,
-            state.blocksize, state.state2.blocksize if nested else 0, tuple(state.shape))
+def _dequantized(weights, dtype):
+    """A layer's weights (from :meth:`FastCausalLM._layer_weights`) with the NF4 ones dequantized.
 
+    Done outside the compiled layer, by :func:`tunemake.nf4.dequantize` (one Triton kernel per
+    weight on CUDA), inside the layer's recomputation, so that no dequantized weight outlives it.
+    """
+    def single(proj):
+        return (dequantize([proj[0]], dtype), *proj[1:]) if isinstance(proj[0], NF4) else proj
 
-def _weight(weight, dtype):
-    """The weight in ``dtype``; NF4 dequantized as bitsandbytes does (one fused kernel once compiled)."""
-    if not isinstance(weight, tuple):
-        return weight.to(dtype)
-    _, packed, absmax, absmax2, code2, offset, code, blocksize, blocksize2, shape = weight
-    p = packed.reshape(-1)
-    index = torch.stack([p >> 4, p & 15], dim=-1).reshape(-1).long()  # high nibble first
-    if absmax2 is not None:  # double quantization: the block scales are 8-bit themselves
-        absmax = code2[absmax.long()] * absmax2.repeat_interleave(blocksize2)[: absmax.numel()] + offset
-    return (code[index].view(-1, blocksize) * absmax.float()[:, None]).view(shape).to(dtype)
+    def group(stacked_projs):
+        stacked, projs = stacked_projs
+        if stacked != "dequantize":
+            return stacked, [single(p) for p in projs]
+        stacked, start, out = dequantize([p[0] for p in projs], dtype), 0, []
+        for proj in projs:
+            out.append((stacked[start:start + proj[0].rows], *proj[1:]))
+            start += proj[0].rows
+        return stacked, out
 
-
-def _rows(weight) -> int:
-    return weight[-1][0] if isinstance(weight, tuple) else weight.shape[0]
+    ln1, qkv, o_proj, ln2, gate_up, down_proj = weights
+    return ln1, group(qkv), single(o_proj), ln2, group(gate_up), single(down_proj)
 
 
 def _linear(x, proj):
     """``x @ W.T + b + scale * B(A(dropout(x)))`` in the compute dtype; ``proj`` from :meth:`FastCausalLM._proj`."""
     weight, bias, lora_a, lora_b, scale, dropout = proj
     dtype = x.dtype
-    y = F.linear(x, _weight(weight, dtype), None if bias is None else bias.to(dtype))
+    y = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
     if lora_a is not None:
         d = F.dropout(x, dropout, training=True) if dropout else x
         y = y + F.linear(F.linear(d, lora_a.to(dtype)), lora_b.to(dtype)) * scale
@@ -168,11 +168,9 @@ def _linears(x, group):
         y = _ConcatLora.apply(x, stacked.tensor, a_cat, tuple(p[4] for p in projs), stacked.rows, stacked.ranks,
                               *[p[3] for p in projs])
         return list(y.split(stacked.rows, dim=-1))
-    if isinstance(stacked, str):  # quantized: dequantized and stacked here, inside the graph
-        stacked = torch.cat([_weight(p[0], dtype) for p in projs])
     biases = [p[1] for p in projs]
     bias = None if biases[0] is None else torch.cat([b.to(dtype) for b in biases])
-    ys = list(F.linear(x, stacked.to(dtype), bias).split([_rows(p[0]) for p in projs], dim=-1))
+    ys = list(F.linear(x, stacked.to(dtype), bias).split([p[0].shape[0] for p in projs], dim=-1))
     loras = [p for p in projs if p[2] is not None]
     if len(loras) == len(projs) and not any(p[5] for p in projs):
         xa = F.linear(x, torch.cat([p[2].to(dtype) for p in projs])).split([p[2].shape[0] for p in projs], dim=-1)
@@ -540,7 +538,7 @@ class FastCausalLM(torch.nn.Module):
             proj = proj.base_layer
         weight = proj.weight
         if type(proj).__name__ == "Linear4bit" and weight.quant_state.quant_type == "nf4":
-            weight = _nf4_weight(weight)
+            weight = NF4.of(weight)
         elif type(proj).__name__ == "Linear4bit":
             import bitsandbytes.functional as bnbf
 
@@ -559,8 +557,8 @@ class FastCausalLM(torch.nn.Module):
                 rows = proj[0].shape[0]
                 out[i] = (stacked[start:start + rows], *proj[1:])
                 start += rows
-        elif all(isinstance(p[0], tuple) for p in out) and len({(p[0][-1][1]) for p in out}) == 1:
-            stacked = "dequantize"
+        elif all(isinstance(p[0], NF4) for p in out):
+            stacked = "dequantize"  # by _dequantized, before each call of the compiled layer
         return stacked, out
 
     def _layer_weights(self, layer):
@@ -579,7 +577,10 @@ class FastCausalLM(torch.nn.Module):
         key = (id(layer), self.training)
         if key not in self._weights:
             self._weights[key] = self._layer_weights(layer)
-        return fn(x, cos, sin, meta, self._weights[key], self._shape)
+        weights = self._weights[key]
+        if self._quantized:
+            weights = _dequantized(weights, self._shape.compute_dtype)
+        return fn(x, cos, sin, meta, weights, self._shape)
 
     def _attention_meta(self, position_ids):
         b, n = position_ids.shape
