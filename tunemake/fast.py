@@ -14,7 +14,8 @@ forward under autocast; it only computes it with fewer passes over memory:
 - frozen q/k/v and gate/up weights stacked, one matrix product per group; with LoRA (no dropout)
   the adapters' B blocks sit beside the frozen weights, so base and LoRA outputs come from the
   same product (:class:`_ConcatLora`);
-- QLoRA: 4-bit weights dequantized per layer and never kept: each layer is recomputed in the
+- QLoRA: 4-bit weights dequantized per layer and never kept (NF4 by :mod:`tunemake.nf4`, a Triton
+  kernel on CUDA, before each call of the compiled layer): each layer is recomputed in the
   backward pass (as with gradient checkpointing, which QLoRA uses by default).
 
 Supported: Llama-architecture decoders (``model_type`` llama, mistral without sliding window,
