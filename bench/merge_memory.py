@@ -88,7 +88,7 @@ def build(root: Path, args) -> dict:
 
 def child(way: str, root: Path, shard_size: str) -> None:
     """One measured merge; prints its numbers as JSON on the last line."""
-    import torch  # noqa: F401  every import before the first RSS reading
+    import torch  # every import before the first RSS reading
     import transformers  # noqa: F401
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -99,8 +99,6 @@ def child(way: str, root: Path, shard_size: str) -> None:
     before = rss_kib("VmRSS")
     start = time.perf_counter()
     if way == "baseline":
-        import torch
-
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16)
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         model.save_pretrained(out, max_shard_size=shard_size)

@@ -15,7 +15,7 @@ bitsandbytes' own ``dequantize_4bit`` per weight followed by ``torch.cat``, is t
     python bench/nf4_speed.py [--json out.json]
 
 Prints microseconds per layer, the bandwidth reached (half a byte read and two written per
-weight) and the ratio to the baseline.
+weight), the ratio to the baseline, and the CPU's time to issue one layer's calls.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 
 import torch
 
@@ -91,6 +92,18 @@ def time_us(fn, layer, repeats: int) -> float:
     return statistics.median(times)
 
 
+def host_us(fn, layer, repeats: int) -> float:
+    """CPU time to issue ``fn(layer)`` (the Python and the launches; the GPU runs behind)."""
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(layer)
+        times.append((time.perf_counter() - start) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=4096)
@@ -114,13 +127,15 @@ def main(argv=None) -> int:
     for name, fn in variants.items():
         same = all(torch.equal(a, b) for a, b in zip(fn(layer), expected))
         us = time_us(fn, layer, args.repeats)
-        rows.append({"variant": name, "us_per_layer": us, "GB_per_s": weights * 2.5 / us / 1e3, "bit_exact": same})
+        rows.append({"variant": name, "us_per_layer": us, "GB_per_s": weights * 2.5 / us / 1e3, "bit_exact": same,
+                     "host_us_per_layer": host_us(fn, layer, args.repeats)})
     base = rows[0]["us_per_layer"]
     print(f"{torch.cuda.get_device_name()}: {weights / 1e6:.0f}M weights a layer")
-    print(f"{'variant':<18}{'us/layer':>10}{'GB/s':>8}{'ratio':>7}  bit-exact")
+    print(f"{'variant':<18}{'us/layer':>10}{'GB/s':>8}{'ratio':>7}{'host us':>9}  bit-exact")
     for row in rows:
         row["ratio"] = base / row["us_per_layer"]
-        print(f"{row['variant']:<18}{row['us_per_layer']:>10.1f}{row['GB_per_s']:>8.0f}{row['ratio']:>6.2f}x  {row['bit_exact']}")
+        print(f"{row['variant']:<18}{row['us_per_layer']:>10.1f}{row['GB_per_s']:>8.0f}{row['ratio']:>6.2f}x"
+              f"{row['host_us_per_layer']:>9.1f}  {row['bit_exact']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": rows}, f, indent=2)

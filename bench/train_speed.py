@@ -333,7 +333,7 @@ def setting(kind, args, model_dir, dist, results, out):
         entry["profile"] = profile_step(fast, user_batch, params, optimizer, args)
         del optimizer, fast
     restore()
-    del model, params, start
+    model = params = start = None  # freed before the next setting builds its model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if out and dist.main:
