@@ -138,7 +138,8 @@ def main(argv=None) -> int:
               f"{row['host_us_per_layer']:>9.1f}  {row['bit_exact']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": rows}, f, indent=2)
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": rows}, f,
+                      indent=2)
     return 0 if rows[-1]["bit_exact"] else 1  # torch_compiled may fuse a multiply-add: not exact
 
 

@@ -217,9 +217,12 @@ def test_nf4_dequantization_matches_bitsandbytes():
     from tunemake.nf4 import NF4, dequantize
 
     torch.manual_seed(0)
-    for w, nested in [(torch.randn(96, 64, dtype=torch.bfloat16), nested) for nested in (True, False)] + [
-            (torch.randn(256, 320, dtype=torch.bfloat16) * 3, True)]:  # 1,280 blocks, 5 groups of block scales
-        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    cases = [(torch.randn(96, 64, dtype=torch.bfloat16), nested, torch.uint8) for nested in (True, False)]
+    cases.append((torch.randn(256, 320, dtype=torch.bfloat16) * 3, True, torch.uint8))  # 5 groups of block scales
+    cases.append((torch.randn(96, 64, dtype=torch.bfloat16), True, torch.bfloat16))  # bytes stored as bf16
+    for w, nested, storage in cases:
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4",
+                                           quant_storage=storage)
         param = torch.nn.Parameter(packed, requires_grad=False)
         param.quant_state = state
         assert torch.equal(dequantize([NF4.of(param)], torch.bfloat16), bnbf.dequantize_4bit(packed, state))

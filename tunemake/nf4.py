@@ -44,7 +44,9 @@ class NF4:
         if state.nested:
             nested = dict(absmax2=state.state2.absmax, code2=state.state2.code, offset=state.offset,
                           blocksize2=state.state2.blocksize)
-        return cls(weight.data, state.absmax, state.code, state.blocksize, tuple(state.shape), **nested)
+        # the packed bytes, whatever dtype they are stored in (bitsandbytes' ``quant_storage``)
+        packed = weight.data.reshape(-1).view(torch.uint8)
+        return cls(packed, state.absmax, state.code, state.blocksize, tuple(state.shape), **nested)
 
     @property
     def rows(self) -> int:
@@ -99,14 +101,16 @@ if importlib.util.find_spec("triton"):
         out = torch.empty(sum(w.rows for w in weights), weights[0].shape[1], dtype=dtype,
                           device=weights[0].packed.device)
         start, bytes_per_program = 0, 1024
-        for w in weights:
-            nested = w.absmax2 is not None
-            n_bytes = w.packed.numel()
-            _dequantize_kernel[(triton.cdiv(n_bytes, bytes_per_program),)](
-                w.packed, w.absmax, w.absmax2 if nested else w.absmax, w.code2 if nested else w.code,
-                w.offset if nested else w.code, w.code, out[start:start + w.rows], n_bytes,
-                HALF_BLOCK=w.blocksize // 2, BLOCKS2=max(w.blocksize2, 1), NESTED=nested, BYTES=bytes_per_program)
-            start += w.rows
+        with torch.cuda.device(out.device):  # Triton launches on the current device
+            for w in weights:
+                nested = w.absmax2 is not None
+                n_bytes = w.packed.numel()
+                _dequantize_kernel[(triton.cdiv(n_bytes, bytes_per_program),)](
+                    w.packed, w.absmax, w.absmax2 if nested else w.absmax, w.code2 if nested else w.code,
+                    w.offset if nested else w.code, w.code, out[start:start + w.rows], n_bytes,
+                    HALF_BLOCK=w.blocksize // 2, BLOCKS2=max(w.blocksize2, 1), NESTED=nested,
+                    BYTES=bytes_per_program)
+                start += w.rows
         return out
 
     _kernel = _dequantize_cuda
