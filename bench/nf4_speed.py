@@ -2,14 +2,14 @@
 
 The weights of one decoder layer (q/k/v stacked, o, gate/up stacked, down; hidden 4096,
 intermediate 11008), quantized by bitsandbytes as the QLoRA setting does (NF4, block 64, double
-quantization). Each variant writes the same bf16 matrices (checked bit for bit against
-bitsandbytes); the time per layer is the median of ``--repeats`` replays of a CUDA graph of the
-calls (the GPU's time, not the launches'), and the first variant,
-bitsandbytes' own ``dequantize_4bit`` per weight followed by ``torch.cat``, is the baseline:
+quantization). Each variant's output is checked bit for bit against the first; the time per layer
+is the median of ``--repeats`` replays of a CUDA graph of the calls (the GPU's time, not the
+launches'):
 
-- ``bitsandbytes``: ``dequantize_4bit`` per projection, ``torch.cat`` for the stacked groups;
+- ``bitsandbytes`` (the baseline): ``dequantize_4bit`` per projection, ``torch.cat`` for the
+  stacked groups;
 - ``torch_compiled``: the dequantization written in torch ops and compiled (what the fast path
-  ran before ``tunemake.nf4``'s kernel, attempt 24);
+  ran inside its compiled layer until session 6, docs/performance.md);
 - ``tunemake_kernel``: ``tunemake.nf4.dequantize``, one Triton kernel per weight.
 
     python bench/nf4_speed.py [--json out.json]

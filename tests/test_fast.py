@@ -212,48 +212,60 @@ def test_unsupported_models_are_named():
         FastCausalLM(gpt2, torch.bfloat16)
 
 
+def nf4_weight(w, nested: bool, blocksize: int = 64, storage=torch.uint8):
+    """``w`` quantized by bitsandbytes: (tunemake's NF4 view of it, bitsandbytes' own dequantization)."""
+    import bitsandbytes.functional as bnbf
+
+    from tunemake.nf4 import NF4
+
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type="nf4",
+                                       quant_storage=storage)
+    param = torch.nn.Parameter(packed, requires_grad=False)
+    param.quant_state = state
+    return NF4.of(param), bnbf.dequantize_4bit(packed, state).to(w.dtype)
+
+
 def test_nf4_dequantization_matches_bitsandbytes():
-    bnbf = pytest.importorskip("bitsandbytes.functional")
-    from tunemake.nf4 import NF4, dequantize
+    pytest.importorskip("bitsandbytes")
+    from tunemake.nf4 import dequantize
 
     torch.manual_seed(0)
     cases = [(torch.randn(96, 64, dtype=torch.bfloat16), nested, torch.uint8) for nested in (True, False)]
     cases.append((torch.randn(256, 320, dtype=torch.bfloat16) * 3, True, torch.uint8))  # 5 groups of block scales
     cases.append((torch.randn(96, 64, dtype=torch.bfloat16), True, torch.bfloat16))  # bytes stored as bf16
+    cases.append((torch.randn(3, 21, dtype=torch.bfloat16), True, torch.uint8))  # 63 values, part of a block
     for w, nested, storage in cases:
-        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4",
-                                           quant_storage=storage)
-        param = torch.nn.Parameter(packed, requires_grad=False)
-        param.quant_state = state
-        assert torch.equal(dequantize([NF4.of(param)], torch.bfloat16), bnbf.dequantize_4bit(packed, state))
+        weight, expected = nf4_weight(w, nested, storage=storage)
+        assert torch.equal(dequantize([weight], torch.bfloat16), expected)
+    with pytest.raises(ValueError, match="cannot stack"):
+        dequantize([nf4_weight(w, True)[0] for w in (torch.randn(4, 64), torch.randn(4, 128))], torch.bfloat16)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
-@pytest.mark.parametrize("nested,blocksize,dtype", [(True, 64, torch.bfloat16), (False, 64, torch.bfloat16),
-                                                    (True, 128, torch.float16)])
-def test_nf4_kernel_matches_bitsandbytes(nested, blocksize, dtype):
-    """The Triton kernel, stacked weights of different heights included, against bitsandbytes' own
-    CUDA dequantization, bit for bit."""
-    bnbf = pytest.importorskip("bitsandbytes.functional")
+@pytest.mark.parametrize("nested,blocksize,dtype,storage", [
+    (True, 64, torch.bfloat16, torch.uint8), (False, 64, torch.bfloat16, torch.uint8),
+    (True, 128, torch.float16, torch.uint8), (True, 64, torch.bfloat16, torch.bfloat16)])
+def test_nf4_kernel_matches_bitsandbytes(nested, blocksize, dtype, storage):
+    """The Triton kernel, stacked weights of different heights and an odd number of values included,
+    against bitsandbytes' own CUDA dequantization, bit for bit."""
+    pytest.importorskip("bitsandbytes")
     pytest.importorskip("triton")
-    from tunemake.nf4 import NF4, _kernel, dequantize
+    from tunemake.nf4 import _kernel, dequantize
 
     assert _kernel is not None
     torch.manual_seed(0)
     weights, expected = [], []
     for rows in (320, 64, 1000):  # 1000 x 192 / 2 bytes: the last program of the kernel is partial
-        w = (torch.randn(rows, 192, device="cuda") * 2).to(dtype)
-        packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type="nf4",
-                                           quant_storage=torch.uint8)
-        param = torch.nn.Parameter(packed, requires_grad=False)
-        param.quant_state = state
-        weights.append(NF4.of(param))
-        expected.append(bnbf.dequantize_4bit(packed, state).to(dtype))
+        weight, values = nf4_weight((torch.randn(rows, 192, device="cuda") * 2).to(dtype), nested, blocksize, storage)
+        weights.append(weight)
+        expected.append(values)
     assert torch.equal(dequantize(weights[:1], dtype), expected[0])
     assert torch.equal(dequantize(weights, dtype), torch.cat(expected))
+    odd, values = nf4_weight(torch.randn(3, 21, device="cuda").to(dtype), nested, blocksize, storage)
+    assert torch.equal(dequantize([odd], dtype), values)
 
 
 @cuda

@@ -131,7 +131,7 @@ def _dequantized(weights, dtype):
 
     def group(stacked_projs):
         stacked, projs = stacked_projs
-        if stacked != "dequantize":
+        if not isinstance(stacked, str):  # not _group's "dequantize"
             return stacked, [single(p) for p in projs]
         stacked, start, out = dequantize([p[0] for p in projs], dtype), 0, []
         for proj in projs:
@@ -144,7 +144,8 @@ def _dequantized(weights, dtype):
 
 
 def _linear(x, proj):
-    """``x @ W.T + b + scale * B(A(dropout(x)))`` in the compute dtype; ``proj`` from :meth:`FastCausalLM._proj`."""
+    """``x @ W.T + b + scale * B(A(dropout(x)))`` in the compute dtype; ``proj`` from
+    :meth:`FastCausalLM._proj` (4-bit weights dequantized by :func:`_dequantized`)."""
     weight, bias, lora_a, lora_b, scale, dropout = proj
     dtype = x.dtype
     y = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))

@@ -6,21 +6,28 @@ hand-written kernel per weight (``_dequantize_kernel``: packed bytes in, value p
 on an H200, 2.6x bitsandbytes' own); elsewhere it is written in torch ops (the reference, and the
 CPU tests). It runs eagerly: :mod:`tunemake.fast` calls it before each call of the compiled layer.
 
-Supported: NF4 with or without double quantization (8-bit block scales), any block size that
-divides the weight. Not here: FP4 (the fast path calls bitsandbytes' own kernel for it).
+Supported: NF4 with or without double quantization (8-bit block scales), any block size (a last
+block may be partial), the packed bytes stored in any dtype (bitsandbytes' ``quant_storage``).
+Not here: FP4 (the fast path calls bitsandbytes' own kernel for it).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+    from torch._inductor.runtime.triton_helpers import libdevice
+except Exception:  # no Triton (the CPU), or one that this torch cannot use: the torch ops serve
+    triton = None
+
 
 @dataclass(frozen=True, eq=False)
 class NF4:
-    """A bitsandbytes NF4 weight as plain tensors (what the compiled layer takes as input).
+    """A bitsandbytes NF4 weight as plain tensors, read once per layer by :mod:`tunemake.fast`.
 
     ``absmax`` holds the per-block scales: float32, or uint8 codes into ``code2`` with one float
     ``absmax2`` per ``blocksize2`` blocks plus ``offset`` when double-quantized.
@@ -54,7 +61,13 @@ class NF4:
 
 
 def dequantize(weights: list[NF4], dtype: torch.dtype) -> torch.Tensor:
-    """``weights`` dequantized and stacked row-wise (they share their column count) in ``dtype``."""
+    """``weights`` dequantized and stacked row-wise in ``dtype``.
+
+    Raises:
+        ValueError: the weights do not share their column count.
+    """
+    if len({w.shape[1] for w in weights}) > 1:
+        raise ValueError(f"cannot stack weights of shapes {[w.shape for w in weights]}")
     if weights[0].packed.is_cuda and _kernel is not None:
         return _kernel(weights, dtype)
     parts = [_dequantize_torch(w, dtype) for w in weights]
@@ -62,26 +75,22 @@ def dequantize(weights: list[NF4], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _dequantize_torch(w: NF4, dtype: torch.dtype) -> torch.Tensor:
-    p = w.packed.reshape(-1)
-    index = torch.stack([p >> 4, p & 15], dim=-1).reshape(-1).long()
+    n = w.shape[0] * w.shape[1]
+    index = torch.stack([w.packed >> 4, w.packed & 15], dim=-1).reshape(-1)[:n].long()  # high nibble first
     absmax = w.absmax
     if w.absmax2 is not None:
         absmax = w.code2[absmax.long()] * w.absmax2.repeat_interleave(w.blocksize2)[: absmax.numel()] + w.offset
-    return (w.code[index].view(-1, w.blocksize) * absmax.float()[:, None]).view(w.shape).to(dtype)
+    return (w.code[index] * absmax.float().repeat_interleave(w.blocksize)[:n]).view(w.shape).to(dtype)
 
 
-if importlib.util.find_spec("triton"):
-    import triton
-    import triton.language as tl
-    from torch._inductor.runtime.triton_helpers import libdevice
-
+if triton is not None:
     @triton.jit
-    def _dequantize_kernel(packed, absmax, absmax2, code2, offset, code, out, n_bytes,
+    def _dequantize_kernel(packed, absmax, absmax2, code2, offset, code, out, n_values,
                            HALF_BLOCK: tl.constexpr, BLOCKS2: tl.constexpr, NESTED: tl.constexpr,
                            BYTES: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BYTES
         i = start + tl.arange(0, BYTES)
-        live = i < n_bytes
+        live = i < (n_values + 1) // 2
         byte = tl.load(packed + i, mask=live, other=0).to(tl.int32)
         block = i // HALF_BLOCK
         if NESTED:
@@ -95,7 +104,7 @@ if importlib.util.find_spec("triton"):
         high = libdevice.mul_rn(tl.load(code + (byte >> 4), mask=live, other=0.0), scale)
         low = libdevice.mul_rn(tl.load(code + (byte & 15), mask=live, other=0.0), scale)
         j = 2 * start + tl.arange(0, 2 * BYTES)
-        tl.store(out + j, tl.interleave(high, low).to(out.dtype.element_ty), mask=j < 2 * n_bytes)
+        tl.store(out + j, tl.interleave(high, low).to(out.dtype.element_ty), mask=j < n_values)
 
     def _dequantize_cuda(weights: list[NF4], dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty(sum(w.rows for w in weights), weights[0].shape[1], dtype=dtype,
@@ -104,10 +113,11 @@ if importlib.util.find_spec("triton"):
         with torch.cuda.device(out.device):  # Triton launches on the current device
             for w in weights:
                 nested = w.absmax2 is not None
-                n_bytes = w.packed.numel()
-                _dequantize_kernel[(triton.cdiv(n_bytes, bytes_per_program),)](
+                n_values = w.shape[0] * w.shape[1]
+                # without double quantization absmax2, code2 and offset are not read: any pointer will do
+                _dequantize_kernel[(triton.cdiv((n_values + 1) // 2, bytes_per_program),)](
                     w.packed, w.absmax, w.absmax2 if nested else w.absmax, w.code2 if nested else w.code,
-                    w.offset if nested else w.code, w.code, out[start:start + w.rows], n_bytes,
+                    w.offset if nested else w.code, w.code, out[start:start + w.rows], n_values,
                     HALF_BLOCK=w.blocksize // 2, BLOCKS2=max(w.blocksize2, 1), NESTED=nested,
                     BYTES=bytes_per_program)
                 start += w.rows
