@@ -160,12 +160,37 @@ def test_bf16_autocast_close_to_reference():
     assert_close(ref, got, rtol=3e-2)
 
 
-def test_checkpointing_gives_the_same_gradients():
-    model = with_lora(tiny_llama())
+@pytest.mark.parametrize("method,own,autocast", [("lora", True, None), ("lora", False, None), ("full", True, None),
+                                                  ("lora_dropout", True, None), ("lora", True, torch.bfloat16)])
+def test_checkpointing_gives_the_same_gradients(method, own, autocast, monkeypatch):
+    """Recomputed layers give the gradients of the plain pass: tunemake's own recomputation
+    (full fine-tuning too, where the first layer's input needs its gradient; autocast restored),
+    and torch's checkpoint, which replays the dropout masks, for layers with dropout."""
+    import tunemake.fast as fast_module
+
+    model = tiny_llama() if method == "full" else with_lora(tiny_llama(), dropout=0.1 if method == "lora_dropout" else 0.0)
+    model.train()
     batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
-    plain = loss_and_grads(FastCausalLM(model, torch.float32, compile=False, attention="dense"), batch)
-    recomputed = loss_and_grads(FastCausalLM(model, torch.float32, checkpoint=True, compile=False, attention="dense"), batch)
-    assert_close(plain, recomputed, rtol=1e-6)
+    torch.manual_seed(3)
+    dtype = autocast or torch.float32
+    plain = loss_and_grads(FastCausalLM(model, dtype, compile=False, attention="dense"), batch, autocast)
+    calls = {"own": 0, "torch": 0}
+    own_apply, torch_checkpoint = fast_module._Recomputed.apply, torch.utils.checkpoint.checkpoint
+
+    def counted(kind, fn):
+        def call(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(fast_module._Recomputed, "apply", counted("own", own_apply))
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted("torch", torch_checkpoint))
+    torch.manual_seed(3)
+    fast = FastCausalLM(model, dtype, checkpoint=True, compile=False, attention="dense", own_checkpoint=own)
+    recomputed = loss_and_grads(fast, batch, autocast)
+    assert_close(plain, recomputed, rtol=1e-6 if autocast is None else 1e-2)
+    layers = CONFIG["num_hidden_layers"]
+    assert calls == ({"own": layers, "torch": 0} if own and method != "lora_dropout" else {"own": 0, "torch": layers})
 
 
 def test_flex_attention_eager_matches_dense():

@@ -231,6 +231,63 @@ class _ConcatLora(torch.autograd.Function):
         return (dx.reshape(ctx.shape), None, da.t() @ x2, None, None, None, *dbs)
 
 
+class _Recomputed(torch.autograd.Function):
+    """Gradient checkpointing of one decoder layer, without torch.utils.checkpoint's hooks.
+
+    The forward pass runs the layer under ``no_grad`` (the compiled layer's inference graph, no
+    autograd bookkeeping) and keeps only its input; the backward pass runs it again with autograd
+    and differentiates that with :func:`torch.autograd.grad`. ``run(x)`` is the layer; ``params``
+    are the trainable tensors it reads, passed in so that autograd routes their gradients (also in
+    the first layer, whose input needs none). Autocast is restored for the recomputation, random
+    state is not: a layer with dropout goes through :func:`torch.utils.checkpoint.checkpoint`,
+    which replays it.
+    """
+
+    @staticmethod
+    def forward(ctx, run, x, *params):
+        ctx.run, ctx.params = run, params
+        kind = x.device.type
+        ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return run(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        need = ctx.needs_input_grad[1:]
+        x = x.detach().requires_grad_(need[0])
+        kind, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
+            y = ctx.run(x)
+        wanted = [t for t, n in zip((x, *ctx.params), need) if n]
+        grads = iter(torch.autograd.grad(y, wanted, dy, allow_unused=True) if wanted else ())
+        return (None, *[next(grads) if n else None for n in need])
+
+
+def _trainable(weights) -> list:
+    """The tensors in a layer's weights (:meth:`FastCausalLM._layer_weights`) that need gradients."""
+    found, seen = [], set()
+
+    def walk(item):
+        if isinstance(item, torch.Tensor):
+            if item.requires_grad and id(item) not in seen:
+                seen.add(id(item))
+                found.append(item)
+        elif isinstance(item, (tuple, list)):
+            for sub in item:
+                walk(sub)
+
+    walk(weights)
+    return found
+
+
+def _has_dropout(weights) -> bool:
+    """Whether a layer's weights draw LoRA dropout (the last entry of each projection)."""
+    _, qkv, o_proj, _, gate_up, down_proj = weights
+    return any(p[5] for p in (*qkv[1], o_proj, *gate_up[1], down_proj))
+
+
 def _rms_norm(x, weight, eps):
     # as LlamaRMSNorm: statistics in fp32, weight applied after casting back
     h = x.float()
@@ -467,6 +524,8 @@ class FastCausalLM(torch.nn.Module):
         concat_lora: with ``fuse``, compute stacked projections and their LoRA B products as one
             matrix product (:class:`_ConcatLora`; the frozen weights get R more columns; 2% faster
             on the 7B bench, docs/performance.md attempt 16).
+        own_checkpoint: recompute layers through :class:`_Recomputed` (the first forward without
+            autograd) rather than ``torch.utils.checkpoint`` (which layers with dropout use anyway).
         attention: "flash", "varlen", "flex" or "dense" (default: flash on CUDA where torch has
             it, else varlen, else flex; dense on the CPU). "flash" calls aten's varlen flash
             attention ops directly (:class:`_FlashVarlen`), "varlen" through
@@ -475,7 +534,7 @@ class FastCausalLM(torch.nn.Module):
 
     def __init__(self, module, compute_dtype, checkpoint: bool = False, compile: bool | None = None,
                  attention: str | None = None, fuse: bool = True, compile_options: dict | None = None,
-                 concat_lora: bool = True):
+                 concat_lora: bool = True, own_checkpoint: bool = True):
         super().__init__()
         reason = unsupported(module, None)
         if reason:
@@ -507,8 +566,10 @@ class FastCausalLM(torch.nn.Module):
         self._checkpoint = checkpoint or self._quantized
         self._compile = device.type == "cuda" if compile is None else compile
         self._compile_options = compile_options
+        self._own_checkpoint = own_checkpoint
         self._fuse = fuse
         self._weights = {}
+        self._trainables = {}
         # frozen q/k/v (and gate/up) weights moved into one tensor each, the parameters becoming
         # views of it: same values and memory, one matmul instead of three
         self._stacked = {}
@@ -570,16 +631,30 @@ class FastCausalLM(torch.nn.Module):
                 self._proj(attn.o_proj), layer.post_attention_layernorm.weight,
                 self._group((mlp.gate_proj, mlp.up_proj), gate_up), self._proj(mlp.down_proj))
 
-    def _run_layer(self, layer, x, cos, sin, meta):
-        fn = _compiled(self._compile_options) if self._compile else _decoder_layer
-        if self._fp4:  # dequantized by bitsandbytes' own kernel at every call, never kept
-            return fn(x, cos, sin, meta, self._layer_weights(layer), self._shape)
+    def _cached_weights(self, layer):
         # the parameters are the same objects from step to step: look them up once (PEFT's
         # attribute lookups cost more CPU time than the GPU spends on a small layer)
         key = (id(layer), self.training)
         if key not in self._weights:
             self._weights[key] = self._layer_weights(layer)
-        weights = self._weights[key]
+        return self._weights[key]
+
+    def _recompute(self, layer, x, cos, sin, meta):
+        """``layer`` on ``x``, its activations recomputed in the backward pass."""
+        if self._own_checkpoint and not self._fp4:
+            key = (id(layer), self.training)
+            if key not in self._trainables:  # None: the layer draws dropout
+                weights = self._cached_weights(layer)
+                self._trainables[key] = None if _has_dropout(weights) else _trainable(weights)
+            if self._trainables[key] is not None:
+                return _Recomputed.apply(lambda h: self._run_layer(layer, h, cos, sin, meta), x, *self._trainables[key])
+        return torch.utils.checkpoint.checkpoint(self._run_layer, layer, x, cos, sin, meta, use_reentrant=False)
+
+    def _run_layer(self, layer, x, cos, sin, meta):
+        fn = _compiled(self._compile_options) if self._compile else _decoder_layer
+        if self._fp4:  # dequantized by bitsandbytes' own kernel at every call, never kept
+            return fn(x, cos, sin, meta, self._layer_weights(layer), self._shape)
+        weights = self._cached_weights(layer)
         if self._quantized:
             weights = _dequantized(weights, self._shape.compute_dtype)
         return fn(x, cos, sin, meta, weights, self._shape)
@@ -633,7 +708,7 @@ class FastCausalLM(torch.nn.Module):
         cos, sin = self._inner.rotary_emb(x, position_ids)
         for layer in self._inner.layers:
             if self._checkpoint and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(self._run_layer, layer, x, cos, sin, meta, use_reentrant=False)
+                x = self._recompute(layer, x, cos, sin, meta)
             else:
                 x = self._run_layer(layer, x, cos, sin, meta)
         x = self._inner.norm(x)
