@@ -335,6 +335,8 @@ def setting(kind, args, model_dir, dist, results, out):
         del optimizer, fast
     restore()
     model = params = start = None  # freed before the next setting builds its model
+    torch._dynamo.reset()  # compiled code can hold the last fast path's tensors
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if out and dist.main:

@@ -193,6 +193,15 @@ def test_checkpointing_gives_the_same_gradients(method, own, autocast, monkeypat
     assert calls == ({"own": layers, "torch": 0} if own and method != "lora_dropout" else {"own": 0, "torch": layers})
 
 
+def test_recomputed_layers_refuse_a_second_backward():
+    model = with_lora(tiny_llama())
+    batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
+    loss = FastCausalLM(model, torch.float32, checkpoint=True, compile=False, attention="dense")(**batch).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        loss.backward()
+
+
 def test_flex_attention_eager_matches_dense():
     model = with_lora(tiny_llama())
     batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)

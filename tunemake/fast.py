@@ -16,7 +16,9 @@ forward under autocast; it only computes it with fewer passes over memory:
   same product (:class:`_ConcatLora`);
 - QLoRA: 4-bit weights dequantized per layer and never kept (NF4 by :mod:`tunemake.nf4`, a Triton
   kernel on CUDA, before each call of the compiled layer): each layer is recomputed in the
-  backward pass (as with gradient checkpointing, which QLoRA uses by default).
+  backward pass (as with gradient checkpointing, which QLoRA uses by default);
+- gradient checkpointing without autograd in the first forward (:class:`_Recomputed`): the
+  compiled layer's inference graph, then the layer again in the backward pass.
 
 Supported: Llama-architecture decoders (``model_type`` llama, mistral without sliding window,
 qwen2 without sliding window), SiLU MLP, q/k/v biases, grouped-query attention, rope scaling (the
@@ -120,6 +122,20 @@ class _Shape:
     attention: str  # "varlen", "flash", "flex" or "dense"
 
 
+#: what :meth:`FastCausalLM._group` puts in place of a stacked weight for NF4 projections that
+#: :func:`_dequantized` dequantizes into one tensor
+_STACK_DEQUANTIZED = "stack the dequantized weights"
+
+
+def _row_blocks(stacked, projs, rows):
+    """``projs`` with their weights replaced by consecutive blocks of ``rows`` rows of ``stacked``."""
+    out, start = [], 0
+    for proj, n in zip(projs, rows):
+        out.append((stacked[start:start + n], *proj[1:]))
+        start += n
+    return out
+
+
 def _dequantized(weights, dtype):
     """A layer's weights (from :meth:`FastCausalLM._layer_weights`) with the NF4 ones dequantized.
 
@@ -131,13 +147,10 @@ def _dequantized(weights, dtype):
 
     def group(stacked_projs):
         stacked, projs = stacked_projs
-        if not isinstance(stacked, str):  # not _group's "dequantize"
+        if stacked is not _STACK_DEQUANTIZED:
             return stacked, [single(p) for p in projs]
-        stacked, start, out = dequantize([p[0] for p in projs], dtype), 0, []
-        for proj in projs:
-            out.append((stacked[start:start + proj[0].rows], *proj[1:]))
-            start += proj[0].rows
-        return stacked, out
+        stacked = dequantize([p[0] for p in projs], dtype)
+        return stacked, _row_blocks(stacked, projs, [p[0].rows for p in projs])
 
     ln1, qkv, o_proj, ln2, gate_up, down_proj = weights
     return ln1, group(qkv), single(o_proj), ln2, group(gate_up), single(down_proj)
@@ -240,7 +253,7 @@ class _Recomputed(torch.autograd.Function):
     are the trainable tensors it reads, passed in so that autograd routes their gradients (also in
     the first layer, whose input needs none). Autocast is restored for the recomputation, random
     state is not: a layer with dropout goes through :func:`torch.utils.checkpoint.checkpoint`,
-    which replays it.
+    which replays it. One backward pass per forward (no ``retain_graph``).
     """
 
     @staticmethod
@@ -254,13 +267,16 @@ class _Recomputed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if ctx.run is None:
+            raise RuntimeError("a recomputed layer's backward pass ran twice (retain_graph is not supported)")
         (x,) = ctx.saved_tensors
+        run, params, ctx.run, ctx.params = ctx.run, ctx.params, None, None  # no references past the backward
         need = ctx.needs_input_grad[1:]
         x = x.detach().requires_grad_(need[0])
         kind, dtype, enabled = ctx.autocast
         with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
-            y = ctx.run(x)
-        wanted = [t for t, n in zip((x, *ctx.params), need) if n]
+            y = run(x)
+        wanted = [t for t, n in zip((x, *params), need) if n]
         grads = iter(torch.autograd.grad(y, wanted, dy, allow_unused=True) if wanted else ())
         return (None, *[next(grads) if n else None for n in need])
 
@@ -615,13 +631,9 @@ class FastCausalLM(torch.nn.Module):
         if isinstance(stacked, _Wide):
             return stacked, out
         if stacked is not None:
-            start = 0
-            for i, proj in enumerate(out):
-                rows = proj[0].shape[0]
-                out[i] = (stacked[start:start + rows], *proj[1:])
-                start += rows
+            out = _row_blocks(stacked, out, [p[0].shape[0] for p in out])
         elif all(isinstance(p[0], NF4) for p in out):
-            stacked = "dequantize"  # by _dequantized, before each call of the compiled layer
+            stacked = _STACK_DEQUANTIZED  # by _dequantized, before each call of the compiled layer
         return stacked, out
 
     def _layer_weights(self, layer):
