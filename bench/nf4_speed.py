@@ -10,7 +10,8 @@ launches'):
   stacked groups;
 - ``torch_compiled``: the dequantization written in torch ops and compiled (what the fast path
   ran inside its compiled layer until session 6, docs/performance.md);
-- ``tunemake_kernel``: ``tunemake.nf4.dequantize``, one Triton kernel per weight.
+- ``tunemake_kernel``: ``tunemake.nf4.dequantize_plan``, one Triton kernel launch for the layer
+  (its plan built once, as the fast path does).
 
     python bench/nf4_speed.py [--json out.json]
 
@@ -66,8 +67,6 @@ def bitsandbytes_layer(layer):
     return out
 
 
-def tunemake_layer(layer):
-    return [nf4.dequantize(group, torch.bfloat16) for group in layer]
 
 
 def time_us(fn, layer, repeats: int) -> float:
@@ -120,6 +119,11 @@ def main(argv=None) -> int:
 
     def torch_compiled(layer):
         return [torch.cat([nf4._dequantize_torch(w, torch.bfloat16) for w in group]) for group in layer]
+
+    planned = nf4.plan(layer)
+
+    def tunemake_layer(layer):
+        return nf4.dequantize_plan(planned, torch.bfloat16)
 
     variants = {"bitsandbytes": bitsandbytes_layer, "torch_compiled": torch.compile(torch_compiled),
                 "tunemake_kernel": tunemake_layer}

@@ -275,6 +275,20 @@ def test_nf4_dequantization_matches_bitsandbytes():
         dequantize([nf4_weight(w, True)[0] for w in (torch.randn(4, 64), torch.randn(4, 128))], torch.bfloat16)
 
 
+def test_nf4_plan_gives_each_group_stacked():
+    """A layer's groups (stacked or alone, of different widths) from one plan, as bitsandbytes gives them."""
+    pytest.importorskip("bitsandbytes")
+    from tunemake.nf4 import dequantize_plan, plan
+
+    torch.manual_seed(0)
+    shapes = [[(8, 64), (4, 64), (4, 64)], [(8, 64)], [(6, 128), (6, 128)], [(3, 21)]]
+    pairs = [[nf4_weight(torch.randn(*shape, dtype=torch.bfloat16), True) for shape in group] for group in shapes]
+    got = dequantize_plan(plan([[w for w, _ in group] for group in pairs]), torch.bfloat16)
+    assert [tuple(g.shape) for g in got] == [(16, 64), (8, 64), (12, 128), (3, 21)]
+    for values, group in zip(got, pairs):
+        assert torch.equal(values, torch.cat([expected for _, expected in group]))
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -287,7 +301,7 @@ def test_nf4_kernel_matches_bitsandbytes(nested, blocksize, dtype, storage):
     against bitsandbytes' own CUDA dequantization, bit for bit."""
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("triton")
-    from tunemake.nf4 import _kernel, dequantize
+    from tunemake.nf4 import _kernel, dequantize, dequantize_plan, plan
 
     assert _kernel is not None
     torch.manual_seed(0)
@@ -298,8 +312,19 @@ def test_nf4_kernel_matches_bitsandbytes(nested, blocksize, dtype, storage):
         expected.append(values)
     assert torch.equal(dequantize(weights[:1], dtype), expected[0])
     assert torch.equal(dequantize(weights, dtype), torch.cat(expected))
-    odd, values = nf4_weight(torch.randn(3, 21, device="cuda").to(dtype), nested, blocksize, storage)
-    assert torch.equal(dequantize([odd], dtype), values)
+    odd, odd_values = nf4_weight(torch.randn(3, 21, device="cuda").to(dtype), nested, blocksize, storage)
+    assert torch.equal(dequantize([odd], dtype), odd_values)
+    # a layer's worth in one launch: the odd weight between two groups shifts the next one's start
+    wide, wide_values = nf4_weight((torch.randn(40, 256, device="cuda")).to(dtype), nested, blocksize, storage)
+    planned = plan([weights[:2], [odd], [weights[2]], [wide]])
+    assert len(planned.launches) == 1
+    got = dequantize_plan(planned, dtype)
+    for values, want in zip(got, [torch.cat(expected[:2]), odd_values, expected[2], wide_values]):
+        assert torch.equal(values, want)
+    unshared, unshared_values = nf4_weight(torch.randn(8, 192, device="cuda").to(dtype), not nested, blocksize, storage)
+    planned = plan([[weights[0], unshared]])  # double quantization and not: two launches
+    assert len(planned.launches) == 2
+    assert torch.equal(dequantize_plan(planned, dtype)[0], torch.cat([expected[0], unshared_values]))
 
 
 @cuda

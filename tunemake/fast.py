@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutput
 
-from tunemake.nf4 import NF4, dequantize
+from tunemake.nf4 import NF4, dequantize_plan, plan
 
 IGNORE_INDEX = -100
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -136,24 +136,47 @@ def _row_blocks(stacked, projs, rows):
     return out
 
 
-def _dequantized(weights, dtype):
+def _nf4_groups(weights) -> list:
+    """A layer's NF4 weights in the order :func:`_dequantized` fills them in: a stacked group
+    whole, the other weights one by one (the groups of a :func:`tunemake.nf4.plan`)."""
+    ln1, qkv, o_proj, ln2, gate_up, down_proj = weights
+
+    def group(stacked_projs):
+        stacked, projs = stacked_projs
+        if stacked is _STACK_DEQUANTIZED:
+            return [[p[0] for p in projs]]
+        return [[p[0]] for p in projs if isinstance(p[0], NF4)]
+
+    def single(proj):
+        return [[proj[0]]] if isinstance(proj[0], NF4) else []
+
+    return group(qkv) + single(o_proj) + group(gate_up) + single(down_proj)
+
+
+def _dequantized(weights, planned, dtype):
     """A layer's weights (from :meth:`FastCausalLM._layer_weights`) with the NF4 ones dequantized.
 
-    Done outside the compiled layer, by :func:`tunemake.nf4.dequantize` (one Triton kernel per
-    weight on CUDA), inside the layer's recomputation, so that no dequantized weight outlives it.
+    Done outside the compiled layer, by :func:`tunemake.nf4.dequantize_plan` (``planned`` from
+    :func:`_nf4_groups`; one Triton kernel launch a layer on CUDA), inside the layer's
+    recomputation, so that no dequantized weight outlives it.
     """
+    values = iter(dequantize_plan(planned, dtype))
+
     def single(proj):
-        return (dequantize([proj[0]], dtype), *proj[1:]) if isinstance(proj[0], NF4) else proj
+        return (next(values), *proj[1:]) if isinstance(proj[0], NF4) else proj
 
     def group(stacked_projs):
         stacked, projs = stacked_projs
         if stacked is not _STACK_DEQUANTIZED:
             return stacked, [single(p) for p in projs]
-        stacked = dequantize([p[0] for p in projs], dtype)
+        stacked = next(values)
         return stacked, _row_blocks(stacked, projs, [p[0].rows for p in projs])
 
     ln1, qkv, o_proj, ln2, gate_up, down_proj = weights
-    return ln1, group(qkv), single(o_proj), ln2, group(gate_up), single(down_proj)
+    qkv = group(qkv)  # in _nf4_groups' order
+    o_proj = single(o_proj)
+    gate_up = group(gate_up)
+    return ln1, qkv, o_proj, ln2, gate_up, single(down_proj)
 
 
 def _linear(x, proj):
@@ -586,6 +609,7 @@ class FastCausalLM(torch.nn.Module):
         self._fuse = fuse
         self._weights = {}
         self._trainables = {}
+        self._nf4_plans = {}
         # frozen q/k/v (and gate/up) weights moved into one tensor each, the parameters becoming
         # views of it: same values and memory, one matmul instead of three
         self._stacked = {}
@@ -668,7 +692,10 @@ class FastCausalLM(torch.nn.Module):
             return fn(x, cos, sin, meta, self._layer_weights(layer), self._shape)
         weights = self._cached_weights(layer)
         if self._quantized:
-            weights = _dequantized(weights, self._shape.compute_dtype)
+            key = (id(layer), self.training)
+            if key not in self._nf4_plans:
+                self._nf4_plans[key] = plan(_nf4_groups(weights))
+            weights = _dequantized(weights, self._nf4_plans[key], self._shape.compute_dtype)
         return fn(x, cos, sin, meta, weights, self._shape)
 
     def _attention_meta(self, position_ids):

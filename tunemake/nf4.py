@@ -1,10 +1,13 @@
 """NF4 dequantization for the fast path: bitsandbytes 4-bit weights back to bf16/fp16, one layer at a time.
 
 :func:`dequantize` gives the same values as ``bitsandbytes.functional.dequantize_4bit`` (bit for
-bit), for one weight or several stacked row-wise (q/k/v, gate/up). On CUDA with Triton it is one
-hand-written kernel per weight (``_dequantize_kernel``: packed bytes in, value pairs out, 3.1 TB/s
-on an H200, 2.6x bitsandbytes' own); elsewhere it is written in torch ops (the reference, and the
-CPU tests). It runs eagerly: :mod:`tunemake.fast` calls it before each call of the compiled layer.
+bit), for one weight or several stacked row-wise (q/k/v, gate/up); :func:`plan` and
+:func:`dequantize_plan` do a whole layer's weights into one buffer. On CUDA with Triton it is a
+hand-written kernel (``_dequantize_kernel``: packed bytes in, value pairs out, 3.1 TB/s on an
+H200, 2.6x bitsandbytes' own) launched once for all the weights of a plan, which it finds through
+a table of their addresses (the CPU's time per launch is what a QLoRA step waits for on slow
+hosts); elsewhere it is written in torch ops (the reference, and the CPU tests). It runs eagerly:
+:mod:`tunemake.fast` calls it before each call of the compiled layer.
 
 Supported: NF4 with or without double quantization (8-bit block scales), any block size (a last
 block may be partial), the packed bytes stored in any dtype (bitsandbytes' ``quant_storage``).
@@ -60,18 +63,93 @@ class NF4:
         return self.shape[0]
 
 
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Groups of NF4 weights dequantized together: each group stacked row-wise, all groups in one
+    buffer; on CUDA by one kernel launch per run of weights that share block sizes and code
+    tables (one for a whole Llama layer), from a table of their addresses built once.
+
+    The plan holds the weights it was built from: their tensors must not move while it is used.
+    """
+
+    groups: tuple  # tuple of tuples of NF4
+    launches: tuple = ()  # (table, programs, first weight, weights) per kernel launch; () without the kernel
+
+    def sizes(self) -> list[int]:
+        return [sum(w.rows for w in group) * group[0].shape[1] for group in self.groups]
+
+
+#: packed bytes per program of the kernel (it writes twice as many values)
+BYTES_PER_PROGRAM = 1024
+
+
+def plan(groups) -> Plan:
+    """A :class:`Plan` for ``groups`` (lists of NF4 weights, each stacked row-wise).
+
+    Raises:
+        ValueError: the weights of a group do not share their column count.
+    """
+    groups = tuple(tuple(group) for group in groups)
+    for group in groups:
+        if len({w.shape[1] for w in group}) > 1:
+            raise ValueError(f"cannot stack weights of shapes {[w.shape for w in group]}")
+    weights = [w for group in groups for w in group]
+    if _kernel is None or not all(_kernel_reads(w) for w in weights):
+        return Plan(groups)
+    launches, begin = [], 0
+    for i in range(1, len(weights) + 1):
+        if i == len(weights) or not _shareable(weights[begin], weights[i]):
+            launches.append(_table(weights[begin:i], first=begin))
+            begin = i
+    return Plan(groups, tuple(launches))
+
+
+def dequantize_plan(planned: Plan, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The plan's groups dequantized in ``dtype``: one [rows, columns] tensor per group, all views
+    of one buffer."""
+    sizes = planned.sizes()
+    if planned.launches:
+        flat = _kernel(planned, dtype, sum(sizes))
+    else:
+        flat = torch.cat([_dequantize_torch(w, dtype).reshape(-1) for group in planned.groups for w in group])
+    return [part.view(-1, group[0].shape[1]) for part, group in zip(flat.split(sizes), planned.groups)]
+
+
 def dequantize(weights: list[NF4], dtype: torch.dtype) -> torch.Tensor:
     """``weights`` dequantized and stacked row-wise in ``dtype``.
 
     Raises:
         ValueError: the weights do not share their column count.
     """
-    if len({w.shape[1] for w in weights}) > 1:
-        raise ValueError(f"cannot stack weights of shapes {[w.shape for w in weights]}")
-    if weights[0].packed.is_cuda and _kernel is not None:
-        return _kernel(weights, dtype)
-    parts = [_dequantize_torch(w, dtype) for w in weights]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return dequantize_plan(plan([weights]), dtype)[0]
+
+
+def _kernel_reads(w: NF4) -> bool:
+    """Whether the CUDA kernel reads ``w`` as stored (bitsandbytes' dtypes for the scales and tables)."""
+    floats = [w.code] + ([w.absmax2, w.code2, w.offset] if w.absmax2 is not None else [])
+    return (w.packed.is_cuda and w.absmax.dtype == (torch.uint8 if w.absmax2 is not None else torch.float32)
+            and all(t.dtype == torch.float32 for t in floats))
+
+
+def _shareable(a: NF4, b: NF4) -> bool:
+    """Whether one kernel launch can dequantize both (the kernel's constants and tables agree)."""
+    same = (a.blocksize, a.blocksize2, a.absmax2 is None, a.absmax.dtype, a.packed.device) == \
+           (b.blocksize, b.blocksize2, b.absmax2 is None, b.absmax.dtype, b.packed.device)
+    return same and torch.equal(a.code, b.code) and (a.code2 is None or torch.equal(a.code2, b.code2))
+
+
+def _table(run: list[NF4], first: int):
+    """One launch's work: per weight its addresses, where its values start, how many, its first program."""
+    rows, out, programs = [], 0, 0
+    for w in run:
+        n_values = w.shape[0] * w.shape[1]
+        nested = w.absmax2 is not None
+        # without double quantization absmax2 and offset are not read: any address will do
+        rows.append([w.packed.data_ptr(), w.absmax.data_ptr(), (w.absmax2 if nested else w.absmax).data_ptr(),
+                     (w.offset if nested else w.absmax).data_ptr(), out, n_values, programs])
+        out += n_values
+        programs += -(-((n_values + 1) // 2) // BYTES_PER_PROGRAM)
+    return torch.tensor(rows, dtype=torch.int64, device=run[0].packed.device), programs, first, len(run)
 
 
 def _dequantize_torch(w: NF4, dtype: torch.dtype) -> torch.Tensor:
@@ -85,10 +163,24 @@ def _dequantize_torch(w: NF4, dtype: torch.dtype) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
-    def _dequantize_kernel(packed, absmax, absmax2, code2, offset, code, out, n_values,
-                           HALF_BLOCK: tl.constexpr, BLOCKS2: tl.constexpr, NESTED: tl.constexpr,
-                           BYTES: tl.constexpr):
-        start = tl.program_id(0).to(tl.int64) * BYTES
+    def _dequantize_kernel(table, code, code2, out, WEIGHTS: tl.constexpr, HALF_BLOCK: tl.constexpr,
+                           BLOCKS2: tl.constexpr, NESTED: tl.constexpr, BYTES: tl.constexpr):
+        # which weight this program works on: the last whose first program is not after it
+        pid = tl.program_id(0)
+        w = 0
+        for k in tl.static_range(1, WEIGHTS):
+            w += (pid >= tl.load(table + k * 7 + 6)).to(tl.int32)
+        row = table + w * 7
+        packed = tl.load(row).to(tl.pointer_type(tl.uint8))
+        if NESTED:
+            absmax = tl.load(row + 1).to(tl.pointer_type(tl.uint8))
+        else:
+            absmax = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+        absmax2 = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        offset = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        out = out + tl.load(row + 4)
+        n_values = tl.load(row + 5)
+        start = (pid - tl.load(row + 6)).to(tl.int64) * BYTES
         i = start + tl.arange(0, BYTES)
         live = i < (n_values + 1) // 2
         byte = tl.load(packed + i, mask=live, other=0).to(tl.int32)
@@ -106,21 +198,19 @@ if triton is not None:
         j = 2 * start + tl.arange(0, 2 * BYTES)
         tl.store(out + j, tl.interleave(high, low).to(out.dtype.element_ty), mask=j < n_values)
 
-    def _dequantize_cuda(weights: list[NF4], dtype: torch.dtype) -> torch.Tensor:
-        out = torch.empty(sum(w.rows for w in weights), weights[0].shape[1], dtype=dtype,
-                          device=weights[0].packed.device)
-        start, bytes_per_program = 0, 1024
+    def _dequantize_cuda(planned: Plan, dtype: torch.dtype, total: int) -> torch.Tensor:
+        weights = [w for group in planned.groups for w in group]
+        out = torch.empty(total, dtype=dtype, device=weights[0].packed.device)
+        start = 0
         with torch.cuda.device(out.device):  # Triton launches on the current device
-            for w in weights:
+            for table, programs, first, count in planned.launches:
+                w = weights[first]
                 nested = w.absmax2 is not None
-                n_values = w.shape[0] * w.shape[1]
-                # without double quantization absmax2, code2 and offset are not read: any pointer will do
-                _dequantize_kernel[(triton.cdiv((n_values + 1) // 2, bytes_per_program),)](
-                    w.packed, w.absmax, w.absmax2 if nested else w.absmax, w.code2 if nested else w.code,
-                    w.offset if nested else w.code, w.code, out[start:start + w.rows], n_values,
+                _dequantize_kernel[(programs,)](
+                    table, w.code, w.code2 if nested else w.code, out[start:], WEIGHTS=count,
                     HALF_BLOCK=w.blocksize // 2, BLOCKS2=max(w.blocksize2, 1), NESTED=nested,
-                    BYTES=bytes_per_program)
-                start += w.rows
+                    BYTES=BYTES_PER_PROGRAM)
+                start += sum(v.shape[0] * v.shape[1] for v in weights[first:first + count])
         return out
 
     _kernel = _dequantize_cuda
