@@ -312,12 +312,13 @@ def test_nf4_kernel_matches_bitsandbytes(nested, blocksize, dtype, storage):
         expected.append(values)
     assert torch.equal(dequantize(weights[:1], dtype), expected[0])
     assert torch.equal(dequantize(weights, dtype), torch.cat(expected))
+    assert plan([weights]).launches[0][-1]  # whole 16-byte accesses
     odd, odd_values = nf4_weight(torch.randn(3, 21, device="cuda").to(dtype), nested, blocksize, storage)
     assert torch.equal(dequantize([odd], dtype), odd_values)
     # a layer's worth in one launch: the odd weight between two groups shifts the next one's start
     wide, wide_values = nf4_weight((torch.randn(40, 256, device="cuda")).to(dtype), nested, blocksize, storage)
     planned = plan([weights[:2], [odd], [weights[2]], [wide]])
-    assert len(planned.launches) == 1
+    assert len(planned.launches) == 1 and not planned.launches[0][-1]  # the odd one: value by value
     got = dequantize_plan(planned, dtype)
     for values, want in zip(got, [torch.cat(expected[:2]), odd_values, expected[2], wide_values]):
         assert torch.equal(values, want)

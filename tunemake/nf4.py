@@ -73,7 +73,7 @@ class Plan:
     """
 
     groups: tuple  # tuple of tuples of NF4
-    launches: tuple = ()  # (table, programs, first weight, weights) per kernel launch; () without the kernel
+    launches: tuple = ()  # (table, programs, first weight, weights, aligned) per launch; () without the kernel
 
     def sizes(self) -> list[int]:
         return [sum(w.rows for w in group) * group[0].shape[1] for group in self.groups]
@@ -96,10 +96,11 @@ def plan(groups) -> Plan:
     weights = [w for group in groups for w in group]
     if _kernel is None or not all(_kernel_reads(w) for w in weights):
         return Plan(groups)
-    launches, begin = [], 0
+    launches, begin, values = [], 0, 0
     for i in range(1, len(weights) + 1):
         if i == len(weights) or not _shareable(weights[begin], weights[i]):
-            launches.append(_table(weights[begin:i], first=begin))
+            launches.append(_table(weights[begin:i], begin, values))
+            values += sum(w.shape[0] * w.shape[1] for w in weights[begin:i])
             begin = i
     return Plan(groups, tuple(launches))
 
@@ -138,18 +139,24 @@ def _shareable(a: NF4, b: NF4) -> bool:
     return same and torch.equal(a.code, b.code) and (a.code2 is None or torch.equal(a.code2, b.code2))
 
 
-def _table(run: list[NF4], first: int):
-    """One launch's work: per weight its addresses, where its values start, how many, its first program."""
-    rows, out, programs = [], 0, 0
+def _table(run: list[NF4], first: int, values: int):
+    """One launch's work (``run``: the weights from the plan's ``first``, whose values start at
+    ``values`` in the buffer): per weight its addresses, where its values start, how many values
+    and bytes, its first program; and whether every packed weight, start in the buffer and count
+    is a multiple of 16 bytes (then the kernel reads and writes 16 bytes at a time)."""
+    rows, out, programs, aligned = [], 0, 0, True
     for w in run:
         n_values = w.shape[0] * w.shape[1]
         nested = w.absmax2 is not None
         # without double quantization absmax2 and offset are not read: any address will do
         rows.append([w.packed.data_ptr(), w.absmax.data_ptr(), (w.absmax2 if nested else w.absmax).data_ptr(),
-                     (w.offset if nested else w.absmax).data_ptr(), out, n_values, programs])
+                     (w.offset if nested else w.absmax).data_ptr(), out, n_values, (n_values + 1) // 2, programs])
+        # 16 bytes at a time: 32 values, 8 of 2 or 4 bytes in the output
+        aligned = aligned and w.packed.data_ptr() % 16 == 0 and (values + out) % 8 == 0 and n_values % 32 == 0
         out += n_values
         programs += -(-((n_values + 1) // 2) // BYTES_PER_PROGRAM)
-    return torch.tensor(rows, dtype=torch.int64, device=run[0].packed.device), programs, first, len(run)
+    table = torch.tensor(rows, dtype=torch.int64, device=run[0].packed.device)
+    return table, programs, first, len(run), aligned
 
 
 def _dequantize_torch(w: NF4, dtype: torch.dtype) -> torch.Tensor:
@@ -164,13 +171,14 @@ def _dequantize_torch(w: NF4, dtype: torch.dtype) -> torch.Tensor:
 if triton is not None:
     @triton.jit
     def _dequantize_kernel(table, code, code2, out, WEIGHTS: tl.constexpr, HALF_BLOCK: tl.constexpr,
-                           BLOCKS2: tl.constexpr, NESTED: tl.constexpr, BYTES: tl.constexpr):
+                           BLOCKS2: tl.constexpr, NESTED: tl.constexpr, BYTES: tl.constexpr,
+                           ALIGNED: tl.constexpr):
         # which weight this program works on: the last whose first program is not after it
         pid = tl.program_id(0)
         w = 0
         for k in tl.static_range(1, WEIGHTS):
-            w += (pid >= tl.load(table + k * 7 + 6)).to(tl.int32)
-        row = table + w * 7
+            w += (pid >= tl.load(table + k * 8 + 7)).to(tl.int32)
+        row = table + w * 8
         packed = tl.load(row).to(tl.pointer_type(tl.uint8))
         if NESTED:
             absmax = tl.load(row + 1).to(tl.pointer_type(tl.uint8))
@@ -180,9 +188,15 @@ if triton is not None:
         offset = tl.load(row + 3).to(tl.pointer_type(tl.float32))
         out = out + tl.load(row + 4)
         n_values = tl.load(row + 5)
-        start = (pid - tl.load(row + 6)).to(tl.int64) * BYTES
+        n_bytes = tl.load(row + 6)
+        if ALIGNED:  # loaded from the table: say what the plan checked, or no access is vectorized
+            packed = tl.multiple_of(packed, 16)
+            out = tl.multiple_of(out, 16)
+            n_values = tl.multiple_of(n_values, 32)
+            n_bytes = tl.multiple_of(n_bytes, 16)
+        start = (pid - tl.load(row + 7)).to(tl.int64) * BYTES
         i = start + tl.arange(0, BYTES)
-        live = i < (n_values + 1) // 2
+        live = i < n_bytes
         byte = tl.load(packed + i, mask=live, other=0).to(tl.int32)
         block = i // HALF_BLOCK
         if NESTED:
@@ -203,13 +217,13 @@ if triton is not None:
         out = torch.empty(total, dtype=dtype, device=weights[0].packed.device)
         start = 0
         with torch.cuda.device(out.device):  # Triton launches on the current device
-            for table, programs, first, count in planned.launches:
+            for table, programs, first, count, aligned in planned.launches:
                 w = weights[first]
                 nested = w.absmax2 is not None
                 _dequantize_kernel[(programs,)](
                     table, w.code, w.code2 if nested else w.code, out[start:], WEIGHTS=count,
                     HALF_BLOCK=w.blocksize // 2, BLOCKS2=max(w.blocksize2, 1), NESTED=nested,
-                    BYTES=BYTES_PER_PROGRAM)
+                    BYTES=BYTES_PER_PROGRAM, ALIGNED=aligned and out.data_ptr() % 16 == 0)
                 start += sum(v.shape[0] * v.shape[1] for v in weights[first:first + count])
         return out
 
