@@ -161,11 +161,12 @@ def test_bf16_autocast_close_to_reference():
 
 
 @pytest.mark.parametrize("method,own,autocast", [("lora", True, None), ("lora", False, None), ("full", True, None),
-                                                  ("lora_dropout", True, None), ("lora", True, torch.bfloat16)])
+                                                  ("lora_dropout", True, None), ("lora_dropout", False, None),
+                                                  ("lora", True, torch.bfloat16)])
 def test_checkpointing_gives_the_same_gradients(method, own, autocast, monkeypatch):
     """Recomputed layers give the gradients of the plain pass: tunemake's own recomputation
-    (full fine-tuning too, where the first layer's input needs its gradient; autocast restored),
-    and torch's checkpoint, which replays the dropout masks, for layers with dropout."""
+    (full fine-tuning too, where the first layer's input needs its gradient; LoRA dropout, whose
+    masks the recomputation draws again from their seed; under autocast) and torch's checkpoint."""
     import tunemake.fast as fast_module
 
     model = tiny_llama() if method == "full" else with_lora(tiny_llama(), dropout=0.1 if method == "lora_dropout" else 0.0)
@@ -190,7 +191,39 @@ def test_checkpointing_gives_the_same_gradients(method, own, autocast, monkeypat
     recomputed = loss_and_grads(fast, batch, autocast)
     assert_close(plain, recomputed, rtol=1e-6 if autocast is None else 1e-2)
     layers = CONFIG["num_hidden_layers"]
-    assert calls == ({"own": layers, "torch": 0} if own and method != "lora_dropout" else {"own": 0, "torch": layers})
+    assert calls == ({"own": layers, "torch": 0} if own else {"own": 0, "torch": layers})
+
+
+def test_lora_dropout_masks_follow_the_seed():
+    """Each projection gets its own mask, dropping about p of its inputs; a seed gives the same
+    masks again (what a recomputed layer relies on), torch's seed a different run."""
+    from tunemake.fast import _with_masks
+
+    model = with_lora(tiny_llama(), dropout=0.25)
+    model.train()
+    fast = FastCausalLM(model, torch.float32, compile=False, attention="dense")
+    weights = fast._cached_weights(fast._inner.layers[0])
+    x = torch.zeros(2, 300, CONFIG["hidden_size"])
+
+    def masks(seed):
+        _, qkv, o_proj, _, gate_up, down_proj = _with_masks(weights, x, seed)
+        return [p[5][0] for p in (*qkv[1], o_proj, *gate_up[1], down_proj)]
+
+    first = masks(7)
+    assert [tuple(m.shape[-1:]) for m in first] == [(64,)] * 6 + [(CONFIG["intermediate_size"],)]
+    assert all(torch.equal(a, b) for a, b in zip(first, masks(7)))
+    assert not torch.equal(first[0], first[1])  # q and k draw their own
+    assert not torch.equal(first[0], masks(8)[0])
+    dropped = 1 - torch.cat([m.reshape(-1) for m in first]).float().mean().item()
+    assert abs(dropped - 0.25) < 0.02
+    batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
+    runs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        runs.append(loss_and_grads(fast, batch))
+    assert_close(runs[0], runs[1], rtol=0)
+    name = next(n for n in runs[0][1] if "lora_A" in n)
+    assert not torch.equal(runs[0][1][name], runs[2][1][name])
 
 
 def test_recomputed_layers_refuse_a_second_backward():
@@ -350,6 +383,26 @@ def test_compiled_cuda_path_close_to_reference(attention, kv_heads):
         lean = {k: v for k, v in batch.items() if k != "attention_mask"}
         got = loss_and_grads(fast, lean, autocast=torch.bfloat16)
         assert_close(ref, got, rtol=3e-2)
+
+
+@cuda
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_compiled_dropout_draws_the_eager_masks(checkpoint):
+    """LoRA dropout on CUDA: the compiled layer (recomputed or not) applies the masks the eager
+    layer draws from the same seed, so both give the same loss and gradients."""
+    model = with_lora(tiny_llama(dtype=torch.bfloat16), dropout=0.1).cuda()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    batch = {k: v.cuda() for k, v in make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False).items()}
+    runs = []
+    for compile in (False, True):
+        torch.manual_seed(5)
+        fast = FastCausalLM(model, torch.bfloat16, checkpoint=checkpoint, compile=compile,
+                            attention=None if compile else "dense")
+        runs.append(loss_and_grads(fast, batch, autocast=torch.bfloat16))
+    assert_close(runs[0], runs[1], rtol=3e-2)
 
 
 def qlora_tiny(device: str):

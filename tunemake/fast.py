@@ -8,7 +8,8 @@ forward under autocast; it only computes it with fewer passes over memory:
   directly; ``torch.nn.attention.varlen`` or flex attention where those are missing), so no
   dense mask and no attention across documents;
 - each decoder layer compiled once with ``torch.compile`` (norms, rotary, SiLU, LoRA casts and
-  dropout fused) and run for every layer;
+  dropout fused) and run for every layer; LoRA dropout masks are drawn outside it, from a seed
+  per layer call, so that a recomputed layer draws the same ones;
 - the cross-entropy computed chunk by chunk from the last hidden state, gradient included, so the
   full logits are never held (only target positions are projected);
 - frozen q/k/v and gate/up weights stacked, one matrix product per group; with LoRA (no dropout)
@@ -186,9 +187,16 @@ def _linear(x, proj):
     dtype = x.dtype
     y = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
     if lora_a is not None:
-        d = F.dropout(x, dropout, training=True) if dropout else x
-        y = y + F.linear(F.linear(d, lora_a.to(dtype)), lora_b.to(dtype)) * scale
+        y = y + F.linear(F.linear(_dropped(x, dropout), lora_a.to(dtype)), lora_b.to(dtype)) * scale
     return y
+
+
+def _dropped(x, dropout):
+    """``x`` through LoRA dropout: ``dropout`` is 0 (none) or (keep mask, p) from :func:`_with_masks`."""
+    if not dropout:
+        return x
+    keep, p = dropout
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
 
 
 def _linears(x, group):
@@ -215,8 +223,7 @@ def _linears(x, group):
         return [y + F.linear(a, p[3].to(dtype)) * p[4] for y, a, p in zip(ys, xa, projs)]
     for i, (_, _, lora_a, lora_b, scale, dropout) in enumerate(projs):
         if lora_a is not None:
-            d = F.dropout(x, dropout, training=True) if dropout else x
-            ys[i] = ys[i] + F.linear(F.linear(d, lora_a.to(dtype)), lora_b.to(dtype)) * scale
+            ys[i] = ys[i] + F.linear(F.linear(_dropped(x, dropout), lora_a.to(dtype)), lora_b.to(dtype)) * scale
     return ys
 
 
@@ -274,9 +281,9 @@ class _Recomputed(torch.autograd.Function):
     autograd bookkeeping) and keeps only its input; the backward pass runs it again with autograd
     and differentiates that with :func:`torch.autograd.grad`. ``run(x)`` is the layer; ``params``
     are the trainable tensors it reads, passed in so that autograd routes their gradients (also in
-    the first layer, whose input needs none). Autocast is restored for the recomputation, random
-    state is not: a layer with dropout goes through :func:`torch.utils.checkpoint.checkpoint`,
-    which replays it. One backward pass per forward (no ``retain_graph``).
+    the first layer, whose input needs none). Autocast is restored for the recomputation; LoRA
+    dropout needs no random state restored, its masks coming from a seed (:func:`_with_masks`).
+    One backward pass per forward (no ``retain_graph``).
     """
 
     @staticmethod
@@ -321,10 +328,27 @@ def _trainable(weights) -> list:
     return found
 
 
-def _has_dropout(weights) -> bool:
-    """Whether a layer's weights draw LoRA dropout (the last entry of each projection)."""
-    _, qkv, o_proj, _, gate_up, down_proj = weights
-    return any(p[5] for p in (*qkv[1], o_proj, *gate_up[1], down_proj))
+def _with_masks(weights, x, seed: int):
+    """A layer's weights with each LoRA dropout probability p replaced by (keep mask, p).
+
+    The masks (one per projection, as PEFT draws them) come from a generator seeded with ``seed``,
+    so the layer's recomputation draws the same ones, and the compiled layer holds no random op.
+    """
+    generator = torch.Generator(device=x.device)
+    generator.manual_seed(seed)
+
+    def proj(p):
+        if not p[5]:
+            return p
+        shape = (*x.shape[:-1], p[2].shape[1])  # the projection's input: its LoRA A's columns
+        keep = torch.rand(shape, generator=generator, device=x.device) >= p[5]
+        return (*p[:5], (keep, p[5]))
+
+    ln1, (qkv, qkv_projs), o_proj, ln2, (gate_up, gate_up_projs), down_proj = weights
+    qkv_projs = [proj(p) for p in qkv_projs]  # in the layer's order
+    o_proj = proj(o_proj)
+    gate_up_projs = [proj(p) for p in gate_up_projs]
+    return ln1, (qkv, qkv_projs), o_proj, ln2, (gate_up, gate_up_projs), proj(down_proj)
 
 
 def _rms_norm(x, weight, eps):
@@ -564,7 +588,7 @@ class FastCausalLM(torch.nn.Module):
             matrix product (:class:`_ConcatLora`; the frozen weights get R more columns; 2% faster
             on the 7B bench, docs/performance.md attempt 16).
         own_checkpoint: recompute layers through :class:`_Recomputed` (the first forward without
-            autograd) rather than ``torch.utils.checkpoint`` (which layers with dropout use anyway).
+            autograd) rather than ``torch.utils.checkpoint``.
         attention: "flash", "varlen", "flex" or "dense" (default: flash on CUDA where torch has
             it, else varlen, else flex; dense on the CPU). "flash" calls aten's varlen flash
             attention ops directly (:class:`_FlashVarlen`), "varlen" through
@@ -606,6 +630,10 @@ class FastCausalLM(torch.nn.Module):
         self._compile = device.type == "cuda" if compile is None else compile
         self._compile_options = compile_options
         self._own_checkpoint = own_checkpoint
+        self._lora_dropout = any(
+            isinstance(proj.lora_dropout[a], torch.nn.Dropout) and proj.lora_dropout[a].p > 0
+            for layer in self._inner.layers for proj in _projections(layer) if hasattr(proj, "lora_A")
+            for a in proj.active_adapters if a in proj.lora_A)
         self._fuse = fuse
         self._weights = {}
         self._trainables = {}
@@ -622,6 +650,10 @@ class FastCausalLM(torch.nn.Module):
                 for projs, wide in zip(groups, self._stacked[id(layer)]):
                     if isinstance(wide, _Wide):
                         self._lora_b_slots += _b_slots(projs, wide)
+
+    @property
+    def _dropout(self) -> bool:
+        return self._lora_dropout and self.training
 
     @property
     def attention(self) -> str:
@@ -675,27 +707,30 @@ class FastCausalLM(torch.nn.Module):
             self._weights[key] = self._layer_weights(layer)
         return self._weights[key]
 
-    def _recompute(self, layer, x, cos, sin, meta):
+    def _recompute(self, layer, x, cos, sin, meta, seed):
         """``layer`` on ``x``, its activations recomputed in the backward pass."""
         if self._own_checkpoint and not self._fp4:
             key = (id(layer), self.training)
-            if key not in self._trainables:  # None: the layer draws dropout
-                weights = self._cached_weights(layer)
-                self._trainables[key] = None if _has_dropout(weights) else _trainable(weights)
-            if self._trainables[key] is not None:
-                return _Recomputed.apply(lambda h: self._run_layer(layer, h, cos, sin, meta), x, *self._trainables[key])
-        return torch.utils.checkpoint.checkpoint(self._run_layer, layer, x, cos, sin, meta, use_reentrant=False)
+            if key not in self._trainables:
+                self._trainables[key] = _trainable(self._cached_weights(layer))
+            return _Recomputed.apply(lambda h: self._run_layer(layer, h, cos, sin, meta, seed), x,
+                                     *self._trainables[key])
+        return torch.utils.checkpoint.checkpoint(self._run_layer, layer, x, cos, sin, meta, seed, use_reentrant=False)
 
-    def _run_layer(self, layer, x, cos, sin, meta):
+    def _run_layer(self, layer, x, cos, sin, meta, seed):
+        """``layer`` on ``x``; ``seed`` draws its LoRA dropout masks (None: it has none)."""
         fn = _compiled(self._compile_options) if self._compile else _decoder_layer
         if self._fp4:  # dequantized by bitsandbytes' own kernel at every call, never kept
-            return fn(x, cos, sin, meta, self._layer_weights(layer), self._shape)
-        weights = self._cached_weights(layer)
-        if self._quantized:
-            key = (id(layer), self.training)
-            if key not in self._nf4_plans:
-                self._nf4_plans[key] = plan(_nf4_groups(weights))
-            weights = _dequantized(weights, self._nf4_plans[key], self._shape.compute_dtype)
+            weights = self._layer_weights(layer)
+        else:
+            weights = self._cached_weights(layer)
+            if self._quantized:
+                key = (id(layer), self.training)
+                if key not in self._nf4_plans:
+                    self._nf4_plans[key] = plan(_nf4_groups(weights))
+                weights = _dequantized(weights, self._nf4_plans[key], self._shape.compute_dtype)
+        if seed is not None:
+            weights = _with_masks(weights, x, seed)
         return fn(x, cos, sin, meta, weights, self._shape)
 
     def _attention_meta(self, position_ids):
@@ -745,11 +780,15 @@ class FastCausalLM(torch.nn.Module):
                 torch._foreach_copy_([slot for slot, _ in self._lora_b_slots], [b for _, b in self._lora_b_slots])
         x = self.module.get_input_embeddings()(input_ids)
         cos, sin = self._inner.rotary_emb(x, position_ids)
-        for layer in self._inner.layers:
+        # LoRA dropout: one seed a forward pass from torch's generator (what seeding makes
+        # reproducible), one a layer from it, for masks that the recomputation draws again
+        step_seed = int(torch.randint(0, 2**62, ())) if self._dropout else None
+        for index, layer in enumerate(self._inner.layers):
+            seed = None if step_seed is None else (step_seed + 1_000_003 * (index + 1)) % 2**63
             if self._checkpoint and torch.is_grad_enabled():
-                x = self._recompute(layer, x, cos, sin, meta)
+                x = self._recompute(layer, x, cos, sin, meta, seed)
             else:
-                x = self._run_layer(layer, x, cos, sin, meta)
+                x = self._run_layer(layer, x, cos, sin, meta, seed)
         x = self._inner.norm(x)
         hidden = x.reshape(b * n, -1).index_select(0, keep)
         loss = _LinearCrossEntropy.apply(hidden, _head_weight(self._head), targets.index_select(0, keep),
