@@ -386,10 +386,10 @@ def test_compiled_cuda_path_close_to_reference(attention, kv_heads):
 
 
 @cuda
-@pytest.mark.parametrize("checkpoint", [False, True])
-def test_compiled_dropout_draws_the_eager_masks(checkpoint):
-    """LoRA dropout on CUDA: the compiled layer (recomputed or not) applies the masks the eager
-    layer draws from the same seed, so both give the same loss and gradients."""
+def test_compiled_recomputation_draws_the_same_dropout_masks():
+    """LoRA dropout on CUDA, compiled: the recomputed layers apply the masks their first pass drew,
+    so checkpointing gives the loss and gradients of the plain pass (a mask drawn afresh in the
+    recomputation would not)."""
     model = with_lora(tiny_llama(dtype=torch.bfloat16), dropout=0.1).cuda()
     for p in model.parameters():
         if p.requires_grad:
@@ -397,11 +397,12 @@ def test_compiled_dropout_draws_the_eager_masks(checkpoint):
     model.train()
     batch = {k: v.cuda() for k, v in make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False).items()}
     runs = []
-    for compile in (False, True):
+    for checkpoint in (False, True):
         torch.manual_seed(5)
-        fast = FastCausalLM(model, torch.bfloat16, checkpoint=checkpoint, compile=compile,
-                            attention=None if compile else "dense")
-        runs.append(loss_and_grads(fast, batch, autocast=torch.bfloat16))
+        runs.append(loss_and_grads(FastCausalLM(model, torch.bfloat16, checkpoint=checkpoint), batch,
+                                   autocast=torch.bfloat16))
+    # bf16: the first pass runs the compiled inference graph, the recomputation the training one
+    # (1.2% apart on the H200); masks drawn afresh put the gradients about 50% apart
     assert_close(runs[0], runs[1], rtol=3e-2)
 
 
