@@ -199,7 +199,7 @@ def test_lora_dropout_masks_follow_the_seed():
     masks again (what a recomputed layer relies on), torch's seed a different run."""
     from tunemake.fast import _with_masks
 
-    model = with_lora(tiny_llama(), dropout=0.25)
+    model = with_lora(tiny_llama(head_dim=32), dropout=0.25)  # o_proj's input: 4 heads x 32, not the hidden 64
     model.train()
     fast = FastCausalLM(model, torch.float32, compile=False, attention="dense")
     weights = fast._cached_weights(fast._inner.layers[0])
@@ -210,7 +210,7 @@ def test_lora_dropout_masks_follow_the_seed():
         return [p[5][0] for p in (*qkv[1], o_proj, *gate_up[1], down_proj)]
 
     first = masks(7)
-    assert [tuple(m.shape[-1:]) for m in first] == [(64,)] * 6 + [(CONFIG["intermediate_size"],)]
+    assert [m.shape[-1] for m in first] == [64, 64, 64, 128, 64, 64, CONFIG["intermediate_size"]]
     assert all(torch.equal(a, b) for a, b in zip(first, masks(7)))
     assert not torch.equal(first[0], first[1])  # q and k draw their own
     assert not torch.equal(first[0], masks(8)[0])
@@ -224,6 +224,21 @@ def test_lora_dropout_masks_follow_the_seed():
     assert_close(runs[0], runs[1], rtol=0)
     name = next(n for n in runs[0][1] if "lora_A" in n)
     assert not torch.equal(runs[0][1][name], runs[2][1][name])
+
+
+def test_recomputation_follows_parameters_unfrozen_later():
+    """A parameter switched to trainable after the first step gets its gradient through the
+    recomputed layers, as through the plain ones."""
+    model = with_lora(tiny_llama())
+    batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
+    recomputing = FastCausalLM(model, torch.float32, checkpoint=True, compile=False, attention="dense")
+    loss_and_grads(recomputing, batch)
+    norm = model.base_model.model.model.layers[0].input_layernorm.weight
+    norm.requires_grad_(True)
+    plain = loss_and_grads(FastCausalLM(model, torch.float32, compile=False, attention="dense"), batch)
+    recomputed = loss_and_grads(recomputing, batch)
+    assert any("input_layernorm" in name for name in recomputed[1])
+    assert_close(plain, recomputed, rtol=1e-6)
 
 
 def test_recomputed_layers_refuse_a_second_backward():
@@ -306,6 +321,13 @@ def test_nf4_dequantization_matches_bitsandbytes():
         assert torch.equal(dequantize([weight], torch.bfloat16), expected)
     with pytest.raises(ValueError, match="cannot stack"):
         dequantize([nf4_weight(w, True)[0] for w in (torch.randn(4, 64), torch.randn(4, 128))], torch.bfloat16)
+
+
+def test_nf4_plan_of_no_weights_is_empty():
+    """A layer without NF4 weights (modules left unquantized) plans nothing and gets nothing."""
+    from tunemake.nf4 import dequantize_plan, plan
+
+    assert dequantize_plan(plan([]), torch.bfloat16) == []
 
 
 def test_nf4_plan_gives_each_group_stacked():

@@ -280,9 +280,10 @@ class _Recomputed(torch.autograd.Function):
     The forward pass runs the layer under ``no_grad`` (the compiled layer's inference graph, no
     autograd bookkeeping) and keeps only its input; the backward pass runs it again with autograd
     and differentiates that with :func:`torch.autograd.grad`. ``run(x)`` is the layer; ``params``
-    are the trainable tensors it reads, passed in so that autograd routes their gradients (also in
-    the first layer, whose input needs none). Autocast is restored for the recomputation; LoRA
-    dropout needs no random state restored, its masks coming from a seed (:func:`_with_masks`).
+    are the parameters and trainable tensors it reads, passed in so that autograd routes their
+    gradients (also in the first layer, whose input needs none). Autocast is restored for the
+    recomputation; LoRA dropout needs no random state restored, its masks coming from a seed
+    (:func:`_with_masks`).
     One backward pass per forward (no ``retain_graph``).
     """
 
@@ -292,8 +293,8 @@ class _Recomputed(torch.autograd.Function):
         kind = x.device.type
         ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
         ctx.save_for_backward(x)
-        with torch.no_grad():
-            return run(x)
+        with torch.no_grad():  # detached: one compiled variant whether the input needs a gradient or not
+            return run(x.detach())
 
     @staticmethod
     def backward(ctx, dy):
@@ -302,7 +303,7 @@ class _Recomputed(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         run, params, ctx.run, ctx.params = ctx.run, ctx.params, None, None  # no references past the backward
         need = ctx.needs_input_grad[1:]
-        x = x.detach().requires_grad_(need[0])
+        x = x.detach().requires_grad_(True)  # also where unneeded: one compiled variant for every layer
         kind, dtype, enabled = ctx.autocast
         with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
             y = run(x)
@@ -312,12 +313,13 @@ class _Recomputed(torch.autograd.Function):
 
 
 def _trainable(weights) -> list:
-    """The tensors in a layer's weights (:meth:`FastCausalLM._layer_weights`) that need gradients."""
+    """The tensors in a layer's weights (:meth:`FastCausalLM._layer_weights`) that need gradients
+    or are parameters (whose ``requires_grad`` may be switched on later)."""
     found, seen = [], set()
 
     def walk(item):
         if isinstance(item, torch.Tensor):
-            if item.requires_grad and id(item) not in seen:
+            if (item.requires_grad or isinstance(item, torch.nn.Parameter)) and id(item) not in seen:
                 seen.add(id(item))
                 found.append(item)
         elif isinstance(item, (tuple, list)):
@@ -341,7 +343,7 @@ def _with_masks(weights, x, seed: int):
         if not p[5]:
             return p
         shape = (*x.shape[:-1], p[2].shape[1])  # the projection's input: its LoRA A's columns
-        keep = torch.rand(shape, generator=generator, device=x.device) >= p[5]
+        keep = torch.empty(shape, dtype=torch.uint8, device=x.device).bernoulli_(1.0 - p[5], generator=generator)
         return (*p[:5], (keep, p[5]))
 
     ln1, (qkv, qkv_projs), o_proj, ln2, (gate_up, gate_up_projs), down_proj = weights

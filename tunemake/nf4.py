@@ -94,7 +94,7 @@ def plan(groups) -> Plan:
         if len({w.shape[1] for w in group}) > 1:
             raise ValueError(f"cannot stack weights of shapes {[w.shape for w in group]}")
     weights = [w for group in groups for w in group]
-    if _kernel is None or not all(_kernel_reads(w) for w in weights):
+    if not weights or _kernel is None or not all(_kernel_reads(w) for w in weights):
         return Plan(groups)
     launches, begin, values = [], 0, 0
     for i in range(1, len(weights) + 1):
@@ -108,6 +108,8 @@ def plan(groups) -> Plan:
 def dequantize_plan(planned: Plan, dtype: torch.dtype) -> list[torch.Tensor]:
     """The plan's groups dequantized in ``dtype``: one [rows, columns] tensor per group, all views
     of one buffer."""
+    if not planned.groups:  # a layer without NF4 weights
+        return []
     sizes = planned.sizes()
     if planned.launches:
         flat = _kernel(planned, dtype, sum(sizes))
@@ -223,7 +225,8 @@ if triton is not None:
                 _dequantize_kernel[(programs,)](
                     table, w.code, w.code2 if nested else w.code, out[start:], WEIGHTS=count,
                     HALF_BLOCK=w.blocksize // 2, BLOCKS2=max(w.blocksize2, 1), NESTED=nested,
-                    BYTES=BYTES_PER_PROGRAM, ALIGNED=aligned and out.data_ptr() % 16 == 0)
+                    BYTES=BYTES_PER_PROGRAM,
+                    ALIGNED=aligned and out.data_ptr() % 16 == 0 and out.element_size() >= 2)
                 start += sum(v.shape[0] * v.shape[1] for v in weights[first:first + count])
         return out
 
