@@ -235,7 +235,8 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = TIM
 
 def test_training_requeued_mid_epoch_finishes_with_the_uninterrupted_weights(slurm, tmp_path):
     """`scontrol requeue` of a running training job: Slurm stops it and starts it again; the new run
-    continues from the last resume point and ends with the same tensors as a local uninterrupted run."""
+    continues from the last resume point and trains as a local uninterrupted run does: the same
+    losses step by step and the same weights, up to the last bits (below)."""
     config = one_experiment_config()
     config["demo"]["tasks_per_family"] = 200
     config["experiments"][0].update(batch_size=1, grad_accumulation=1, save_steps=5, name="rq")
@@ -271,9 +272,21 @@ def test_training_requeued_mid_epoch_finishes_with_the_uninterrupted_weights(slu
     resumed = torch.load(cluster / target, weights_only=True)
     expected = torch.load(local / target, weights_only=True)
     assert resumed["trainable"].keys() == expected["trainable"].keys()
-    for name, tensor in expected["trainable"].items():
-        assert torch.equal(resumed["trainable"][name], tensor), name
     assert resumed["counters"] == expected["counters"]
+    # Not bit for bit: the cluster's job and the local build run side by side on two cores, and
+    # once in three CI runs their very first step's gradients differed in the last bit, before any
+    # resume, and the weights by 4e-5 after the epoch. Same-process resumes are bit-identical
+    # (tests/test_train.py). What a faulty resume changes (another batch, lost optimizer moments
+    # or dropout seeds) moves the losses by 1e-3 and more from the resumed step on.
+    for name, tensor in expected["trainable"].items():
+        error = (resumed["trainable"][name].float() - tensor.float()).norm() / tensor.float().norm().clamp_min(1e-12)
+        assert error <= 1e-3, (name, error)
+    steps = [[json.loads(line) for line in (work / "logs" / "train" / "rq" / "epoch_1.metrics.jsonl").open()]
+             for work in (cluster, local)]
+    for ours, theirs in zip(*steps):
+        if "step" in ours:
+            assert ours["step"] == theirs["step"]
+            assert abs(ours["loss"] - theirs["loss"]) <= 1e-4 * abs(theirs["loss"]), (ours, theirs)
 
 
 def test_two_node_training_is_one_mpi_job_whose_tasks_join_one_rendezvous(slurm, tmp_path):
