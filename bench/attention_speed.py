@@ -13,7 +13,9 @@ timed and checked against (output and q/k/v gradients on every token):
   batch [documents, heads, longest, head_dim] and run through ``scaled_dot_product_attention``
   with ``is_causal`` on one backend (right padding is exact for causal attention: a real query
   never sees a padded key, and the padded queries' outputs are dropped, so their gradients are 0);
-- ``aten_flash``: ``tunemake.fast._FlashVarlen``, aten's flash ops called directly.
+- ``aten_flash``: ``tunemake.fast._FlashVarlen``, aten's flash ops called directly;
+- ``fa4``: FlashAttention-4's varlen function (``flash_attn.cute``, package ``flash-attn-4``), where
+  it is installed.
 
     python bench/attention_speed.py [--json out.json]
 
@@ -79,6 +81,18 @@ def variants(shape: _Shape, row: int):
     def aten_flash(q, k, v, lengths):  # tunemake.fast's direct call of aten's flash ops
         return _FlashVarlen.apply(q, k, v, offsets(lengths, q.device), row, shape.scale)
 
+    try:
+        from flash_attn.cute.interface import flash_attn_varlen_func
+    except ImportError:
+        flash_attn_varlen_func = None
+
+    def fa4(q, k, v, lengths):
+        cu = offsets(lengths, q.device)
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=row, max_seqlen_k=row,
+                                     softmax_scale=shape.scale, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+
+    found = {"fa4": fa4} if flash_attn_varlen_func is not None else {}
     return {
         "varlen": lambda q, k, v, lengths: run_varlen(q, k, v, lengths, row),
         "varlen_max": lambda q, k, v, lengths: run_varlen(q, k, v, lengths, max(lengths)),
@@ -86,6 +100,7 @@ def variants(shape: _Shape, row: int):
         "padded_flash": padded(SDPBackend.FLASH_ATTENTION),
         "padded_efficient": padded(SDPBackend.EFFICIENT_ATTENTION),
         "aten_flash": aten_flash,
+        **found,
     }
 
 

@@ -314,7 +314,7 @@ def setting(kind, args, model_dir, dist, results, out):
                    "fast_nokcat": {"concat_lora": False}, "fast_varlen": {"attention": "varlen"},
                    "fast_cpp": {"compile_options": {"cpp_wrapper": True}},
                    "fast_nosize": {"compile_options": {"size_asserts": False}},
-                   "fast_torchckpt": {"own_checkpoint": False}}[attempt]
+                   "fast_torchckpt": {"own_checkpoint": False}, "fast_fa2": {"attention": "flash"}}[attempt]
         torch._dynamo.reset()  # each attempt compiles afresh: its first step says what compiling costs
         optimizer = make_optimizer(params, TRAIN, device)
         try:
@@ -365,7 +365,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--settings", default="lora,lora_ckpt,qlora")
-    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_cpp,fast_nosize,fast_torchckpt")
+    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_cpp,fast_nosize,fast_torchckpt,fast_fa2")
     parser.add_argument("--ddp-variants", default="", help="under torchrun, DDP options to time too: view,view_nobcast,view_bucket100,view_static,bf16_hook,flat")
     parser.add_argument("--attempt-settings", default="lora", help="the settings the attempts run in")
     parser.add_argument("--profile", type=int, default=0, help="profile two tunemake steps: the N kernels that take longest")

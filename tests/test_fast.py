@@ -384,18 +384,26 @@ def test_nf4_kernel_matches_bitsandbytes(nested, blocksize, dtype, storage):
 
 
 @cuda
-@pytest.mark.parametrize("attention,kv_heads", [(None, 4), (None, 2), ("varlen", 4), ("flex", 4)])
+@pytest.mark.parametrize("attention,kv_heads", [(None, 4), (None, 2), ("flash", 4), ("flash", 2), ("fa4", 2),
+                                               ("varlen", 4), ("flex", 4)])
 def test_compiled_cuda_path_close_to_reference(attention, kv_heads):
     """The compiled path on CUDA against the model's own forward, on three batches whose longest
     documents differ (flash attention's ``max_len`` follows it)."""
-    from tunemake.fast import _flash_available
+    from tunemake.fast import _fa4, _fa4_head_dim_ok, _flash_available
 
-    model = with_lora(tiny_llama(dtype=torch.bfloat16, num_key_value_heads=kv_heads)).cuda()
+    if attention == "fa4" and _fa4() is None:
+        pytest.skip("FlashAttention-4 is not installed or has no kernels for this GPU")
+    if attention == "flash" and not _flash_available():
+        pytest.skip("torch's flash attention ops take other arguments here")
+    # heads of 16 (the CPU tests' model) and, for FlashAttention-4, heads of 32
+    heads = {"hidden_size": 128} if attention == "fa4" else {}
+    model = with_lora(tiny_llama(dtype=torch.bfloat16, num_key_value_heads=kv_heads, **heads)).cuda()
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     fast = FastCausalLM(model, torch.bfloat16, attention=attention)
-    if attention is None:
+    if attention is None:  # heads of 16: not FlashAttention-4's
+        assert not _fa4_head_dim_ok(16)
         assert fast.attention == ("flash" if _flash_available() else "varlen")
     elif attention == "varlen" and fast._varlen is None:
         pytest.skip("torch has no torch.nn.attention.varlen here")
@@ -405,6 +413,33 @@ def test_compiled_cuda_path_close_to_reference(attention, kv_heads):
         lean = {k: v for k, v in batch.items() if k != "attention_mask"}
         got = loss_and_grads(fast, lean, autocast=torch.bfloat16)
         assert_close(ref, got, rtol=3e-2)
+
+
+@cuda
+@pytest.mark.parametrize("kv_heads", [32, 8])
+def test_fa4_attention_matches_flash_attention(kv_heads):
+    """FlashAttention-4 against aten's FlashAttention-2 on the bench's shapes (heads of 128, packed
+    documents of 1 to 1,024 tokens): the same outputs and q/k/v gradients to bf16 rounding."""
+    from tunemake.fast import _fa4, _FA4Varlen, _flash_available, _FlashVarlen
+
+    if _fa4() is None or not _flash_available():
+        pytest.skip("needs FlashAttention-4 (package flash-attn-4) and torch's flash attention ops")
+    lengths = [1, 1024, 130, 7, 600, 286]
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens = sum(lengths)
+    q = torch.randn(tokens, 32, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(tokens, kv_heads, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    grad = torch.randn(tokens, 32, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    results = []
+    for function in (_FlashVarlen, _FA4Varlen):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = function.apply(*leaves, cu, max(lengths), 128 ** -0.5)
+        out.backward(grad)
+        results.append([out.float(), *(t.grad.float() for t in leaves)])
+    for ref, got in zip(*results):
+        assert (ref - got).abs().max().item() < 0.05 * ref.abs().max().item()
+        assert (ref - got).norm().item() < 1e-2 * ref.norm().item()
 
 
 @cuda

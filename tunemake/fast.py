@@ -4,9 +4,11 @@
 same loss, from the same weights and gradients into the same parameters, as the model's own
 forward under autocast; it only computes it with fewer passes over memory:
 
-- attention over packed documents with varlen flash attention (aten's flash ops, called
-  directly; ``torch.nn.attention.varlen`` or flex attention where those are missing), so no
-  dense mask and no attention across documents;
+- attention over packed documents with varlen flash attention, so no dense mask and no attention
+  across documents: FlashAttention-4 (package ``flash-attn-4``, optional) where it is installed
+  and the GPU is a Hopper or Blackwell (1.6x FlashAttention-2 on the bench's documents), else
+  aten's FlashAttention-2 ops called directly (``torch.nn.attention.varlen`` or flex attention
+  where those are missing); ``TUNEMAKE_FA4=0`` keeps FlashAttention-2;
 - each decoder layer compiled once with ``torch.compile`` (norms, rotary, SiLU, LoRA casts and
   dropout fused) and run for every layer; LoRA dropout masks are drawn outside it, from a seed
   per layer call, so that a recomputed layer draws the same ones;
@@ -33,8 +35,10 @@ On the CPU the same code runs without compilation and with a dense mask, for the
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -120,7 +124,7 @@ class _Shape:
     eps: float
     scale: float
     compute_dtype: torch.dtype
-    attention: str  # "varlen", "flash", "flex" or "dense"
+    attention: str  # "fa4", "flash", "varlen", "flex" or "dense"
 
 
 #: what :meth:`FastCausalLM._group` puts in place of a stacked weight for NF4 projections that
@@ -368,7 +372,7 @@ def _rotate_half(x):
 def _attention(q, k, v, meta, shape: _Shape):
     """q, k, v: [B, L, H, D] -> [B, L, H * D] attention inside each document, causal."""
     b, n = q.shape[:2]
-    if shape.attention in ("varlen", "flash"):
+    if shape.attention in ("varlen", "flash", "fa4"):
         cu_seqlens, max_len, varlen = meta
         out = varlen(q.reshape(b * n, shape.heads, shape.head_dim), k.reshape(b * n, shape.kv_heads, shape.head_dim),
                      v.reshape(b * n, shape.kv_heads, shape.head_dim), cu_seqlens, max_len, shape)
@@ -410,6 +414,79 @@ class _FlashVarlen(torch.autograd.Function):
 
 def _flash_function(q, k, v, cu, max_len, shape):
     return _FlashVarlen.apply(q, k, v, cu, max_len, shape.scale)
+
+
+@functools.cache
+def _fa4():
+    """FlashAttention-4's interface (``flash_attn.cute.interface``, package ``flash-attn-4``) when
+    it is installed, ``TUNEMAKE_FA4`` is not ``0`` and the GPU is one it has kernels for (compute
+    capability 9.x or 10.x: Hopper, Blackwell); else None."""
+    if os.environ.get("TUNEMAKE_FA4", "1") == "0" or not torch.cuda.is_available():
+        return None
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        return None
+    try:
+        from flash_attn.cute import interface
+    except Exception:  # not installed, or its CUDA DSL does not load on this machine
+        return None
+    return interface
+
+
+def _fa4_head_dim_ok(head_dim: int) -> bool:
+    """Head sizes FlashAttention-4 is used for: 32 to 256 on Hopper, 32 to 128 on Blackwell, a
+    multiple of 8. Its Hopper backward pass gave wrong query gradients for heads of 16 (4.0.0b36,
+    H200, 2026-12-03); 32 and up matched FlashAttention-2."""
+    top = 256 if torch.cuda.get_device_capability()[0] == 9 else 128
+    return 32 <= head_dim <= top and head_dim % 8 == 0
+
+
+# FlashAttention-4's kernels as custom ops: opaque to torch.compile, with shapes it can infer
+@torch.library.custom_op("tunemake::fa4_forward", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor cu, SymInt max_len, float scale) -> (Tensor, Tensor)")
+def _fa4_forward(q, k, v, cu, max_len, scale):
+    result = _fa4()._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                    max_seqlen_k=max_len, softmax_scale=scale, causal=True, return_lse=True)
+    return result[0], result[1].contiguous()
+
+
+@_fa4_forward.register_fake
+def _(q, k, v, cu, max_len, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("tunemake::fa4_backward", mutates_args=(),
+                         schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu, "
+                                "SymInt max_len, float scale) -> (Tensor, Tensor, Tensor)")
+def _fa4_backward(dout, q, k, v, out, lse, cu, max_len, scale):
+    dq, dk, dv = _fa4()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=True, cu_seqlens_q=cu,
+                                        cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)[:3]
+    return dq, dk, dv
+
+
+@_fa4_backward.register_fake
+def _(dout, q, k, v, out, lse, cu, max_len, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class _FA4Varlen(torch.autograd.Function):
+    """Causal varlen attention by FlashAttention-4 (:func:`_fa4`); the arguments of :class:`_FlashVarlen`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len, scale):
+        out, lse = _fa4_forward(q, k, v, cu, max_len, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu)
+        ctx.max_len, ctx.scale = max_len, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu = ctx.saved_tensors
+        dq, dk, dv = _fa4_backward(dout.contiguous(), q, k, v, out, lse, cu, ctx.max_len, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _fa4_function(q, k, v, cu, max_len, shape):
+    return _FA4Varlen.apply(q, k, v, cu, max_len, shape.scale)
 
 
 def _flash_available() -> bool:
@@ -591,8 +668,11 @@ class FastCausalLM(torch.nn.Module):
             on the 7B bench, docs/performance.md attempt 16).
         own_checkpoint: recompute layers through :class:`_Recomputed` (the first forward without
             autograd) rather than ``torch.utils.checkpoint``.
-        attention: "flash", "varlen", "flex" or "dense" (default: flash on CUDA where torch has
-            it, else varlen, else flex; dense on the CPU). "flash" calls aten's varlen flash
+        attention: "fa4", "flash", "varlen", "flex" or "dense" (default: fa4 on CUDA where
+            FlashAttention-4 is installed and has kernels for the GPU (:func:`_fa4`) and the
+            head size (:func:`_fa4_head_dim_ok`), else flash
+            where torch has it, else varlen, else flex; dense on the CPU). "fa4" runs
+            FlashAttention-4 (:class:`_FA4Varlen`), "flash" calls aten's varlen flash
             attention ops directly (:class:`_FlashVarlen`), "varlen" through
             ``torch.nn.attention.varlen``, whose Python layer costs CPU time per call.
     """
@@ -620,7 +700,8 @@ class FastCausalLM(torch.nn.Module):
         if attention is None:
             varlen_ok = self._varlen is not None and (kv_heads == heads or self._varlen.gqa) and (
                 self._varlen.scaled or math.isclose(scale, head_dim ** -0.5))
-            attention = ("flash" if device.type == "cuda" and _flash_available() else "varlen" if varlen_ok
+            attention = ("fa4" if device.type == "cuda" and _fa4() is not None and _fa4_head_dim_ok(head_dim)
+                         else "flash" if device.type == "cuda" and _flash_available() else "varlen" if varlen_ok
                          else "flex" if device.type == "cuda" else "dense")
         self._shape = _Shape(heads, kv_heads, head_dim, float(self._inner.layers[0].input_layernorm.variance_epsilon),
                              scale, compute_dtype, attention)
@@ -739,14 +820,14 @@ class FastCausalLM(torch.nn.Module):
         b, n = position_ids.shape
         starts = position_ids == 0
         starts[:, 0] = True
-        if self._shape.attention in ("varlen", "flash"):
+        if self._shape.attention in ("varlen", "flash", "fa4"):
             flat = torch.nonzero(starts.reshape(-1)).squeeze(1)
             cu = torch.cat([flat, flat.new_tensor([b * n])]).to(torch.int32)
             if self._shape.attention == "varlen":
                 return cu, n, self._varlen
             # the longest document, not the row: the kernel's grid follows it (1.5x faster on
             # short documents); after a second value the compiled layer takes it as a symbol
-            return cu, int(torch.diff(cu).max()), _flash_function
+            return cu, int(torch.diff(cu).max()), _fa4_function if self._shape.attention == "fa4" else _flash_function
         doc = torch.cumsum(starts, dim=1)
         if self._shape.attention == "flex":
             from torch.nn.attention.flex_attention import create_block_mask
