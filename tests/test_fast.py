@@ -415,6 +415,22 @@ def test_compiled_cuda_path_close_to_reference(attention, kv_heads):
         assert_close(ref, got, rtol=3e-2)
 
 
+def test_fa4_failure_says_how_to_do_without(monkeypatch):
+    """FlashAttention-4 compiles its kernels at the first call; when that fails the error says how
+    to train without it."""
+    import types
+
+    import tunemake.fast as fast
+
+    def broken(*args, **kwargs):
+        raise ValueError("no kernel for this GPU")
+
+    monkeypatch.setattr(fast, "_fa4", lambda: types.SimpleNamespace(_flash_attn_fwd=broken))
+    q = torch.zeros(4, 2, 32)
+    with pytest.raises(RuntimeError, match="no kernel for this GPU.*TUNEMAKE_FA4=0"):
+        fast._fa4_forward(q, q, q, torch.tensor([0, 4], dtype=torch.int32), 4, 0.1)
+
+
 @cuda
 @pytest.mark.parametrize("kv_heads", [32, 8])
 def test_fa4_attention_matches_flash_attention(kv_heads):

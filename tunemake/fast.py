@@ -444,8 +444,12 @@ def _fa4_head_dim_ok(head_dim: int) -> bool:
 @torch.library.custom_op("tunemake::fa4_forward", mutates_args=(),
                          schema="(Tensor q, Tensor k, Tensor v, Tensor cu, SymInt max_len, float scale) -> (Tensor, Tensor)")
 def _fa4_forward(q, k, v, cu, max_len, scale):
-    result = _fa4()._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
-                                    max_seqlen_k=max_len, softmax_scale=scale, causal=True, return_lse=True)
+    try:
+        result = _fa4()._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                        max_seqlen_k=max_len, softmax_scale=scale, causal=True, return_lse=True)
+    except Exception as exc:  # its kernels are compiled at the first call: say how to do without
+        raise RuntimeError(f"FlashAttention-4 failed ({type(exc).__name__}: {exc}); set TUNEMAKE_FA4=0 to train "
+                           "with FlashAttention-2 instead") from exc
     return result[0], result[1].contiguous()
 
 
