@@ -70,6 +70,19 @@ def test_lora_needs_less_gpu_memory_than_full_and_qlora_less_than_lora(llamas):
     assert gpu["full"] > 16 * 6.7e9 / 2**20
 
 
+def test_lora_without_dropout_counts_the_b_copies_of_the_fast_paths_concatenated_products(llamas):
+    config = load_config({"models": llamas, "datasets": {"chat": {"hub": "org/chat"}},
+                          "methods": {"nodrop": {"type": "lora", "dropout": 0.0}},
+                          "experiments": [{"datasets": "chat", "model": "llama7b", "method": m, "gpus": 1}
+                                          for m in ("lora", "nodrop")]})
+    gpu = {exp["method"]: estimate_resources(exp, config)["train"]["gpu_mem_mb"]
+           for exp in config["experiments"].values()}
+    # r 64 B blocks of q/k/v and gate/up, in bf16, in each of 32 layers (x 1.1, the estimate's margin)
+    extra = 64 * (3 * 4096 + 2 * 11008) * 32 * 2 * 1.1 / 2**20
+    assert gpu["nodrop"] - gpu["lora"] == pytest.approx(extra, abs=100)  # rounded to 100 MB
+    assert gpu["nodrop"] > gpu["lora"]
+
+
 def test_zero3_shards_the_training_state_over_every_gpu_of_the_job(llamas):
     runs = [{"model": "llama70b", "method": "full", "gpus": 8, "nodes": nodes, "deepspeed": ds, "name": f"{ds}_{nodes}"}
             for ds in ("zero3", "zero2") for nodes in (1, 4)]

@@ -266,6 +266,21 @@ def lora_parameters(shape: Shape, method: dict) -> int:
     return method["r"] * per_layer * shape.layers
 
 
+def concat_lora_columns(shape: Shape, method: dict) -> int:
+    """Elements the CUDA fast path adds beside the frozen weights for its concatenated LoRA products
+    (``tunemake.fast._ConcatLora``): a copy of each B block of q/k/v and gate/up, in the model's
+    dtype, where the whole group is adapted and LoRA has no dropout (with dropout it is not used)."""
+    if method.get("dropout", 0.1) > 0:
+        return 0
+    targets = method["target_modules"]
+    names = set(_LLAMA_LINEARS if targets == "all-linear" else targets)
+    outputs = 0
+    for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        if names.issuperset(group):
+            outputs += sum(_LINEAR_SHAPES[name](shape)[1] for name in group)
+    return method["r"] * outputs * shape.layers
+
+
 def _saved_parameters(shape: Shape, method: dict) -> int:
     """Parameters of ``modules_to_save`` (trained in full beside the adapter)."""
     sizes = {"embed_tokens": shape.vocab * shape.hidden, "lm_head": shape.vocab * shape.hidden}
@@ -299,6 +314,8 @@ def _estimates(exp: dict, config: dict, shape: Shape) -> dict[str, dict]:
             frozen_bytes = linear * bits / 8 + (n - linear) * 4
         else:
             frozen_bytes = n * weight_bytes
+            if on_gpu and not stage:  # the fast path runs without DeepSpeed
+                frozen_bytes += concat_lora_columns(shape, method) * weight_bytes
     # ZeRO stage 1 shards optimizer states over every GPU of the job, 2 also gradients, 3 also weights.
     params = (trainable * param_b + frozen_bytes) / (world if stage >= 3 else 1)
     grads = trainable * grad_b / (world if stage >= 2 else 1)
