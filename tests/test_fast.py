@@ -125,6 +125,18 @@ def test_concatenated_lora_products_equal_reference(checkpoint, options):
                         p -= 0.5 * p.grad
 
 
+def test_resources_count_what_the_concatenated_products_add():
+    """tunemake.resources' estimate of the columns the concatenated products add beside the
+    frozen weights equals what the fast path allocates (here with grouped-query attention)."""
+    from tunemake.resources import concat_lora_columns, shape_from_config
+
+    fast = FastCausalLM(with_lora(tiny_llama()), torch.float32, compile=False, attention="dense", concat_lora=True)
+    wides = [w for stacks in fast._stacked.values() for w in stacks]
+    added = sum(w.tensor.numel() - sum(w.rows) * (w.tensor.shape[1] - sum(w.ranks)) for w in wides)
+    method = {"r": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    assert added == concat_lora_columns(shape_from_config(CONFIG, "test"), method) > 0
+
+
 def test_concatenated_lora_under_bf16_autocast():
     model = with_lora(tiny_llama(dtype=torch.bfloat16))
     for n, p in model.named_parameters():
@@ -385,26 +397,28 @@ def test_nf4_kernel_matches_bitsandbytes(nested, blocksize, dtype, storage):
 
 @cuda
 @pytest.mark.parametrize("attention,kv_heads", [(None, 4), (None, 2), ("flash", 4), ("flash", 2), ("fa4", 2),
-                                               ("varlen", 4), ("flex", 4)])
+                                               ("fa4_default", 2), ("varlen", 4), ("flex", 4)])
 def test_compiled_cuda_path_close_to_reference(attention, kv_heads):
     """The compiled path on CUDA against the model's own forward, on three batches whose longest
     documents differ (flash attention's ``max_len`` follows it)."""
     from tunemake.fast import _fa4, _fa4_head_dim_ok, _flash_available
 
-    if attention == "fa4" and _fa4() is None:
+    if attention in ("fa4", "fa4_default") and _fa4() is None:
         pytest.skip("FlashAttention-4 is not installed or has no kernels for this GPU")
     if attention == "flash" and not _flash_available():
         pytest.skip("torch's flash attention ops take other arguments here")
     # heads of 16 (the CPU tests' model) and, for FlashAttention-4, heads of 32
-    heads = {"hidden_size": 128} if attention == "fa4" else {}
+    heads = {"hidden_size": 128} if attention in ("fa4", "fa4_default") else {}
     model = with_lora(tiny_llama(dtype=torch.bfloat16, num_key_value_heads=kv_heads, **heads)).cuda()
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    fast = FastCausalLM(model, torch.bfloat16, attention=attention)
+    fast = FastCausalLM(model, torch.bfloat16, attention=None if attention == "fa4_default" else attention)
     if attention is None:  # heads of 16: not FlashAttention-4's
         assert not _fa4_head_dim_ok(16)
         assert fast.attention == ("flash" if _flash_available() else "varlen")
+    if attention == "fa4_default":  # heads of 32 where it is installed: picked by default
+        assert fast.attention == "fa4"
     elif attention == "varlen" and fast._varlen is None:
         pytest.skip("torch has no torch.nn.attention.varlen here")
     for rows in (ROWS, [[30, 5], [12, 12, 3]], [[60], [4, 4]]):
@@ -425,10 +439,20 @@ def test_fa4_failure_says_how_to_do_without(monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("no kernel for this GPU")
 
-    monkeypatch.setattr(fast, "_fa4", lambda: types.SimpleNamespace(_flash_attn_fwd=broken))
+    monkeypatch.setattr(fast, "_fa4", lambda: types.SimpleNamespace(_flash_attn_fwd=broken, _flash_attn_bwd=broken))
     q = torch.zeros(4, 2, 32)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="no kernel for this GPU.*TUNEMAKE_FA4=0"):
-        fast._fa4_forward(q, q, q, torch.tensor([0, 4], dtype=torch.int32), 4, 0.1)
+        fast._fa4_forward(q, q, q, cu, 4, 0.1)
+    with pytest.raises(RuntimeError, match="no kernel for this GPU.*TUNEMAKE_FA4=0"):
+        fast._fa4_backward(q, q, q, q, q, torch.zeros(2, 4), cu, 4, 0.1)
+
+
+def test_fa4_asked_for_where_it_cannot_run_is_refused():
+    """attention="fa4" on the CPU (or without the package, or heads it is wrong for) is refused at
+    construction, not at the first step."""
+    with pytest.raises(ValueError, match="attention 'fa4' needs FlashAttention-4.*heads here: 16"):
+        FastCausalLM(with_lora(tiny_llama()), torch.float32, compile=False, attention="fa4")
 
 
 @cuda

@@ -420,7 +420,8 @@ def _flash_function(q, k, v, cu, max_len, shape):
 def _fa4():
     """FlashAttention-4's interface (``flash_attn.cute.interface``, package ``flash-attn-4``) when
     it is installed, ``TUNEMAKE_FA4`` is not ``0`` and the GPU is one it has kernels for (compute
-    capability 9.x or 10.x: Hopper, Blackwell); else None."""
+    capability 9.x or 10.x: H100/H200, B200/GB200; not consumer Blackwell, 12.x); else None.
+    Decided once per process (``TUNEMAKE_FA4`` is read at the first call)."""
     if os.environ.get("TUNEMAKE_FA4", "1") == "0" or not torch.cuda.is_available():
         return None
     if torch.cuda.get_device_capability()[0] not in (9, 10):
@@ -447,10 +448,15 @@ def _fa4_forward(q, k, v, cu, max_len, scale):
     try:
         result = _fa4()._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
                                         max_seqlen_k=max_len, softmax_scale=scale, causal=True, return_lse=True)
-    except Exception as exc:  # its kernels are compiled at the first call: say how to do without
-        raise RuntimeError(f"FlashAttention-4 failed ({type(exc).__name__}: {exc}); set TUNEMAKE_FA4=0 to train "
-                           "with FlashAttention-2 instead") from exc
+    except Exception as exc:
+        raise _fa4_failed(exc) from exc
     return result[0], result[1].contiguous()
+
+
+def _fa4_failed(exc: Exception) -> RuntimeError:
+    # its kernels are compiled at their first call (forward and backward): say how to do without
+    return RuntimeError(f"FlashAttention-4 failed ({type(exc).__name__}: {exc}); set TUNEMAKE_FA4=0 to train "
+                        "with FlashAttention-2 instead")
 
 
 @_fa4_forward.register_fake
@@ -462,8 +468,12 @@ def _(q, k, v, cu, max_len, scale):
                          schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu, "
                                 "SymInt max_len, float scale) -> (Tensor, Tensor, Tensor)")
 def _fa4_backward(dout, q, k, v, out, lse, cu, max_len, scale):
-    dq, dk, dv = _fa4()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=True, cu_seqlens_q=cu,
-                                        cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)[:3]
+    try:
+        dq, dk, dv = _fa4()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=True,
+                                            cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                            max_seqlen_k=max_len)[:3]
+    except Exception as exc:
+        raise _fa4_failed(exc) from exc
     return dq, dk, dv
 
 
@@ -707,6 +717,9 @@ class FastCausalLM(torch.nn.Module):
             attention = ("fa4" if device.type == "cuda" and _fa4() is not None and _fa4_head_dim_ok(head_dim)
                          else "flash" if device.type == "cuda" and _flash_available() else "varlen" if varlen_ok
                          else "flex" if device.type == "cuda" else "dense")
+        if attention == "fa4" and (device.type != "cuda" or _fa4() is None or not _fa4_head_dim_ok(head_dim)):
+            raise ValueError(f"attention 'fa4' needs FlashAttention-4 (package flash-attn-4) on a GPU it has kernels "
+                             f"for, TUNEMAKE_FA4 not 0, and heads of 32 to 256 (128 on Blackwell); heads here: {head_dim}")
         self._shape = _Shape(heads, kv_heads, head_dim, float(self._inner.layers[0].input_layernorm.variance_epsilon),
                              scale, compute_dtype, attention)
         self._quantized = any(type(getattr(p, "base_layer", p)).__name__ == "Linear4bit"

@@ -268,17 +268,19 @@ def lora_parameters(shape: Shape, method: dict) -> int:
 
 def concat_lora_columns(shape: Shape, method: dict) -> int:
     """Elements the CUDA fast path adds beside the frozen weights for its concatenated LoRA products
-    (``tunemake.fast._ConcatLora``): a copy of each B block of q/k/v and gate/up, in the model's
-    dtype, where the whole group is adapted and LoRA has no dropout (with dropout it is not used)."""
+    (``tunemake.fast._ConcatLora``), where the whole group (q/k/v, gate/up) is adapted and LoRA has
+    no dropout (with dropout they are not used): the group's stacked weight [O, I] gets one column
+    per rank of each projection, zero outside each projection's B block, so [O, r x projections]
+    more, in the model's dtype."""
     if method.get("dropout", 0.1) > 0:
         return 0
     targets = method["target_modules"]
     names = set(_LLAMA_LINEARS if targets == "all-linear" else targets)
-    outputs = 0
+    extra = 0
     for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
         if names.issuperset(group):
-            outputs += sum(_LINEAR_SHAPES[name](shape)[1] for name in group)
-    return method["r"] * outputs * shape.layers
+            extra += sum(_LINEAR_SHAPES[name](shape)[1] for name in group) * method["r"] * len(group)
+    return extra * shape.layers
 
 
 def _saved_parameters(shape: Shape, method: dict) -> int:
@@ -314,7 +316,7 @@ def _estimates(exp: dict, config: dict, shape: Shape) -> dict[str, dict]:
             frozen_bytes = linear * bits / 8 + (n - linear) * 4
         else:
             frozen_bytes = n * weight_bytes
-            if on_gpu and not stage:  # the fast path runs without DeepSpeed
+            if on_gpu and mixed and not exp.get("deepspeed"):  # where the fast path can run
                 frozen_bytes += concat_lora_columns(shape, method) * weight_bytes
     # ZeRO stage 1 shards optimizer states over every GPU of the job, 2 also gradients, 3 also weights.
     params = (trainable * param_b + frozen_bytes) / (world if stage >= 3 else 1)
