@@ -417,7 +417,7 @@ def test_compiled_cuda_path_close_to_reference(attention, kv_heads):
     if attention is None:  # heads of 16: not FlashAttention-4's
         assert not _fa4_head_dim_ok(16)
         assert fast.attention == ("flash" if _flash_available() else "varlen")
-    if attention == "fa4_default":  # heads of 32 where it is installed: picked by default
+    elif attention == "fa4_default":  # heads of 32 where it is installed: picked by default
         assert fast.attention == "fa4"
     elif attention == "varlen" and fast._varlen is None:
         pytest.skip("torch has no torch.nn.attention.varlen here")

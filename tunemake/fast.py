@@ -441,6 +441,12 @@ def _fa4_head_dim_ok(head_dim: int) -> bool:
     return 32 <= head_dim <= top and head_dim % 8 == 0
 
 
+def _fa4_failed(exc: Exception) -> RuntimeError:
+    # its kernels are compiled at their first call (forward and backward): say how to do without
+    return RuntimeError(f"FlashAttention-4 failed ({type(exc).__name__}: {exc}); set TUNEMAKE_FA4=0 to train "
+                        "with FlashAttention-2 instead")
+
+
 # FlashAttention-4's kernels as custom ops: opaque to torch.compile, with shapes it can infer
 @torch.library.custom_op("tunemake::fa4_forward", mutates_args=(),
                          schema="(Tensor q, Tensor k, Tensor v, Tensor cu, SymInt max_len, float scale) -> (Tensor, Tensor)")
@@ -451,12 +457,6 @@ def _fa4_forward(q, k, v, cu, max_len, scale):
     except Exception as exc:
         raise _fa4_failed(exc) from exc
     return result[0], result[1].contiguous()
-
-
-def _fa4_failed(exc: Exception) -> RuntimeError:
-    # its kernels are compiled at their first call (forward and backward): say how to do without
-    return RuntimeError(f"FlashAttention-4 failed ({type(exc).__name__}: {exc}); set TUNEMAKE_FA4=0 to train "
-                        "with FlashAttention-2 instead")
 
 
 @_fa4_forward.register_fake
@@ -711,13 +711,13 @@ class FastCausalLM(torch.nn.Module):
         scale = float(getattr(attn, "scaling", head_dim ** -0.5))
         device = next(module.parameters()).device
         self._varlen = _varlen_function() if device.type == "cuda" else None
+        fa4_ok = device.type == "cuda" and _fa4() is not None and _fa4_head_dim_ok(head_dim)
         if attention is None:
             varlen_ok = self._varlen is not None and (kv_heads == heads or self._varlen.gqa) and (
                 self._varlen.scaled or math.isclose(scale, head_dim ** -0.5))
-            attention = ("fa4" if device.type == "cuda" and _fa4() is not None and _fa4_head_dim_ok(head_dim)
-                         else "flash" if device.type == "cuda" and _flash_available() else "varlen" if varlen_ok
-                         else "flex" if device.type == "cuda" else "dense")
-        if attention == "fa4" and (device.type != "cuda" or _fa4() is None or not _fa4_head_dim_ok(head_dim)):
+            attention = ("fa4" if fa4_ok else "flash" if device.type == "cuda" and _flash_available()
+                         else "varlen" if varlen_ok else "flex" if device.type == "cuda" else "dense")
+        if attention == "fa4" and not fa4_ok:
             raise ValueError(f"attention 'fa4' needs FlashAttention-4 (package flash-attn-4) on a GPU it has kernels "
                              f"for, TUNEMAKE_FA4 not 0, and heads of 32 to 256 (128 on Blackwell); heads here: {head_dim}")
         self._shape = _Shape(heads, kv_heads, head_dim, float(self._inner.layers[0].input_layernorm.variance_epsilon),
