@@ -152,6 +152,75 @@ def profile_step(model, batch, params, optimizer, args) -> dict:
     return result
 
 
+def layer_timeline(fast, batch, params, optimizer, steps: int = 3) -> dict:
+    """Where the GPU waits in a step, layer by layer, without the profiler (whose CPU overhead moves the gaps).
+
+    Records a CUDA event and the host time before and after each decoder layer in the forward
+    pass and, through gradient hooks on the layers' outputs, at each layer's backward. Reports
+    (ms, last of ``steps`` steps) the GPU time per layer (kernels plus any wait inside), the GPU's
+    waits between layers, the time before the first layer and after the last, and the host's
+    lead over the GPU (how far ahead the CPU was when it issued the layer).
+    """
+    marks = []  # (label, event, host time)
+
+    def mark(label):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append((label, event, time.perf_counter()))
+
+    run_layer = fast._run_layer
+
+    def timed(layer, x, *rest):
+        mark("fwd_start")
+        y = run_layer(layer, x, *rest)
+        mark("fwd_end")
+        if y.requires_grad:
+            y.register_hook(lambda grad: mark("bwd_boundary"))
+        return y
+
+    fast._run_layer = timed
+    try:
+        for _ in range(steps):
+            marks.clear()
+            torch.cuda.synchronize()
+            mark("start")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = fast(**batch, use_cache=False).loss
+            mark("loss")
+            loss.backward()
+            mark("backward_end")
+            optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
+            mark("end")
+            torch.cuda.synchronize()
+    finally:
+        del fast._run_layer
+    t0_event, t0_host = marks[0][1], marks[0][2]
+    gpu = [t0_event.elapsed_time(e) for _, e, _ in marks]
+    host = [1e3 * (h - t0_host) for _, _, h in marks]
+    labels = [m[0] for m in marks]
+    starts = [i for i, l in enumerate(labels) if l == "fwd_start"]
+    ends = [i for i, l in enumerate(labels) if l == "fwd_end"]
+    bwd = [i for i, l in enumerate(labels) if l == "bwd_boundary"]
+    fwd_layer = [gpu[e] - gpu[s] for s, e in zip(starts, ends)]
+    fwd_wait = [gpu[s] - gpu[e] for e, s in zip(ends, starts[1:])]
+    bwd_layer = [gpu[b] - gpu[a] for a, b in zip(bwd, bwd[1:])]
+    lead = lambda i: gpu[i] - host[i]  # noqa: E731  how long after the host issued it the GPU got there
+    return {"step": round(gpu[-1], 2), "before_first_layer": round(gpu[starts[0]], 2),
+            "host_before_first_layer": round(host[starts[0]], 2),
+            "fwd_layers": round(sum(fwd_layer), 2), "fwd_layer_median": round(statistics.median(fwd_layer), 3),
+            "fwd_waits": round(sum(fwd_wait), 2), "fwd_layer_first5": [round(t, 3) for t in fwd_layer[:5]],
+            "after_last_layer_to_loss": round(gpu[labels.index("loss")] - gpu[ends[-1]], 2),
+            "loss_to_first_bwd_layer": round(gpu[bwd[0]] - gpu[labels.index("loss")], 2) if bwd else None,
+            "bwd_layers": round(sum(bwd_layer), 2),
+            "bwd_layer_median": round(statistics.median(bwd_layer), 3) if bwd_layer else None,
+            "bwd_layer_max": round(max(bwd_layer), 3) if bwd_layer else None,
+            "last_bwd_layer_to_backward_end": round(gpu[labels.index("backward_end")] - gpu[bwd[-1]], 2) if bwd else None,
+            "optimizer": round(gpu[-1] - gpu[labels.index("backward_end")], 2),
+            "host_lead_fwd_layers": [round(lead(i), 2) for i in starts[::4]],
+            "host_lead_bwd_layers": [round(lead(i), 2) for i in bwd[::4]],
+            "host_step": round(host[-1], 2)}
+
+
 def average_flat(params) -> None:
     """Average the gradients over the processes with one all-reduce (no overlap with the backward pass)."""
     grads = [p.grad for p in params]
@@ -314,11 +383,19 @@ def setting(kind, args, model_dir, dist, results, out):
                    "fast_nokcat": {"concat_lora": False}, "fast_varlen": {"attention": "varlen"},
                    "fast_cpp": {"compile_options": {"cpp_wrapper": True}},
                    "fast_nosize": {"compile_options": {"size_asserts": False}},
-                   "fast_torchckpt": {"own_checkpoint": False}, "fast_fa2": {"attention": "flash"}}[attempt]
+                   "fast_torchckpt": {"own_checkpoint": False}, "fast_fa2": {"attention": "flash"},
+                   "fast_foreach_b": {}, "fast_eager_loss": {}, "fast_s8": {}}[attempt]
+        # attempts that undo one change after construction: B blocks by torch's foreach copy, the
+        # loss's softmax gradient eager; fast_s8 both (session 8's fast path)
+        undo = {"fast_foreach_b": ("b",), "fast_eager_loss": ("loss",), "fast_s8": ("b", "loss")}.get(attempt, ())
         torch._dynamo.reset()  # each attempt compiles afresh: its first step says what compiling costs
         optimizer = make_optimizer(params, TRAIN, device)
         try:
             fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"], **options)
+            if "b" in undo:
+                fast._lora_b_slots._kernel = False
+            if "loss" in undo:
+                fast._compile_loss = False
             entry["variants"].append(run(attempt, fast, user_batch, params, optimizer, args, device))
         except Exception as exc:  # an attempt that fails is a result too
             entry["variants"].append({"variant": attempt, "error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -327,6 +404,13 @@ def setting(kind, args, model_dir, dist, results, out):
         del optimizer, fast
         if out and dist.main:  # what has been measured survives a run cut short
             out.write_text(json.dumps({"results": results, **environment(args, dist)}, indent=2))
+    if args.timeline and device.type == "cuda" and dist.world == 1:
+        restore()
+        optimizer = make_optimizer(params, TRAIN, device)
+        fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"])
+        entry["timeline"] = layer_timeline(fast, user_batch, params, optimizer)
+        print(f"  timeline (ms): {json.dumps(entry['timeline'])}", flush=True)
+        del optimizer, fast
     if args.profile and device.type == "cuda" and dist.world == 1:
         restore()
         optimizer = make_optimizer(params, TRAIN, device)
@@ -365,11 +449,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--settings", default="lora,lora_ckpt,qlora")
-    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_cpp,fast_nosize,fast_torchckpt,fast_fa2")
+    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_cpp,fast_nosize,fast_torchckpt,fast_fa2,fast_foreach_b,fast_eager_loss,fast_s8")
     parser.add_argument("--ddp-variants", default="", help="under torchrun, DDP options to time too: view,view_nobcast,view_bucket100,view_static,bf16_hook,flat")
     parser.add_argument("--attempt-settings", default="lora", help="the settings the attempts run in")
     parser.add_argument("--profile", type=int, default=0, help="profile two tunemake steps: the N kernels that take longest")
     parser.add_argument("--trace", help="with --profile: write the profiler's trace and a timeline summary to this folder")
+    parser.add_argument("--timeline", action="store_true", help="GPU time and waits layer by layer, without the profiler")
     parser.add_argument("--only-tunemake", action="store_true", help="skip the baseline")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tunemake-train-speed"))
     parser.add_argument("--json")

@@ -112,7 +112,7 @@ def test_concatenated_lora_products_equal_reference(checkpoint, options):
     model = with_lora(tiny_llama(), **options)
     reference = copy.deepcopy(model)
     fast = FastCausalLM(model, torch.float32, checkpoint=checkpoint, compile=False, attention="dense", concat_lora=True)
-    assert len(fast._lora_b_slots) == 2 * 5  # two layers, q/k/v and gate/up in each
+    assert len(fast._lora_b_slots.pairs) == 2 * 5  # two layers, q/k/v and gate/up in each
     rows = packed_rows(ROWS)
     for _ in range(2):
         ref = loss_and_grads(reference, make_batch(rows, [0, 1, 2], pad_id=0))
@@ -149,6 +149,23 @@ def test_concatenated_lora_under_bf16_autocast():
                             batch, autocast=torch.bfloat16)
     assert all(g.dtype == torch.float32 for g in concat[1].values())
     assert_close(plain, concat, rtol=2e-2)
+
+
+def test_compiled_loss_gradient_matches_eager():
+    """The cross-entropy's softmax and gradient as one compiled function (as on CUDA) give the
+    eager ops' loss and gradient, for chunks of two sizes (one compilation, sizes symbolic)."""
+    from tunemake.fast import _compiled_softmax_gradient, _softmax_gradient
+
+    gen = torch.Generator().manual_seed(0)
+    for rows, total in ((300, 500), (170, 900)):
+        logits = (torch.randn(rows, 1000, generator=gen) * 4).to(torch.bfloat16)
+        targets = torch.randint(0, 1000, (rows,), generator=gen)
+        loss, grad = _softmax_gradient(logits, targets, total)
+        compiled_loss, compiled_grad = _compiled_softmax_gradient()(logits, targets, total)
+        assert grad.dtype == compiled_grad.dtype == torch.bfloat16
+        torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
+        torch.testing.assert_close(compiled_grad.float(), grad.float(), rtol=0, atol=1e-7)
+        assert torch.allclose(grad.float().sum(1), torch.zeros(rows), atol=1e-4)  # softmax minus one-hot
 
 
 def test_documents_do_not_see_each_other():
@@ -393,6 +410,34 @@ def test_nf4_kernel_matches_bitsandbytes(nested, blocksize, dtype, storage):
     planned = plan([[weights[0], unshared]])  # double quantization and not: two launches
     assert len(planned.launches) == 2
     assert torch.equal(dequantize_plan(planned, dtype)[0], torch.cat([expected[0], unshared_values]))
+
+
+@cuda
+def test_block_copy_kernel_equals_torch_copies():
+    """The LoRA B blocks written into the concatenated products' weights by one Triton launch:
+    the same bits as torch's copies (fp32 rounded to bf16 to nearest even), for blocks of several
+    row counts and ranks, and again after a parameter's storage moved (the address table rebuilt)."""
+    from tunemake.fast import _BlockCopy
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(4096, 64), (1024, 16), (11008, 64), (70, 12), (3, 5)]
+    wide = torch.zeros(sum(r for r, _ in shapes), 300 + sum(c for _, c in shapes), dtype=torch.bfloat16, device="cuda")
+    pairs, row, col = [], 0, 300
+    for rows, cols in shapes:
+        source = torch.nn.Parameter(torch.randn(rows, cols, device="cuda", generator=gen) * 3)
+        pairs.append((wide[row:row + rows, col:col + cols], source))
+        row, col = row + rows, col + cols
+    copy = _BlockCopy(pairs)
+    assert copy._kernel
+    expected = torch.zeros_like(wide)
+    for step in range(2):
+        copy()
+        for (block, source), (rows, cols) in zip(pairs, shapes):
+            expected[block.storage_offset() // wide.shape[1]:][:rows, block.storage_offset() % wide.shape[1]:][:, :cols] = source
+        assert torch.equal(wide.view(torch.int16), expected.view(torch.int16))
+        with torch.no_grad():  # an update in place, then one that moves a parameter's storage
+            pairs[0][1].mul_(-0.5)
+            pairs[2][1].data = torch.randn(11008, 64, device="cuda", generator=gen)
 
 
 @cuda

@@ -425,10 +425,8 @@ def autocast_dtype(precision: str, device: torch.device):
 
 def lora_targets(model) -> list[str]:
     """Every linear layer's name but the output head: XTuner's ``find_all_linear_names``."""
-    import bitsandbytes as bnb  # noqa: F401  (registers Linear4bit / Linear8bitLt)
-
     linear_types = [torch.nn.Linear]
-    try:
+    try:  # quantized layers only where bitsandbytes is installed (plain LoRA does without it)
         from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
         linear_types += [Linear4bit, Linear8bitLt]
