@@ -9,7 +9,12 @@ checkpointing; ``qlora``: NF4 + double quant + checkpointing) it times, from the
   ``torch.optim.AdamW``, bf16 autocast: what a user writes with transformers + PEFT;
 - ``tunemake``: ``tunemake.train.step_model`` (the fast path the train stage picks on CUDA) +
   ``make_optimizer``; both through ``tunemake.train.micro_step`` and ``optimizer_step``;
-- with ``--attempts``, fast-path variants kept for the record (no compile, flex attention).
+- with ``--attempts``, fast-path variants kept for the record (no compile, flex attention, or one
+  change undone).
+
+``--profile N`` lists the kernels that take longest (``--trace DIR`` adds the profiler's timeline);
+``--timeline`` records CUDA events around each layer instead, without the profiler, whose CPU
+overhead moves the GPU's waits: where the GPU waited for the CPU and each layer's GPU time.
 
 Reports tokens/s (median over --steps after --warmup), peak memory, first-step loss and grad
 norm, ratios to the baseline; prints a table and writes JSON. Under ``torchrun`` (several GPUs)
@@ -36,7 +41,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import tunemake.fast
 from tunemake.fast import FastCausalLM
 from tunemake.train import Rows, build_model, fast_path, make_batch, make_optimizer, micro_step, optimizer_step, setup_processes, step_model, trainable_state
 
@@ -385,12 +389,13 @@ def setting(kind, args, model_dir, dist, results, out):
                    "fast_cpp": {"compile_options": {"cpp_wrapper": True}},
                    "fast_nosize": {"compile_options": {"size_asserts": False}},
                    "fast_torchckpt": {"own_checkpoint": False}, "fast_fa2": {"attention": "flash"},
-                   "fast_foreach_b": {}, "fast_eager_loss": {}, "fast_s8": {}, "fast_unbatched_db": {}}[attempt]
+                   "fast_foreach_b": {}, "fast_eager_loss": {}, "fast_s8": {},
+                   # concatenations as copies into one buffer (inductor's ConcatKernel), never as
+                   # masked pointwise loads (torch 2.11's option; later versions have a second limit)
+                   "fast_catk": {"compile_options": {"max_pointwise_cat_inputs": 0}}}[attempt]
         # attempts that undo one change after construction: B blocks by torch's foreach copy, the
         # loss's softmax gradient eager; fast_s8 both (session 8's fast path)
-        undo = {"fast_foreach_b": ("b",), "fast_eager_loss": ("loss",), "fast_unbatched_db": ("db",),
-                "fast_s8": ("b", "loss", "db")}.get(attempt, ())
-        tunemake.fast.BATCHED_B_GRADIENTS = "db" not in undo  # read when the layer compiles
+        undo = {"fast_foreach_b": ("b",), "fast_eager_loss": ("loss",), "fast_s8": ("b", "loss")}.get(attempt, ())
         torch._dynamo.reset()  # each attempt compiles afresh: its first step says what compiling costs
         optimizer = make_optimizer(params, TRAIN, device)
         try:
@@ -404,7 +409,6 @@ def setting(kind, args, model_dir, dist, results, out):
             entry["variants"].append({"variant": attempt, "error": f"{type(exc).__name__}: {exc}"[:500]})
             print(f"  {attempt}: {entry['variants'][-1]['error']}", flush=True)
         fast = None  # unbound when the constructor failed
-        tunemake.fast.BATCHED_B_GRADIENTS = True
         del optimizer, fast
         if out and dist.main:  # what has been measured survives a run cut short
             out.write_text(json.dumps({"results": results, **environment(args, dist)}, indent=2))
@@ -453,7 +457,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--settings", default="lora,lora_ckpt,qlora")
-    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_cpp,fast_nosize,fast_torchckpt,fast_fa2,fast_foreach_b,fast_eager_loss,fast_unbatched_db,fast_s8")
+    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_cpp,fast_nosize,fast_torchckpt,fast_fa2,fast_foreach_b,fast_eager_loss,fast_s8,fast_catk")
     parser.add_argument("--ddp-variants", default="", help="under torchrun, DDP options to time too: view,view_nobcast,view_bucket100,view_static,bf16_hook,flat")
     parser.add_argument("--attempt-settings", default="lora", help="the settings the attempts run in")
     parser.add_argument("--profile", type=int, default=0, help="profile two tunemake steps: the N kernels that take longest")

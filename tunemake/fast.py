@@ -59,9 +59,6 @@ ARCHITECTURES = ("llama", "mistral", "qwen2")
 LENGTH_MULTIPLE = 128
 #: logits held at a time by the loss, in elements (256 MiB in fp32)
 LOGIT_CHUNK_ELEMENTS = 1 << 26
-#: the B gradients of a concatenated product (:class:`_ConcatLora`) as one batched product where
-#: the projections' shapes allow (read when the layer is compiled; the benchmark's attempts turn it off)
-BATCHED_B_GRADIENTS = True
 
 
 def _base_model(model):
@@ -282,15 +279,8 @@ class _ConcatLora(torch.autograd.Function):
         dxin = dy2 @ wide.to(dy2.dtype)  # [dx from the frozen weights | the gradient of s * x A^T]
         da = torch.cat([part * s for part, s in zip(dxin[:, inner:].split(ctx.ranks, dim=1), ctx.scales)], dim=1)
         dx = dxin[:, :inner] + da @ a_cat
-        if BATCHED_B_GRADIENTS and len(set(ctx.rows)) == 1 and len(set(ctx.ranks)) == 1:
-            # one batched product for every projection's B (same rows and rank: q/k/v without
-            # GQA, gate/up), strided views of dy and x A^T, no copies
-            count, rows, rank = len(ctx.rows), ctx.rows[0], ctx.ranks[0]
-            products = torch.bmm(dy2.view(-1, count, rows).permute(1, 2, 0), xa.view(-1, count, rank).transpose(0, 1))
-            dbs = [g.to(dtype) for g, dtype in zip(products.unbind(0), ctx.b_dtypes)]
-        else:
-            dbs = [(g.t() @ part).to(dtype) for g, part, dtype in
-                   zip(dy2.split(ctx.rows, dim=1), xa.split(ctx.ranks, dim=1), ctx.b_dtypes)]
+        dbs = [(g.t() @ part).to(dtype) for g, part, dtype in
+               zip(dy2.split(ctx.rows, dim=1), xa.split(ctx.ranks, dim=1), ctx.b_dtypes)]
         return (dx.reshape(ctx.shape), None, da.t() @ x2, None, None, None, *dbs)
 
 
