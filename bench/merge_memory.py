@@ -89,7 +89,6 @@ def build(root: Path, args) -> dict:
 def child(way: str, root: Path, shard_size: str) -> None:
     """One measured merge; prints its numbers as JSON on the last line."""
     import torch  # every import before the first RSS reading
-    import transformers  # noqa: F401
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

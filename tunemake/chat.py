@@ -37,6 +37,7 @@ at the model's length limit even before ``--max-new-tokens``.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import os
@@ -128,7 +129,7 @@ def load_chat_model(model_dir: str | os.PathLike, adapter: str | os.PathLike | N
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if bits:
         try:
-            import bitsandbytes  # noqa: F401
+            importlib.import_module("bitsandbytes")  # its import is the check
             from transformers import BitsAndBytesConfig
         except Exception as exc:  # an import of bitsandbytes fails in many ways (no CUDA, no lib)
             raise ChatError(f"--bits {bits} needs bitsandbytes, which cannot run here ({exc}); "
