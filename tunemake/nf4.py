@@ -121,6 +121,9 @@ def dequantize_plan(planned: Plan, dtype: torch.dtype) -> list[torch.Tensor]:
 def dequantize(weights: list[NF4], dtype: torch.dtype) -> torch.Tensor:
     """``weights`` dequantized and stacked row-wise in ``dtype``.
 
+    Plans at each call (the addresses table goes to the GPU each time): for the same weights again
+    and again, as the fast path does, :func:`plan` once and :func:`dequantize_plan` per call.
+
     Raises:
         ValueError: the weights do not share their column count.
     """
