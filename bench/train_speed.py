@@ -161,12 +161,14 @@ def layer_timeline(fast, batch, params, optimizer, steps: int = 3) -> dict:
     """Where the GPU waits in a step, layer by layer, without the profiler (whose CPU overhead moves the gaps).
 
     Records a CUDA event and the host time before and after each decoder layer in the forward
-    pass and, through gradient hooks on the layers' outputs, at each layer's backward. Reports
-    (ms, last of ``steps`` steps) the GPU time per layer (kernels plus any wait inside), the GPU's
-    waits between layers, the time before the first layer and after the last, and the host's
-    lead over the GPU (how far ahead the CPU was when it issued the layer).
+    pass and at the start of each layer's backward pass (a gradient hook on the layer's output,
+    or, with recomputation, the layer's second call). Reports (ms, last of ``steps`` steps) the
+    GPU time per layer (kernels plus any wait inside), the GPU's waits between forward layers,
+    the time before the first layer and around the loss, and the host's lead over the GPU (how
+    long after the host issued a layer the GPU reached it). The parts add up to the step.
     """
     marks = []  # (label, event, host time)
+    forward = [True]
 
     def mark(label):
         event = torch.cuda.Event(enable_timing=True)
@@ -176,22 +178,27 @@ def layer_timeline(fast, batch, params, optimizer, steps: int = 3) -> dict:
     run_layer = fast._run_layer
 
     def timed(layer, x, *rest):
+        if not forward[0]:  # a recomputation: this layer's backward pass starts
+            mark("bwd_start")
+            return run_layer(layer, x, *rest)
         mark("fwd_start")
         y = run_layer(layer, x, *rest)
         mark("fwd_end")
         if y.requires_grad:
-            y.register_hook(lambda grad: mark("bwd_boundary"))
+            y.register_hook(lambda grad: mark("bwd_start"))
         return y
 
     fast._run_layer = timed
     try:
         for _ in range(steps):
             marks.clear()
+            forward[0] = True
             torch.cuda.synchronize()
             mark("start")
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = fast(**batch, use_cache=False).loss
             mark("loss")
+            forward[0] = False
             loss.backward()
             mark("backward_end")
             optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
@@ -203,26 +210,29 @@ def layer_timeline(fast, batch, params, optimizer, steps: int = 3) -> dict:
     gpu = [t0_event.elapsed_time(e) for _, e, _ in marks]
     host = [1e3 * (h - t0_host) for _, _, h in marks]
     labels = [m[0] for m in marks]
+    at = {label: labels.index(label) for label in ("loss", "backward_end")}
     starts = [i for i, l in enumerate(labels) if l == "fwd_start"]
     ends = [i for i, l in enumerate(labels) if l == "fwd_end"]
-    bwd = [i for i, l in enumerate(labels) if l == "bwd_boundary"]
+    bwd = [i for i, l in enumerate(labels) if l == "bwd_start"] + [at["backward_end"]]
     fwd_layer = [gpu[e] - gpu[s] for s, e in zip(starts, ends)]
     fwd_wait = [gpu[s] - gpu[e] for e, s in zip(ends, starts[1:])]
-    bwd_layer = [gpu[b] - gpu[a] for a, b in zip(bwd, bwd[1:])]
-    lead = lambda i: gpu[i] - host[i]  # noqa: E731  how long after the host issued it the GPU got there
+    bwd_layer = [gpu[b] - gpu[a] for a, b in zip(bwd, bwd[1:])]  # the last: the first layer's, to the end
+
+    def lead(i):
+        return gpu[i] - host[i]
+
     return {"step": round(gpu[-1], 2), "before_first_layer": round(gpu[starts[0]], 2),
             "host_before_first_layer": round(host[starts[0]], 2),
             "fwd_layers": round(sum(fwd_layer), 2), "fwd_layer_median": round(statistics.median(fwd_layer), 3),
             "fwd_waits": round(sum(fwd_wait), 2), "fwd_layer_first5": [round(t, 3) for t in fwd_layer[:5]],
-            "after_last_layer_to_loss": round(gpu[labels.index("loss")] - gpu[ends[-1]], 2),
-            "loss_to_first_bwd_layer": round(gpu[bwd[0]] - gpu[labels.index("loss")], 2) if bwd else None,
+            "after_last_layer_to_loss": round(gpu[at["loss"]] - gpu[ends[-1]], 2),
+            "loss_to_first_bwd_layer": round(gpu[bwd[0]] - gpu[at["loss"]], 2),
             "bwd_layers": round(sum(bwd_layer), 2),
             "bwd_layer_median": round(statistics.median(bwd_layer), 3) if bwd_layer else None,
             "bwd_layer_max": round(max(bwd_layer), 3) if bwd_layer else None,
-            "last_bwd_layer_to_backward_end": round(gpu[labels.index("backward_end")] - gpu[bwd[-1]], 2) if bwd else None,
-            "optimizer": round(gpu[-1] - gpu[labels.index("backward_end")], 2),
+            "optimizer": round(gpu[-1] - gpu[at["backward_end"]], 2),
             "host_lead_fwd_layers": [round(lead(i), 2) for i in starts[::4]],
-            "host_lead_bwd_layers": [round(lead(i), 2) for i in bwd[::4]],
+            "host_lead_bwd_layers": [round(lead(i), 2) for i in bwd[:-1:4]],
             "host_step": round(host[-1], 2)}
 
 

@@ -153,18 +153,19 @@ def test_concatenated_lora_under_bf16_autocast():
 
 def test_compiled_loss_gradient_matches_eager():
     """The cross-entropy's softmax and gradient as one compiled function (as on CUDA) give the
-    eager ops' loss and gradient, for chunks of two sizes (one compilation, sizes symbolic)."""
+    eager ops' loss and gradient, for chunks of two sizes, the second without compiling again."""
     from tunemake.fast import _compiled_softmax_gradient, _softmax_gradient
 
     gen = torch.Generator().manual_seed(0)
-    for rows, total in ((300, 500), (170, 900)):
+    for step, (rows, total) in enumerate(((300, 500), (170, 900))):
         logits = (torch.randn(rows, 1000, generator=gen) * 4).to(torch.bfloat16)
         targets = torch.randint(0, 1000, (rows,), generator=gen)
         loss, grad = _softmax_gradient(logits, targets, total)
-        compiled_loss, compiled_grad = _compiled_softmax_gradient()(logits, targets, total)
+        with torch.compiler.set_stance("fail_on_recompile" if step else "default"):
+            compiled_loss, compiled_grad = _compiled_softmax_gradient()(logits, targets, total)
         assert grad.dtype == compiled_grad.dtype == torch.bfloat16
         torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
-        torch.testing.assert_close(compiled_grad.float(), grad.float(), rtol=0, atol=1e-7)
+        torch.testing.assert_close(compiled_grad.float(), grad.float(), rtol=8e-3, atol=1e-7)  # a bf16 ulp
         assert torch.allclose(grad.float().sum(1), torch.zeros(rows), atol=1e-4)  # softmax minus one-hot
 
 
@@ -416,7 +417,9 @@ def test_nf4_kernel_matches_bitsandbytes(nested, blocksize, dtype, storage):
 def test_block_copy_kernel_equals_torch_copies():
     """The LoRA B blocks written into the concatenated products' weights by one Triton launch:
     the same bits as torch's copies (fp32 rounded to bf16 to nearest even), for blocks of several
-    row counts and ranks, and again after a parameter's storage moved (the address table rebuilt)."""
+    row counts and ranks, again after a parameter's storage moved (the address table rebuilt),
+    with autograd told of the write; blocks the kernel does not take (sources of mixed dtypes)
+    fall back to torch's copies."""
     from tunemake.fast import _BlockCopy
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -428,16 +431,27 @@ def test_block_copy_kernel_equals_torch_copies():
         pairs.append((wide[row:row + rows, col:col + cols], source))
         row, col = row + rows, col + cols
     copy = _BlockCopy(pairs)
-    assert copy._kernel
-    expected = torch.zeros_like(wide)
-    for step in range(2):
+
+    def expected():
+        out = torch.zeros_like(wide)
+        row, col = 0, 300
+        for _, source in pairs:
+            out[row:row + source.shape[0], col:col + source.shape[1]] = source
+            row, col = row + source.shape[0], col + source.shape[1]
+        return out
+
+    for step in range(3):
+        version = wide._version
         copy()
-        for (block, source), (rows, cols) in zip(pairs, shapes):
-            expected[block.storage_offset() // wide.shape[1]:][:rows, block.storage_offset() % wide.shape[1]:][:, :cols] = source
-        assert torch.equal(wide.view(torch.int16), expected.view(torch.int16))
-        with torch.no_grad():  # an update in place, then one that moves a parameter's storage
-            pairs[0][1].mul_(-0.5)
-            pairs[2][1].data = torch.randn(11008, 64, device="cuda", generator=gen)
+        assert (copy._launch is not None) == (step < 2)  # the kernel, until the dtypes are mixed
+        assert wide._version > version
+        assert torch.equal(wide.view(torch.int16), expected().view(torch.int16))
+        with torch.no_grad():
+            if step == 0:  # an update in place, then one that moves a parameter's storage
+                pairs[0][1].mul_(-0.5)
+                pairs[2][1].data = torch.randn(11008, 64, device="cuda", generator=gen)
+            else:  # one source in bf16: no longer one dtype
+                pairs[1][1].data = pairs[1][1].data.to(torch.bfloat16) * 2
 
 
 @cuda

@@ -571,9 +571,21 @@ def _varlen_function():
 
 def _softmax_gradient(logits, targets, n: int):
     """One chunk's summed cross-entropy and its gradient with respect to the logits, divided by
-    ``n`` and in the logits' dtype; softmax in fp32. Compiled on CUDA (:func:`_compiled_softmax_gradient`):
-    one pass for the log-sum-exp and one that writes the gradient, where the eager ops make seven
-    over fp32 logits (about 2.7 GB of memory traffic a step for a 32k vocabulary)."""
+    ``n`` and in the logits' dtype; softmax in fp32. Eager: in place over one fp32 copy of the
+    logits (the CPU's path). :func:`_compiled_softmax_gradient` compiles :func:`_softmax_gradient_pure`,
+    the same maths without in-place ops."""
+    full = logits.float()
+    lse = torch.logsumexp(full, dim=-1)
+    loss = (lse - full.gather(1, targets[:, None]).squeeze(1)).sum()
+    probs = torch.exp(full.sub_(lse[:, None]))
+    probs[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+    return loss, probs.div_(n).to(logits.dtype)
+
+
+def _softmax_gradient_pure(logits, targets, n: int):
+    """:func:`_softmax_gradient` for compilation: one pass for the log-sum-exp and one that writes
+    the gradient, where the eager ops make seven over fp32 logits (about 2.7 GB of memory
+    traffic a step for a 32k vocabulary)."""
     full = logits.float()
     lse = torch.logsumexp(full, dim=-1)
     loss = (lse - full.gather(1, targets[:, None]).squeeze(1)).sum()
@@ -584,7 +596,9 @@ def _softmax_gradient(logits, targets, n: int):
 
 @functools.cache
 def _compiled_softmax_gradient():
-    return torch.compile(_softmax_gradient, dynamic=True)
+    """:func:`_softmax_gradient_pure` compiled once, sizes symbolic (a chunk of one row compiles
+    once more: torch specializes sizes 0 and 1)."""
+    return torch.compile(_softmax_gradient_pure, dynamic=True)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -593,7 +607,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     The gradients are computed in the forward pass, so at most one chunk of logits exists at a
     time; logits are formed in the compute dtype and the softmax taken in fp32, as the model's
     forward under autocast followed by ``cross_entropy(logits.float())`` does. With ``compiled``
-    the softmax and its gradient are one compiled function (:func:`_softmax_gradient`).
+    the softmax and its gradient are one compiled function (:func:`_compiled_softmax_gradient`).
     """
 
     @staticmethod
@@ -686,8 +700,9 @@ if triton is not None:
         r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
         c = tl.arange(0, COLS)[None, :]
         live = (r < rows) & (c < cols)
+        # addresses from a table carry no alignment, so the accesses are scalar: a few MB a step
         values = tl.load(src + r * cols + c, mask=live)
-        tl.store(dst + r * stride + c, values.to(dst0.dtype.element_ty, fp_downcast_rounding="rtne"), mask=live)
+        tl.store(dst + r * stride + c, values.to(dst0.dtype.element_ty), mask=live)  # downcasts: nearest even
 
 
 class _BlockCopy:
@@ -695,47 +710,56 @@ class _BlockCopy:
     :class:`_Wide`, from :func:`_b_slots`), cast to the destination's dtype.
 
     On CUDA with Triton it is one kernel launch for every block, which finds them through a table
-    of addresses (built once, again when a parameter's storage moves); torch's foreach copy
-    launches one kernel a block (the blocks are strided), about 2 ms of CPU time a step for a 7B's
-    160 blocks while the GPU waits at the start of the step. Elsewhere, or for blocks the kernel
-    does not take (2-D, rows contiguous, one dtype on each side), torch's foreach copy.
+    of addresses; torch's foreach copy launches one kernel a block (the blocks are strided), about
+    2 ms of CPU time a step for a 7B's 160 blocks while the GPU waits at the start of the step.
+    The table is built again, and whether the kernel can take the blocks checked again, whenever
+    a parameter's storage, dtype, shape or strides change. Elsewhere, or for blocks the kernel
+    does not take (2-D with contiguous rows, the sources contiguous, one dtype and one device on
+    each side), torch's foreach copy. Autograd's version counters of the destinations' bases are
+    bumped as an in-place copy would (what :class:`_ConcatLora`'s in-place check relies on).
     """
 
     ROWS = 64
+    MAX_COPIES = 65535  # the grid's second dimension
 
     def __init__(self, pairs):
         self.pairs = list(pairs)  # (destination view, source parameter)
-        self._table = self._key = None
-        dsts, srcs = [d for d, _ in self.pairs], [s for _, s in self.pairs]
-        self._kernel = (triton is not None and bool(self.pairs) and dsts[0].is_cuda
-                        and all(t.dim() == 2 and t.stride(1) == 1 for t in dsts)
-                        and all(s.dim() == 2 and s.is_contiguous() and s.shape == d.shape and s.device == d.device
-                                for d, s in self.pairs)
-                        and len({d.dtype for d in dsts}) == 1 and len({s.dtype for s in srcs}) == 1)
+        self._bases = list({id(t): t for t in (d if d._base is None else d._base for d, _ in self.pairs)}.values())
+        self._key = self._launch = None
 
     def __bool__(self):
         return bool(self.pairs)
 
+    def _kernel_takes(self) -> bool:
+        if triton is None or not self.pairs or len(self.pairs) > self.MAX_COPIES:
+            return False
+        dsts, srcs = [d for d, _ in self.pairs], [s for _, s in self.pairs]
+        return (dsts[0].is_cuda and len({t.device for t in dsts + srcs}) == 1
+                and len({d.dtype for d in dsts}) == 1 and len({s.dtype for s in srcs}) == 1
+                and all(d.dim() == 2 and d.stride(1) == 1 for d in dsts)
+                and all(s.shape == d.shape and s.is_contiguous() for d, s in self.pairs))
+
     def __call__(self):
+        srcs = [s for _, s in self.pairs]
+        key = tuple((s.data_ptr(), s.dtype, s.device, s.shape, s.stride()) for s in srcs)
+        if key != self._key:
+            self._key, self._launch = key, None
+            if self._kernel_takes():
+                table = torch.tensor([[s.data_ptr(), d.data_ptr(), d.shape[0], d.shape[1], d.stride(0)]
+                                      for d, s in self.pairs], dtype=torch.int64).to(srcs[0].device)
+                grid = (triton.cdiv(max(d.shape[0] for d, _ in self.pairs), self.ROWS), len(self.pairs))
+                cols = triton.next_power_of_2(max(d.shape[1] for d, _ in self.pairs))
+                self._launch = (table, grid, cols)
         with torch.no_grad():
-            srcs = [s for _, s in self.pairs]
-            if not self._kernel or not all(s.is_contiguous() for s in srcs):
+            if self._launch is None:
                 torch._foreach_copy_([d for d, _ in self.pairs], srcs)
                 return
-            key = tuple((s.data_ptr(), s.dtype) for s in srcs)
-            if key != self._key:
-                self._table = torch.tensor([[s.data_ptr(), d.data_ptr(), d.shape[0], d.shape[1], d.stride(0)]
-                                            for d, s in self.pairs], dtype=torch.int64).to(srcs[0].device)
-                self._key = key
-                if len({s.dtype for s in srcs}) != 1:  # a parameter's dtype changed under us
-                    self._kernel = False
-                    return self()
+            table, grid, cols = self._launch
             dst0 = self.pairs[0][0]
-            rows = max(d.shape[0] for d, _ in self.pairs)
-            cols = triton.next_power_of_2(max(d.shape[1] for d, _ in self.pairs))
             with torch.cuda.device(dst0.device):  # Triton launches on the current device
-                _copy_blocks_kernel[(triton.cdiv(rows, self.ROWS), len(self.pairs))](
-                    self._table, srcs[0], dst0, ROWS=self.ROWS, COLS=cols)
+                _copy_blocks_kernel[grid](table, srcs[0], dst0, ROWS=self.ROWS, COLS=cols)
+            for base in self._bases:  # written behind autograd's back: say so, as copy_ would
+                torch.autograd.graph.increment_version(base)
 
 
 def _concat_ranks(projs):

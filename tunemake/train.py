@@ -426,11 +426,11 @@ def autocast_dtype(precision: str, device: torch.device):
 def lora_targets(model) -> list[str]:
     """Every linear layer's name but the output head: XTuner's ``find_all_linear_names``."""
     linear_types = [torch.nn.Linear]
-    try:  # quantized layers only where bitsandbytes is installed (plain LoRA does without it)
+    try:  # quantized layers only where bitsandbytes imports (plain LoRA does without it)
         from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
         linear_types += [Linear4bit, Linear8bitLt]
-    except ImportError:
+    except Exception:  # not installed, or a build that cannot load here (RuntimeError, OSError...)
         pass
     head = model.get_output_embeddings()
     names = set()
