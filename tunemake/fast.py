@@ -13,10 +13,12 @@ forward under autocast; it only computes it with fewer passes over memory:
   dropout fused) and run for every layer; LoRA dropout masks are drawn outside it, from a seed
   per layer call, so that a recomputed layer draws the same ones;
 - the cross-entropy computed chunk by chunk from the last hidden state, gradient included, so the
-  full logits are never held (only target positions are projected);
+  full logits are never held (only target positions are projected); on CUDA a chunk's softmax
+  and its gradient are one compiled function;
 - frozen q/k/v and gate/up weights stacked, one matrix product per group; with LoRA (no dropout)
   the adapters' B blocks sit beside the frozen weights, so base and LoRA outputs come from the
-  same product (:class:`_ConcatLora`);
+  same product (:class:`_ConcatLora`; the blocks are rewritten before each forward by one Triton
+  launch, :class:`_BlockCopy`);
 - QLoRA: 4-bit weights dequantized per layer and never kept (NF4 by :mod:`tunemake.nf4`, a Triton
   kernel on CUDA, before each call of the compiled layer): each layer is recomputed in the
   backward pass (as with gradient checkpointing, which QLoRA uses by default);
