@@ -17,10 +17,13 @@ checkpointing; ``qlora``: NF4 + double quant + checkpointing) it times, from the
 overhead moves the GPU's waits: where the GPU waited for the CPU and each layer's GPU time.
 
 Reports tokens/s (median over --steps after --warmup), peak memory, first-step loss and grad
-norm, ratios to the baseline; prints a table and writes JSON. Under ``torchrun`` (several GPUs)
+norm, ratios to the baseline; prints a table and writes JSON. ``--rounds N`` times the baseline
+and tunemake N times in turns and reports the median of the N same-round ratios (the baseline's
+speed follows the host's CPU, which drifts within a run). Under ``torchrun`` (several GPUs)
 it times the tunemake step in DDP only.
 
     python bench/train_speed.py --json train_speed.json
+    python bench/train_speed.py --settings lora --rounds 7 --json train_speed.json   # a sturdier ratio
     python bench/train_speed.py --layers 2 --hidden 256 --intermediate 512 --heads 4 --vocab 1000 --seq 256   # CPU smoke
 """
 
@@ -88,11 +91,11 @@ def packed_batch(args, rank: int) -> Rows:
     return rows
 
 
-def run(name, model, batch, params, optimizer, args, device, before_step=None) -> dict:
+def run(name, model, batch, params, optimizer, args, device, before_step=None, with_phases=True) -> dict:
     """Warm-up, then timed steps; the first step's loss and gradient norm.
 
     ``before_step(params)`` runs between the backward pass and the optimizer (the variant that
-    averages gradients itself).
+    averages gradients itself); ``with_phases``: time the phases of 5 more steps (CUDA).
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -116,7 +119,7 @@ def run(name, model, batch, params, optimizer, args, device, before_step=None) -
     result = {"variant": name, "tokens_per_s": tokens / median, "step_s_median": median,
               "step_s": [round(t, 4) for t in times], "first_step": first,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    if device.type == "cuda" and not before_step:
+    if device.type == "cuda" and not before_step and with_phases:
         result["phases_ms"] = phases(model, batch, params, optimizer)
     if torch.distributed.is_initialized():  # every process must hold the same parameters after the steps
         check = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
@@ -234,6 +237,38 @@ def layer_timeline(fast, batch, params, optimizer, steps: int = 3) -> dict:
             "host_lead_fwd_layers": [round(lead(i), 2) for i in starts[::4]],
             "host_lead_bwd_layers": [round(lead(i), 2) for i in bwd[:-1:4]],
             "host_step": round(host[-1], 2)}
+
+
+def alternate(first: dict, steppers: dict, batch, params, args, device, restore) -> dict:
+    """``--rounds``: the baseline and tunemake timed again in turns, the order swapped each round.
+
+    The baseline's speed follows the host's CPU, which can change within minutes (its step is
+    close to CPU-bound), so one comparison per setting can meet a slow or a fast spell on one
+    side only. Each later round times both (``--warmup`` 1, ``--steps`` as given, fresh
+    optimizers) back to back; round 1 is ``first``, the measurements above. Reports each round's
+    tokens/s and ratio, and their medians.
+    """
+    quick = argparse.Namespace(**{**vars(args), "warmup": 1})
+    rounds = [{name: first[name]["tokens_per_s"] for name in steppers}]
+    for index in range(1, args.rounds):
+        tokens = {}
+        for name in (list(steppers) if index % 2 == 0 else list(steppers)[::-1]):
+            model, make_opt = steppers[name]
+            restore()
+            optimizer = make_opt()
+            tokens[name] = run(f"{name} (round {index + 1})", model, batch, params, optimizer, quick, device,
+                               with_phases=False)["tokens_per_s"]
+            del optimizer
+        rounds.append(tokens)
+    ratios = [r["tunemake"] / r["baseline"] for r in rounds]
+    summary = {"rounds": [{**r, "ratio": q} for r, q in zip(rounds, ratios)],
+               "median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
+               **{f"median_{name}_tokens_per_s": statistics.median(r[name] for r in rounds) for name in steppers}}
+    print(f"  rounds: ratio median {summary['median_ratio']:.3f} (min {summary['min_ratio']:.3f}, max "
+          f"{summary['max_ratio']:.3f}) over {len(rounds)}; baseline median "
+          f"{summary['median_baseline_tokens_per_s']:,.0f} tok/s, tunemake "
+          f"{summary['median_tunemake_tokens_per_s']:,.0f}", flush=True)
+    return summary
 
 
 def average_flat(params) -> None:
@@ -363,7 +398,14 @@ def setting(kind, args, model_dir, dist, results, out):
     entry["variants"].append(run("tunemake", stepped, user_batch, params, optimizer, args, device))
     fast = fast_path(stepped)
     entry["attention"] = fast.attention if fast else "the model's own forward"
-    del optimizer, stepped, fast
+    del optimizer
+    if args.rounds > 1 and dist.world == 1 and not args.only_tunemake:
+        first = {v["variant"]: v for v in entry["variants"]}
+        entry["alternating"] = alternate(
+            first, {"baseline": (model, lambda: torch.optim.AdamW(params, lr=TRAIN["lr"], weight_decay=0.0)),
+                    "tunemake": (stepped, lambda: make_optimizer(params, TRAIN, device))},
+            user_batch, params, args, device, restore)
+    del stepped, fast
     for variant in args.ddp_variants.split(",") if args.ddp_variants and dist.world > 1 else []:
         restore()
         fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"])
@@ -466,6 +508,8 @@ def main() -> int:
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (PEFT's default 0)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time the baseline and tunemake again in turns, this many rounds in all (median ratio)")
     parser.add_argument("--settings", default="lora,lora_ckpt,qlora")
     parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_cpp,fast_nosize,fast_torchckpt,fast_fa2,fast_foreach_b,fast_eager_loss,fast_s8,fast_catk")
     parser.add_argument("--ddp-variants", default="", help="under torchrun, DDP options to time too: view,view_nobcast,view_bucket100,view_static,bf16_hook,flat")
@@ -511,6 +555,12 @@ def main() -> int:
                     v["grad_norm_rel_diff"] = abs(v["first_step"]["grad_norm"] / base["first_step"]["grad_norm"] - 1)
                 print(f"{entry['setting']:10} {v['variant']:11} {v['tokens_per_s']:>10,.0f} {v['peak_gib'] or 0:>9.2f} "
                       f"{ratio:>6.2f} {v['first_step']['loss']:>9.5f} {v['first_step']['grad_norm']:>10.5f}")
+            if "alternating" in entry:
+                alt = entry["alternating"]
+                print(f"{entry['setting']:10} {'rounds':11} {alt['median_tunemake_tokens_per_s']:>10,.0f} {'':>9} "
+                      f"{alt['median_ratio']:>6.2f}  median of {len(alt['rounds'])} same-round ratios "
+                      f"({alt['min_ratio']:.2f}-{alt['max_ratio']:.2f}); baseline median "
+                      f"{alt['median_baseline_tokens_per_s']:,.0f} tok/s")
         if out:
             out.write_text(json.dumps({"results": results, **env}, indent=2))
     dist.barrier()

@@ -278,12 +278,16 @@ class _ConcatLora(torch.autograd.Function):
         x2, xa, a_cat, wide = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         inner = x2.shape[1]
-        dxin = dy2 @ wide.to(dy2.dtype)  # [dx from the frozen weights | the gradient of s * x A^T]
-        da = torch.cat([part * s for part, s in zip(dxin[:, inner:].split(ctx.ranks, dim=1), ctx.scales)], dim=1)
-        dx = dxin[:, :inner] + da @ a_cat
+        if ctx.needs_input_grad[0]:
+            dxin = dy2 @ wide.to(dy2.dtype)  # [dx from the frozen weights | the gradient of s * x A^T]
+            dxa = dxin[:, inner:]
+        else:  # the first layer (frozen embeddings): the B columns' product only
+            dxa = dy2 @ wide[:, inner:].to(dy2.dtype)
+        da = torch.cat([part * s for part, s in zip(dxa.split(ctx.ranks, dim=1), ctx.scales)], dim=1)
+        dx = dxin[:, :inner] + da @ a_cat if ctx.needs_input_grad[0] else None
         dbs = [(g.t() @ part).to(dtype) for g, part, dtype in
                zip(dy2.split(ctx.rows, dim=1), xa.split(ctx.ranks, dim=1), ctx.b_dtypes)]
-        return (dx.reshape(ctx.shape), None, da.t() @ x2, None, None, None, *dbs)
+        return (None if dx is None else dx.reshape(ctx.shape), None, da.t() @ x2, None, None, None, *dbs)
 
 
 class _Recomputed(torch.autograd.Function):
