@@ -86,9 +86,10 @@ def assert_close(ref, fast, rtol):
 ROWS = [[9, 14, 7], [20, 10], [5]]  # packed documents; the last row is padded
 
 
-@pytest.mark.parametrize("method,fuse,concat", [("lora", True, True), ("lora", True, False), ("lora", False, False),
-                                                ("full", True, True), ("lora_head", True, True)])
-def test_fast_path_equals_reference_fp32(method, fuse, concat):
+@pytest.mark.parametrize("method,fuse,concat,gated", [
+    ("lora", True, True, True), ("lora", True, False, True), ("lora", False, False, True), ("lora", True, True, False),
+    ("full", True, True, True), ("full", True, True, False), ("lora_head", True, True, True)])
+def test_fast_path_equals_reference_fp32(method, fuse, concat, gated):
     model = tiny_llama()
     if method == "lora":
         model = with_lora(model)
@@ -96,7 +97,8 @@ def test_fast_path_equals_reference_fp32(method, fuse, concat):
         model = with_lora(model, modules_to_save=["lm_head", "embed_tokens"])
     rows = packed_rows(ROWS)
     ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], pad_id=0))
-    fast = FastCausalLM(model, torch.float32, compile=False, attention="dense", fuse=fuse, concat_lora=concat)
+    fast = FastCausalLM(model, torch.float32, compile=False, attention="dense", fuse=fuse, concat_lora=concat,
+                        gated_down=gated)
     got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False))
     assert_close(ref, got, rtol=1e-4)
 
@@ -452,6 +454,31 @@ def test_block_copy_kernel_equals_torch_copies():
                 pairs[2][1].data = torch.randn(11008, 64, device="cuda", generator=gen)
             else:  # one source in bf16: no longer one dtype
                 pairs[1][1].data = pairs[1][1].data.to(torch.bfloat16) * 2
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_swiglu_backward_kernel_matches_torch(dtype):
+    """SiLU's backward in one Triton pass: the gradient of [gate, up] and silu(gate) * up as the
+    torch ops give them (to one rounding step: the kernel's sigmoid is Triton's), with and without
+    the LoRA term and the output, for a width that is no multiple of the kernel's block."""
+    from tunemake.fast import _swiglu_backward, _swiglu_backward_torch
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, cols = 37, 2752
+
+    def rand(*shape):
+        return (torch.randn(*shape, device="cuda", generator=gen) * 3).to(dtype)
+
+    dense, lora, gate_up = rand(rows, cols), rand(rows, cols), rand(rows, 2 * cols)
+    for extra, want_h in ((lora, True), (None, False), (None, True)):
+        grad, h = _swiglu_backward(dense, extra, gate_up, want_h)
+        grad_ref, h_ref = _swiglu_backward_torch(dense, extra, gate_up, want_h)
+        assert grad.shape == gate_up.shape and grad.dtype == dtype
+        torch.testing.assert_close(grad, grad_ref, rtol=2 ** -7, atol=1e-3)
+        assert h.shape == h_ref.shape == ((rows, cols) if want_h else (0,))
+        torch.testing.assert_close(h, h_ref, rtol=2 ** -7, atol=1e-3)
+        assert (grad.float() - grad_ref.float()).abs().gt(0).float().mean() < 0.01  # mostly the same bits
 
 
 @cuda

@@ -133,6 +133,7 @@ class _Shape:
     scale: float
     compute_dtype: torch.dtype
     attention: str  # "fa4", "flash", "varlen", "flex" or "dense"
+    gated_down: bool = True  # the MLP's SiLU and down projection by :class:`_GatedDown`
 
 
 #: what :meth:`FastCausalLM._group` puts in place of a stacked weight for NF4 projections that
@@ -222,10 +223,7 @@ def _linears(x, group):
     if stacked is None:
         return [_linear(x, proj) for proj in projs]
     if isinstance(stacked, _Wide):
-        a_cat = torch.cat([p[2].to(dtype) for p in projs])
-        y = _ConcatLora.apply(x, stacked.tensor, a_cat, tuple(p[4] for p in projs), stacked.rows, stacked.ranks,
-                              *[p[3] for p in projs])
-        return list(y.split(stacked.rows, dim=-1))
+        return list(_wide_product(x, stacked, projs).split(stacked.rows, dim=-1))
     biases = [p[1] for p in projs]
     bias = None if biases[0] is None else torch.cat([b.to(dtype) for b in biases])
     ys = list(F.linear(x, stacked.to(dtype), bias).split([p[0].shape[0] for p in projs], dim=-1))
@@ -237,6 +235,137 @@ def _linears(x, group):
         if lora_a is not None:
             ys[i] = ys[i] + F.linear(F.linear(_dropped(x, dropout), lora_a.to(dtype)), lora_b.to(dtype)) * scale
     return ys
+
+
+def _wide_product(x, wide, projs):
+    """The outputs of the projections ``projs`` stacked in ``wide`` (a :class:`_Wide`), side by side."""
+    a_cat = torch.cat([p[2].to(x.dtype) for p in projs])
+    return _ConcatLora.apply(x, wide.tensor, a_cat, tuple(p[4] for p in projs), wide.rows, wide.ranks,
+                             *[p[3] for p in projs])
+
+
+def _joined(x, group):
+    """:func:`_linears`' outputs as one tensor [..., sum of the rows] (gate and up side by side):
+    the product's own output where the group is a :class:`_Wide`, else a concatenation."""
+    if isinstance(group[0], _Wide):
+        return _wide_product(x, *group)
+    return torch.cat(_linears(x, group), dim=-1)
+
+
+def _gated_down(gate_up, proj):
+    """``down_proj(silu(gate) * up)`` from ``gate_up`` = [gate, up] (last dimension), ``proj`` from
+    :meth:`FastCausalLM._proj`: by :class:`_GatedDown` where the projection has no bias and no LoRA
+    dropout, else by :func:`_linear`."""
+    weight, bias, lora_a, lora_b, scale, dropout = proj
+    if bias is None and not dropout:
+        return _GatedDown.apply(gate_up, weight, lora_a, lora_b, scale)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return _linear(F.silu(gate) * up, proj)
+
+
+def _swiglu_backward_torch(dense, lora, gate_up, want_h: bool):
+    """:func:`_swiglu_backward` in torch ops (the CPU, and CUDA without Triton)."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    dh = dense.float() if lora is None else dense.float() + lora.float()
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    grad = torch.cat([dh * up * sig * (1.0 + gate * (1.0 - sig)), dh * silu], dim=-1).to(gate_up.dtype)
+    return grad, (silu * up).to(gate_up.dtype) if want_h else gate_up.new_empty(0)
+
+
+if triton is not None:
+    @triton.jit
+    def _swiglu_backward_kernel(dense, lora, gate_up, grad, h, cols, HAS_LORA: tl.constexpr,
+                                WANT_H: tl.constexpr, BLOCK: tl.constexpr):
+        # grid: (rows, column blocks); dense, lora, h: [rows, cols]; gate_up, grad: [rows, 2 cols]
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = c < cols
+        dh = tl.load(dense + row * cols + c, mask=live).to(tl.float32)
+        if HAS_LORA:
+            dh += tl.load(lora + row * cols + c, mask=live).to(tl.float32)
+        gate = tl.load(gate_up + row * 2 * cols + c, mask=live).to(tl.float32)
+        up = tl.load(gate_up + row * 2 * cols + cols + c, mask=live).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        out = grad.dtype.element_ty
+        tl.store(grad + row * 2 * cols + c, (dh * up * sig * (1.0 + gate * (1.0 - sig))).to(out), mask=live)
+        tl.store(grad + row * 2 * cols + cols + c, (dh * silu).to(out), mask=live)
+        if WANT_H:
+            tl.store(h + row * cols + c, (silu * up).to(out), mask=live)
+
+    @torch.library.triton_op("tunemake::swiglu_backward", mutates_args=())
+    def _swiglu_backward_op(dense: torch.Tensor, lora: torch.Tensor | None, gate_up: torch.Tensor,
+                            want_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, cols = dense.shape
+        grad = torch.empty_like(gate_up)
+        h = torch.empty_like(dense) if want_h else dense.new_empty(0)
+        block = 1024
+        torch.library.wrap_triton(_swiglu_backward_kernel)[(rows, triton.cdiv(cols, block))](
+            dense, dense if lora is None else lora, gate_up, grad, h, cols,
+            HAS_LORA=lora is not None, WANT_H=want_h, BLOCK=block)
+        return grad, h
+
+
+def _swiglu_backward(dense, lora, gate_up, want_h: bool):
+    """The gradient of ``gate_up`` = [gate, up] [N, 2I] through ``silu(gate) * up``, given that of
+    its output, ``dense + lora`` [N, I] (``lora`` may be None), and with ``want_h`` the output
+    itself (else an empty tensor), in ``gate_up``'s dtype, maths in fp32.
+
+    On CUDA with Triton it is one pass (:func:`_swiglu_backward_kernel`): each element's four
+    inputs read once, both halves of the gradient and the output written, where the compiled
+    layer's own backward read the inputs once for each half (docs/performance.md, attempt 34).
+    """
+    if triton is not None and gate_up.is_cuda and all(
+            t.is_contiguous() for t in (dense, gate_up, *(() if lora is None else (lora,)))):
+        return _swiglu_backward_op(dense, lora, gate_up, want_h)
+    return _swiglu_backward_torch(dense, lora, gate_up, want_h)
+
+
+class _GatedDown(torch.autograd.Function):
+    """The MLP's second half, ``down_proj(silu(gate) * up)`` with its LoRA adapter (no dropout),
+    from ``gate_up`` = [gate, up] side by side (the output of :func:`_joined`).
+
+    The backward pass adds the LoRA term to the input gradient of the frozen product and takes
+    SiLU's backward in one pass (:func:`_swiglu_backward`), which writes the gradient of
+    ``gate_up`` whole, as the stacked gate/up product's backward wants it, and ``silu(gate) * up``
+    again for the weight gradients (it is not kept from the forward pass). ``weight`` is trained
+    too where it requires a gradient (full fine-tuning).
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up, weight, lora_a, lora_b, scale):
+        dtype = gate_up.dtype
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        out = F.linear(h, weight.to(dtype))
+        xa = None
+        if lora_a is not None:
+            xa = F.linear(h, lora_a.to(dtype)) * scale
+            out = out + F.linear(xa, lora_b.to(dtype))
+        ctx.save_for_backward(gate_up, weight, lora_a, lora_b, xa)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate_up, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        dtype = gate_up.dtype
+        d2 = dout.reshape(-1, dout.shape[-1]).to(dtype)
+        gu2 = gate_up.reshape(-1, gate_up.shape[-1])
+        dense = d2 @ weight.to(dtype)
+        lora = dxa = None
+        if lora_a is not None:
+            dxa = (d2 @ lora_b.to(dtype)) * ctx.scale
+            lora = dxa @ lora_a.to(dtype)
+        train_weight = ctx.needs_input_grad[1]
+        grad, h = _swiglu_backward(dense, lora, gu2, lora_a is not None or train_weight)
+        dw = (d2.t() @ h).to(weight.dtype) if train_weight else None
+        da = db = None
+        if lora_a is not None:
+            da = (dxa.t() @ h).to(lora_a.dtype)
+            db = (d2.t() @ xa.reshape(-1, xa.shape[-1])).to(lora_b.dtype)
+        return grad.reshape(gate_up.shape), dw, da, db, None
 
 
 @dataclass(frozen=True, eq=False)
@@ -536,9 +665,10 @@ def _decoder_layer(x, cos, sin, meta, weights, shape: _Shape):
     k = (k * cos + _rotate_half(k) * sin).to(dtype)
     x = x + _linear(_attention(q, k, v, meta, shape), o_proj)
     h = _rms_norm(x, ln2, shape.eps).to(dtype)
+    if shape.gated_down:
+        return x + _gated_down(_joined(h, gate_up), down_proj)
     gate, up = _linears(h, gate_up)
-    x = x + _linear(F.silu(gate) * up, down_proj)
-    return x
+    return x + _linear(F.silu(gate) * up, down_proj)
 
 
 _compiled_layers = {}
@@ -800,6 +930,8 @@ class FastCausalLM(torch.nn.Module):
             on the 7B bench, docs/performance.md attempt 16).
         own_checkpoint: recompute layers through :class:`_Recomputed` (the first forward without
             autograd) rather than ``torch.utils.checkpoint``.
+        gated_down: the MLP's SiLU and down projection by :class:`_GatedDown` (SiLU's backward in
+            one pass, docs/performance.md attempt 34) rather than as the compiled layer's own ops.
         attention: "fa4", "flash", "varlen", "flex" or "dense" (default: fa4 on CUDA where
             FlashAttention-4 is installed and has kernels for the GPU (:func:`_fa4`) and the
             head size (:func:`_fa4_head_dim_ok`), else flash
@@ -811,7 +943,7 @@ class FastCausalLM(torch.nn.Module):
 
     def __init__(self, module, compute_dtype, checkpoint: bool = False, compile: bool | None = None,
                  attention: str | None = None, fuse: bool = True, compile_options: dict | None = None,
-                 concat_lora: bool = True, own_checkpoint: bool = True):
+                 concat_lora: bool = True, own_checkpoint: bool = True, gated_down: bool = True):
         super().__init__()
         reason = unsupported(module, None)
         if reason:
@@ -839,7 +971,7 @@ class FastCausalLM(torch.nn.Module):
             raise ValueError(f"attention 'fa4' needs FlashAttention-4 (package flash-attn-4) on a GPU it has kernels "
                              f"for, TUNEMAKE_FA4 not 0, and heads of 32 to 256 (128 on Blackwell); heads here: {head_dim}")
         self._shape = _Shape(heads, kv_heads, head_dim, float(self._inner.layers[0].input_layernorm.variance_epsilon),
-                             scale, compute_dtype, attention)
+                             scale, compute_dtype, attention, gated_down)
         self._quantized = any(type(getattr(p, "base_layer", p)).__name__ == "Linear4bit"
                               for p in _projections(self._inner.layers[0]))
         self._fp4 = any(type(b).__name__ == "Linear4bit" and b.weight.quant_state.quant_type != "nf4"
