@@ -316,8 +316,8 @@ def _swiglu_backward(dense, lora, gate_up, want_h: bool):
     inputs read once, both halves of the gradient and the output written, where the compiled
     layer's own backward read the inputs once for each half (docs/performance.md, attempt 34).
     """
-    if triton is not None and gate_up.is_cuda and all(
-            t.is_contiguous() for t in (dense, gate_up, *(() if lora is None else (lora,)))):
+    if (triton is not None and gate_up.is_cuda and dense.is_contiguous() and gate_up.is_contiguous()
+            and (lora is None or lora.is_contiguous())):
         return _swiglu_backward_op(dense, lora, gate_up, want_h)
     return _swiglu_backward_torch(dense, lora, gate_up, want_h)
 
