@@ -19,6 +19,9 @@ forward under autocast; it only computes it with fewer passes over memory:
   the adapters' B blocks sit beside the frozen weights, so base and LoRA outputs come from the
   same product (:class:`_ConcatLora`; the blocks are rewritten before each forward by one Triton
   launch, :class:`_BlockCopy`);
+- the MLP's SiLU and down projection as one function (:class:`_GatedDown`) whose backward pass
+  takes SiLU's gradient in one pass over memory (a Triton kernel on CUDA); the first layer skips
+  the input gradient of the frozen q/k/v product (the embeddings are frozen);
 - QLoRA: 4-bit weights dequantized per layer and never kept (NF4 by :mod:`tunemake.nf4`, a Triton
   kernel on CUDA, before each call of the compiled layer): each layer is recomputed in the
   backward pass (as with gradient checkpointing, which QLoRA uses by default);
