@@ -442,7 +442,7 @@ def setting(kind, args, model_dir, dist, results, out):
                    "fast_nosize": {"compile_options": {"size_asserts": False}},
                    "fast_torchckpt": {"own_checkpoint": False}, "fast_fa2": {"attention": "flash"},
                    "fast_foreach_b": {}, "fast_eager_loss": {}, "fast_s8": {},
-                   "fast_nogated": {"gated_down": False},  # SiLU's backward by the compiled layer
+                   "fast_nokern": {"own_kernels": False},  # session 9: no _GatedDown / _LoraLinear / low-rank kernels
                    # concatenations as copies into one buffer (inductor's ConcatKernel), never as
                    # masked pointwise loads (torch 2.11's option; later versions have a second limit)
                    "fast_catk": {"compile_options": {"max_pointwise_cat_inputs": 0}}}[attempt]
@@ -512,7 +512,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="time the baseline and tunemake again in turns, this many rounds in all (median ratio)")
     parser.add_argument("--settings", default="lora,lora_ckpt,qlora")
-    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_cpp,fast_nosize,fast_torchckpt,fast_fa2,fast_foreach_b,fast_eager_loss,fast_s8,fast_catk,fast_nogated")
+    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_cpp,fast_nosize,fast_torchckpt,fast_fa2,fast_foreach_b,fast_eager_loss,fast_s8,fast_catk,fast_nokern")
     parser.add_argument("--ddp-variants", default="", help="under torchrun, DDP options to time too: view,view_nobcast,view_bucket100,view_static,bf16_hook,flat")
     parser.add_argument("--attempt-settings", default="lora", help="the settings the attempts run in")
     parser.add_argument("--profile", type=int, default=0, help="profile two tunemake steps: the N kernels that take longest")

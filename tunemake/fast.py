@@ -136,7 +136,7 @@ class _Shape:
     scale: float
     compute_dtype: torch.dtype
     attention: str  # "fa4", "flash", "varlen", "flex" or "dense"
-    gated_down: bool = True  # the MLP's SiLU and down projection by :class:`_GatedDown`
+    own_kernels: bool = True  # _GatedDown, _LoraLinear and the low-rank Triton kernels
 
 
 #: what :meth:`FastCausalLM._group` puts in place of a stacked weight for NF4 projections that
@@ -215,7 +215,7 @@ def _dropped(x, dropout):
     return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
 
 
-def _linears(x, group):
+def _linears(x, group, kernels: bool = True):
     """Projections of one input: ``group`` is (stacked base weight or None, [proj, ...]).
 
     With a stacked weight the base projections are one matmul; without dropout (which PEFT draws
@@ -226,7 +226,7 @@ def _linears(x, group):
     if stacked is None:
         return [_linear(x, proj) for proj in projs]
     if isinstance(stacked, _Wide):
-        return list(_wide_product(x, stacked, projs).split(stacked.rows, dim=-1))
+        return list(_wide_product(x, stacked, projs, kernels).split(stacked.rows, dim=-1))
     biases = [p[1] for p in projs]
     bias = None if biases[0] is None else torch.cat([b.to(dtype) for b in biases])
     ys = list(F.linear(x, stacked.to(dtype), bias).split([p[0].shape[0] for p in projs], dim=-1))
@@ -240,10 +240,11 @@ def _linears(x, group):
     return ys
 
 
-def _wide_product(x, wide, projs):
-    """The outputs of the projections ``projs`` stacked in ``wide`` (a :class:`_Wide`), side by side."""
+def _wide_product(x, wide, projs, kernels: bool = True):
+    """The outputs of the projections ``projs`` stacked in ``wide`` (a :class:`_Wide`), side by
+    side; ``kernels``: the backward's rank-r term by :func:`_low_rank_add`."""
     a_cat = torch.cat([p[2].to(x.dtype) for p in projs])
-    return _ConcatLora.apply(x, wide.tensor, a_cat, tuple(p[4] for p in projs), wide.rows, wide.ranks,
+    return _ConcatLora.apply(x, wide.tensor, a_cat, tuple(p[4] for p in projs), wide.rows, wide.ranks, kernels,
                              *[p[3] for p in projs])
 
 
@@ -266,74 +267,183 @@ def _gated_down(gate_up, proj):
     return _linear(F.silu(gate) * up, proj)
 
 
-def _swiglu_backward_torch(dense, lora, gate_up, want_h: bool):
+def _swiglu_backward_torch(dense, xa, a, gate_up, want_h: bool):
     """:func:`_swiglu_backward` in torch ops (the CPU, and CUDA without Triton)."""
     gate, up = gate_up.float().chunk(2, dim=-1)
-    dh = dense.float() if lora is None else dense.float() + lora.float()
+    dh = dense.float() if xa is None else dense.float() + xa.float() @ a.float()
     sig = torch.sigmoid(gate)
     silu = gate * sig
     grad = torch.cat([dh * up * sig * (1.0 + gate * (1.0 - sig)), dh * silu], dim=-1).to(gate_up.dtype)
     return grad, (silu * up).to(gate_up.dtype) if want_h else gate_up.new_empty(0)
 
 
+#: tiles of the low-rank kernels: rows, columns, rank per step (ranks below 16 padded, masked;
+#: each rank compiles its own kernel)
+_TILE_ROWS, _TILE_COLS, _TILE_RANK = 64, 128, 64
+
 if triton is not None:
     @triton.jit
-    def _swiglu_backward_kernel(dense, lora, gate_up, grad, h, cols, HAS_LORA: tl.constexpr,
-                                WANT_H: tl.constexpr, BLOCK: tl.constexpr):
-        # grid: (rows, column blocks); dense, lora, h: [rows, cols]; gate_up, grad: [rows, 2 cols]
-        row = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        live = c < cols
-        dh = tl.load(dense + row * cols + c, mask=live).to(tl.float32)
-        if HAS_LORA:
-            dh += tl.load(lora + row * cols + c, mask=live).to(tl.float32)
-        gate = tl.load(gate_up + row * 2 * cols + c, mask=live).to(tl.float32)
-        up = tl.load(gate_up + row * 2 * cols + cols + c, mask=live).to(tl.float32)
+    def _low_rank_tile(x, y, t, n, rows, cols, RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+        # (x @ y)[t, n] in fp32 for x [rows, RANK], y [RANK, cols], both contiguous
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for k0 in tl.static_range(0, RANK, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xs = tl.load(x + t[:, None] * RANK + k[None, :], mask=(t[:, None] < rows) & (k[None, :] < RANK), other=0.0)
+            ys = tl.load(y + k[:, None] * cols + n[None, :], mask=(k[:, None] < RANK) & (n[None, :] < cols), other=0.0)
+            acc = tl.dot(xs, ys, acc)
+        return acc
+
+    @triton.jit
+    def _low_rank_add_kernel(c, x, y, out, rows, cols, c_stride, RANK: tl.constexpr, BLOCK_T: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # grid: (row tiles, column tiles); out [rows, cols] = c (row stride c_stride) + x @ y
+        t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _low_rank_tile(x, y, t, n, rows, cols, RANK, BLOCK_T, BLOCK_N, BLOCK_K)
+        live = (t[:, None] < rows) & (n[None, :] < cols)
+        acc += tl.load(c + t[:, None] * c_stride + n[None, :], mask=live).to(tl.float32)
+        tl.store(out + t[:, None] * cols + n[None, :], acc.to(out.dtype.element_ty), mask=live)
+
+    @triton.jit
+    def _swiglu_backward_kernel(dense, xa, a, gate_up, grad, h, rows, cols, RANK: tl.constexpr,
+                                WANT_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
+        # grid: (row tiles, column tiles); dense, h: [rows, cols]; gate_up, grad: [rows, 2 cols];
+        # the LoRA term xa [rows, rank] @ a [rank, cols] formed tile by tile, never in memory
+        t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = (t[:, None] < rows) & (n[None, :] < cols)
+        dh = tl.load(dense + t[:, None] * cols + n[None, :], mask=live).to(tl.float32)
+        if RANK > 0:  # else no LoRA term
+            dh += _low_rank_tile(xa, a, t, n, rows, cols, RANK, BLOCK_T, BLOCK_N, BLOCK_K)
+        at = t[:, None] * 2 * cols + n[None, :]
+        gate = tl.load(gate_up + at, mask=live).to(tl.float32)
+        up = tl.load(gate_up + at + cols, mask=live).to(tl.float32)
         sig = tl.sigmoid(gate)
         silu = gate * sig
         out = grad.dtype.element_ty
-        tl.store(grad + row * 2 * cols + c, (dh * up * sig * (1.0 + gate * (1.0 - sig))).to(out), mask=live)
-        tl.store(grad + row * 2 * cols + cols + c, (dh * silu).to(out), mask=live)
+        tl.store(grad + at, (dh * up * sig * (1.0 + gate * (1.0 - sig))).to(out), mask=live)
+        tl.store(grad + at + cols, (dh * silu).to(out), mask=live)
         if WANT_H:
-            tl.store(h + row * cols + c, (silu * up).to(out), mask=live)
+            tl.store(h + t[:, None] * cols + n[None, :], (silu * up).to(out), mask=live)
+
+    def _tiles(rows, cols):
+        return triton.cdiv(rows, _TILE_ROWS), triton.cdiv(cols, _TILE_COLS)
+
+    @torch.library.triton_op("tunemake::low_rank_add", mutates_args=())
+    def _low_rank_add_op(c: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rows, cols = c.shape
+        out = torch.empty((rows, cols), dtype=c.dtype, device=c.device)
+        torch.library.wrap_triton(_low_rank_add_kernel)[_tiles(rows, cols)](
+            c, x, y, out, rows, cols, c.stride(0), RANK=x.shape[1],
+            BLOCK_T=_TILE_ROWS, BLOCK_N=_TILE_COLS, BLOCK_K=_TILE_RANK)
+        return out
 
     @torch.library.triton_op("tunemake::swiglu_backward", mutates_args=())
-    def _swiglu_backward_op(dense: torch.Tensor, lora: torch.Tensor | None, gate_up: torch.Tensor,
-                            want_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _swiglu_backward_op(dense: torch.Tensor, xa: torch.Tensor | None, a: torch.Tensor | None,
+                            gate_up: torch.Tensor, want_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = dense.shape
         grad = torch.empty_like(gate_up)
         h = torch.empty_like(dense) if want_h else dense.new_empty(0)
-        block = 1024
-        torch.library.wrap_triton(_swiglu_backward_kernel)[(rows, triton.cdiv(cols, block))](
-            dense, dense if lora is None else lora, gate_up, grad, h, cols,
-            HAS_LORA=lora is not None, WANT_H=want_h, BLOCK=block)
+        torch.library.wrap_triton(_swiglu_backward_kernel)[_tiles(rows, cols)](
+            dense, dense if xa is None else xa, dense if a is None else a, gate_up, grad, h, rows, cols,
+            RANK=0 if xa is None else xa.shape[1], WANT_H=want_h,
+            BLOCK_T=_TILE_ROWS, BLOCK_N=_TILE_COLS, BLOCK_K=_TILE_RANK)
         return grad, h
 
 
-def _swiglu_backward(dense, lora, gate_up, want_h: bool):
-    """The gradient of ``gate_up`` = [gate, up] [N, 2I] through ``silu(gate) * up``, given that of
-    its output, ``dense + lora`` [N, I] (``lora`` may be None), and with ``want_h`` the output
-    itself (else an empty tensor), in ``gate_up``'s dtype, maths in fp32.
+def _triton_takes(*tensors) -> bool:
+    """Whether the low-rank kernels take these 2-D operands: CUDA, one dtype (bf16 or fp16),
+    contiguous rows (the first may have a row stride; the others contiguous)."""
+    first = tensors[0]
+    return (triton is not None and first.is_cuda and first.dtype in (torch.bfloat16, torch.float16)
+            and first.stride(1) == 1 and all(t.dtype == first.dtype and t.is_contiguous() for t in tensors[1:]))
 
-    On CUDA with Triton it is one pass (:func:`_swiglu_backward_kernel`): each element's four
-    inputs read once, both halves of the gradient and the output written, where the compiled
-    layer's own backward read the inputs once for each half (docs/performance.md, attempt 34).
+
+def _low_rank_add(c, x, y):
+    """``c + x @ y`` for a low rank (``x`` [N, r], ``y`` [r, M], ``c`` [N, M]), a new tensor.
+
+    cuBLAS runs ``x @ y`` with its inner dimension of 64-192 at a third of the memory bandwidth
+    (about 32 us for a 2,048 x 4,096 output on an H200) and writes it for a second pass to add;
+    on CUDA with Triton one kernel (:func:`_low_rank_add_kernel`) reads ``c`` once, forms the
+    product tile by tile in fp32 and writes the sum, rounded once.
     """
-    if (triton is not None and gate_up.is_cuda and dense.is_contiguous() and gate_up.is_contiguous()
-            and (lora is None or lora.is_contiguous())):
-        return _swiglu_backward_op(dense, lora, gate_up, want_h)
-    return _swiglu_backward_torch(dense, lora, gate_up, want_h)
+    if _triton_takes(c, x, y):
+        return _low_rank_add_op(c, x, y)
+    return torch.addmm(c, x, y)
+
+
+def _swiglu_backward(dense, xa, a, gate_up, want_h: bool):
+    """The gradient of ``gate_up`` = [gate, up] [N, 2I] through ``silu(gate) * up``, given that of
+    its output, ``dense + xa @ a`` [N, I] (``xa`` [N, r] and ``a`` [r, I] may be None), and with
+    ``want_h`` the output itself (else an empty tensor), in ``gate_up``'s dtype, maths in fp32.
+
+    On CUDA with Triton it is one pass (:func:`_swiglu_backward_kernel`): the LoRA term formed
+    tile by tile, each element's inputs read once, both halves of the gradient and the output
+    written, where the compiled layer's own backward wrote the LoRA term by cuBLAS and read the
+    inputs once for each half (docs/performance.md, attempts 34 and 36).
+    """
+    if _triton_takes(dense, gate_up, *(() if xa is None else (xa, a))):
+        return _swiglu_backward_op(dense, xa, a, gate_up, want_h)
+    return _swiglu_backward_torch(dense, xa, a, gate_up, want_h)
+
+
+def _lora_linear(x, proj):
+    """:func:`_linear` by :class:`_LoraLinear` where it applies (plain LoRA without dropout on a
+    frozen weight without bias), else by :func:`_linear`."""
+    weight, bias, lora_a, lora_b, scale, dropout = proj
+    if lora_a is not None and bias is None and not dropout and not weight.requires_grad:
+        return _LoraLinear.apply(x, weight, lora_a, lora_b, scale)
+    return _linear(x, proj)
+
+
+def _lora_output(dense, xa, lora_b):
+    """``dense + xa @ B^T`` (``xa`` already scaled), the LoRA B product added by :func:`_low_rank_add`."""
+    shape = dense.shape
+    out = _low_rank_add(dense.reshape(-1, shape[-1]), xa.reshape(-1, xa.shape[-1]),
+                        lora_b.to(dense.dtype).t().contiguous())
+    return out.reshape(shape)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """``x @ W^T + s * (x A^T) B^T``: a frozen projection with a plain LoRA adapter (no dropout, no
+    bias), whose rank-r terms (the B product forward, the A term of the input gradient backward)
+    are added to the frozen product's output by :func:`_low_rank_add`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scale):
+        dtype = x.dtype
+        xa = F.linear(x, lora_a.to(dtype)) * scale
+        out = _lora_output(F.linear(x, weight.to(dtype)), xa, lora_b)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        dtype = x.dtype
+        d2 = dout.reshape(-1, dout.shape[-1]).to(dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        dxa = (d2 @ lora_b.to(dtype)) * ctx.scale
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _low_rank_add(d2 @ weight.to(dtype), dxa, lora_a.to(dtype)).reshape(x.shape)
+        da = (dxa.t() @ x2).to(lora_a.dtype)
+        db = (d2.t() @ xa.reshape(-1, xa.shape[-1])).to(lora_b.dtype)
+        return dx, None, da, db, None
 
 
 class _GatedDown(torch.autograd.Function):
     """The MLP's second half, ``down_proj(silu(gate) * up)`` with its LoRA adapter (no dropout),
     from ``gate_up`` = [gate, up] side by side (the output of :func:`_joined`).
 
-    The backward pass adds the LoRA term to the input gradient of the frozen product and takes
-    SiLU's backward in one pass (:func:`_swiglu_backward`), which writes the gradient of
-    ``gate_up`` whole, as the stacked gate/up product's backward wants it, and ``silu(gate) * up``
-    again for the weight gradients (it is not kept from the forward pass). ``weight`` is trained
-    too where it requires a gradient (full fine-tuning).
+    The backward pass takes SiLU's backward in one pass (:func:`_swiglu_backward`), with the
+    LoRA term of the input gradient formed inside it; it writes the gradient of ``gate_up``
+    whole, as the stacked gate/up product's backward wants it, and ``silu(gate) * up`` again for
+    the weight gradients (it is not kept from the forward pass). ``weight`` is trained too where
+    it requires a gradient (full fine-tuning).
     """
 
     @staticmethod
@@ -345,7 +455,7 @@ class _GatedDown(torch.autograd.Function):
         xa = None
         if lora_a is not None:
             xa = F.linear(h, lora_a.to(dtype)) * scale
-            out = out + F.linear(xa, lora_b.to(dtype))
+            out = _lora_output(out, xa, lora_b)
         ctx.save_for_backward(gate_up, weight, lora_a, lora_b, xa)
         ctx.scale = scale
         return out
@@ -357,12 +467,12 @@ class _GatedDown(torch.autograd.Function):
         d2 = dout.reshape(-1, dout.shape[-1]).to(dtype)
         gu2 = gate_up.reshape(-1, gate_up.shape[-1])
         dense = d2 @ weight.to(dtype)
-        lora = dxa = None
+        dxa = a = None
         if lora_a is not None:
             dxa = (d2 @ lora_b.to(dtype)) * ctx.scale
-            lora = dxa @ lora_a.to(dtype)
+            a = lora_a.to(dtype)
         train_weight = ctx.needs_input_grad[1]
-        grad, h = _swiglu_backward(dense, lora, gu2, lora_a is not None or train_weight)
+        grad, h = _swiglu_backward(dense, dxa, a, gu2, lora_a is not None or train_weight)
         dw = (d2.t() @ h).to(weight.dtype) if train_weight else None
         da = db = None
         if lora_a is not None:
@@ -394,14 +504,14 @@ class _ConcatLora(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, wide, a_cat, scales, rows, ranks, *bs):
+    def forward(ctx, x, wide, a_cat, scales, rows, ranks, kernels, *bs):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xa = x2 @ a_cat.t()
         xa = torch.cat([part * s for part, s in zip(xa.split(ranks, dim=1), scales)], dim=1)
         y = torch.cat([x2, xa], dim=1) @ wide.to(x.dtype).t()
         ctx.save_for_backward(x2, xa, a_cat, wide)
-        ctx.shape, ctx.scales, ctx.rows, ctx.ranks = shape, scales, rows, ranks
+        ctx.shape, ctx.scales, ctx.rows, ctx.ranks, ctx.kernels = shape, scales, rows, ranks, kernels
         ctx.b_dtypes = tuple(b.dtype for b in bs)
         return y.reshape(*shape[:-1], wide.shape[0])
 
@@ -416,10 +526,12 @@ class _ConcatLora(torch.autograd.Function):
         else:  # the first layer (frozen embeddings): the B columns' product only
             dxa = dy2 @ wide[:, inner:].to(dy2.dtype)
         da = torch.cat([part * s for part, s in zip(dxa.split(ctx.ranks, dim=1), ctx.scales)], dim=1)
-        dx = dxin[:, :inner] + da @ a_cat if ctx.needs_input_grad[0] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _low_rank_add(dxin[:, :inner], da, a_cat) if ctx.kernels else dxin[:, :inner] + da @ a_cat
         dbs = [(g.t() @ part).to(dtype) for g, part, dtype in
                zip(dy2.split(ctx.rows, dim=1), xa.split(ctx.ranks, dim=1), ctx.b_dtypes)]
-        return (None if dx is None else dx.reshape(ctx.shape), None, da.t() @ x2, None, None, None, *dbs)
+        return (None if dx is None else dx.reshape(ctx.shape), None, da.t() @ x2, None, None, None, None, *dbs)
 
 
 class _Recomputed(torch.autograd.Function):
@@ -659,18 +771,19 @@ def _decoder_layer(x, cos, sin, meta, weights, shape: _Shape):
     b, n, _ = x.shape
     dtype = shape.compute_dtype
     h = _rms_norm(x, ln1, shape.eps).to(dtype)
-    q, k, v = _linears(h, qkv)
+    q, k, v = _linears(h, qkv, shape.own_kernels)
     q = q.reshape(b, n, shape.heads, shape.head_dim)
     k = k.reshape(b, n, shape.kv_heads, shape.head_dim)
     v = v.reshape(b, n, shape.kv_heads, shape.head_dim)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     q = (q * cos + _rotate_half(q) * sin).to(dtype)
     k = (k * cos + _rotate_half(k) * sin).to(dtype)
-    x = x + _linear(_attention(q, k, v, meta, shape), o_proj)
+    attended = _attention(q, k, v, meta, shape)
+    x = x + (_lora_linear(attended, o_proj) if shape.own_kernels else _linear(attended, o_proj))
     h = _rms_norm(x, ln2, shape.eps).to(dtype)
-    if shape.gated_down:
+    if shape.own_kernels:
         return x + _gated_down(_joined(h, gate_up), down_proj)
-    gate, up = _linears(h, gate_up)
+    gate, up = _linears(h, gate_up, False)
     return x + _linear(F.silu(gate) * up, down_proj)
 
 
@@ -933,8 +1046,10 @@ class FastCausalLM(torch.nn.Module):
             on the 7B bench, docs/performance.md attempt 16).
         own_checkpoint: recompute layers through :class:`_Recomputed` (the first forward without
             autograd) rather than ``torch.utils.checkpoint``.
-        gated_down: the MLP's SiLU and down projection by :class:`_GatedDown` (SiLU's backward in
-            one pass, docs/performance.md attempt 34) rather than as the compiled layer's own ops.
+        own_kernels: the MLP's SiLU and down projection by :class:`_GatedDown` (SiLU's backward in
+            one pass), the o projection by :class:`_LoraLinear`, and the rank-r terms added by
+            :func:`_low_rank_add` (docs/performance.md attempts 34-36), rather than by the
+            compiled layer's own ops and cuBLAS.
         attention: "fa4", "flash", "varlen", "flex" or "dense" (default: fa4 on CUDA where
             FlashAttention-4 is installed and has kernels for the GPU (:func:`_fa4`) and the
             head size (:func:`_fa4_head_dim_ok`), else flash
@@ -946,7 +1061,7 @@ class FastCausalLM(torch.nn.Module):
 
     def __init__(self, module, compute_dtype, checkpoint: bool = False, compile: bool | None = None,
                  attention: str | None = None, fuse: bool = True, compile_options: dict | None = None,
-                 concat_lora: bool = True, own_checkpoint: bool = True, gated_down: bool = True):
+                 concat_lora: bool = True, own_checkpoint: bool = True, own_kernels: bool = True):
         super().__init__()
         reason = unsupported(module, None)
         if reason:
@@ -974,7 +1089,7 @@ class FastCausalLM(torch.nn.Module):
             raise ValueError(f"attention 'fa4' needs FlashAttention-4 (package flash-attn-4) on a GPU it has kernels "
                              f"for, TUNEMAKE_FA4 not 0, and heads of 32 to 256 (128 on Blackwell); heads here: {head_dim}")
         self._shape = _Shape(heads, kv_heads, head_dim, float(self._inner.layers[0].input_layernorm.variance_epsilon),
-                             scale, compute_dtype, attention, gated_down)
+                             scale, compute_dtype, attention, own_kernels)
         self._quantized = any(type(getattr(p, "base_layer", p)).__name__ == "Linear4bit"
                               for p in _projections(self._inner.layers[0]))
         self._fp4 = any(type(b).__name__ == "Linear4bit" and b.weight.quant_state.quant_type != "nf4"
