@@ -277,7 +277,7 @@ def _swiglu_backward_torch(dense, xa, a, gate_up, want_h: bool):
     return grad, (silu * up).to(gate_up.dtype) if want_h else gate_up.new_empty(0)
 
 
-#: tiles of the low-rank kernels: rows, columns, rank per step (ranks below 16 padded, masked;
+#: tiles of the low-rank kernel: rows, columns, rank per step (ranks below 16 padded, masked;
 #: each rank compiles its own kernel)
 _TILE_ROWS, _TILE_COLS, _TILE_RANK = 64, 128, 64
 
@@ -306,27 +306,21 @@ if triton is not None:
         tl.store(out + t[:, None] * cols + n[None, :], acc.to(out.dtype.element_ty), mask=live)
 
     @triton.jit
-    def _swiglu_backward_kernel(dense, xa, a, gate_up, grad, h, rows, cols, RANK: tl.constexpr,
-                                WANT_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr):
-        # grid: (row tiles, column tiles); dense, h: [rows, cols]; gate_up, grad: [rows, 2 cols];
-        # the LoRA term xa [rows, rank] @ a [rank, cols] formed tile by tile, never in memory
-        t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        live = (t[:, None] < rows) & (n[None, :] < cols)
-        dh = tl.load(dense + t[:, None] * cols + n[None, :], mask=live).to(tl.float32)
-        if RANK > 0:  # else no LoRA term
-            dh += _low_rank_tile(xa, a, t, n, rows, cols, RANK, BLOCK_T, BLOCK_N, BLOCK_K)
-        at = t[:, None] * 2 * cols + n[None, :]
-        gate = tl.load(gate_up + at, mask=live).to(tl.float32)
-        up = tl.load(gate_up + at + cols, mask=live).to(tl.float32)
+    def _swiglu_backward_kernel(dh, gate_up, grad, h, cols, WANT_H: tl.constexpr, BLOCK: tl.constexpr):
+        # grid: (rows, column blocks); dh, h: [rows, cols]; gate_up, grad: [rows, 2 cols]
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = c < cols
+        d = tl.load(dh + row * cols + c, mask=live).to(tl.float32)
+        gate = tl.load(gate_up + row * 2 * cols + c, mask=live).to(tl.float32)
+        up = tl.load(gate_up + row * 2 * cols + cols + c, mask=live).to(tl.float32)
         sig = tl.sigmoid(gate)
         silu = gate * sig
         out = grad.dtype.element_ty
-        tl.store(grad + at, (dh * up * sig * (1.0 + gate * (1.0 - sig))).to(out), mask=live)
-        tl.store(grad + at + cols, (dh * silu).to(out), mask=live)
+        tl.store(grad + row * 2 * cols + c, (d * up * sig * (1.0 + gate * (1.0 - sig))).to(out), mask=live)
+        tl.store(grad + row * 2 * cols + cols + c, (d * silu).to(out), mask=live)
         if WANT_H:
-            tl.store(h + t[:, None] * cols + n[None, :], (silu * up).to(out), mask=live)
+            tl.store(h + row * cols + c, (silu * up).to(out), mask=live)
 
     def _tiles(rows, cols):
         return triton.cdiv(rows, _TILE_ROWS), triton.cdiv(cols, _TILE_COLS)
@@ -341,15 +335,13 @@ if triton is not None:
         return out
 
     @torch.library.triton_op("tunemake::swiglu_backward", mutates_args=())
-    def _swiglu_backward_op(dense: torch.Tensor, xa: torch.Tensor | None, a: torch.Tensor | None,
-                            gate_up: torch.Tensor, want_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, cols = dense.shape
+    def _swiglu_backward_op(dh: torch.Tensor, gate_up: torch.Tensor, want_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, cols = dh.shape
         grad = torch.empty_like(gate_up)
-        h = torch.empty_like(dense) if want_h else dense.new_empty(0)
-        torch.library.wrap_triton(_swiglu_backward_kernel)[_tiles(rows, cols)](
-            dense, dense if xa is None else xa, dense if a is None else a, gate_up, grad, h, rows, cols,
-            RANK=0 if xa is None else xa.shape[1], WANT_H=want_h,
-            BLOCK_T=_TILE_ROWS, BLOCK_N=_TILE_COLS, BLOCK_K=_TILE_RANK)
+        h = torch.empty_like(dh) if want_h else dh.new_empty(0)
+        block = 1024
+        torch.library.wrap_triton(_swiglu_backward_kernel)[(rows, triton.cdiv(cols, block))](
+            dh, gate_up, grad, h, cols, WANT_H=want_h, BLOCK=block)
         return grad, h
 
 
@@ -379,14 +371,16 @@ def _swiglu_backward(dense, xa, a, gate_up, want_h: bool):
     its output, ``dense + xa @ a`` [N, I] (``xa`` [N, r] and ``a`` [r, I] may be None), and with
     ``want_h`` the output itself (else an empty tensor), in ``gate_up``'s dtype, maths in fp32.
 
-    On CUDA with Triton it is one pass (:func:`_swiglu_backward_kernel`): the LoRA term formed
-    tile by tile, each element's inputs read once, both halves of the gradient and the output
-    written, where the compiled layer's own backward wrote the LoRA term by cuBLAS and read the
-    inputs once for each half (docs/performance.md, attempts 34 and 36).
+    On CUDA with Triton: the LoRA term added by :func:`_low_rank_add`, then one pass
+    (:func:`_swiglu_backward_kernel`) that reads each element's inputs once and writes both halves
+    of the gradient and the output, where the compiled layer's own backward read the inputs once
+    for each half (docs/performance.md, attempts 34 and 35). The LoRA term formed inside that
+    pass, tile by tile, made it 2.2x slower (177 against 80 us a layer on an H200).
     """
-    if _triton_takes(dense, gate_up, *(() if xa is None else (xa, a))):
-        return _swiglu_backward_op(dense, xa, a, gate_up, want_h)
-    return _swiglu_backward_torch(dense, xa, a, gate_up, want_h)
+    dh = dense if xa is None else _low_rank_add(dense, xa, a)
+    if dh.is_contiguous() and _triton_takes(dh, gate_up):
+        return _swiglu_backward_op(dh, gate_up, want_h)
+    return _swiglu_backward_torch(dh, None, None, gate_up, want_h)
 
 
 def _lora_linear(x, proj):
