@@ -148,8 +148,12 @@ def profile_step(model, batch, params, optimizer, args) -> dict:
             micro_step(model, batch, torch.bfloat16)
             optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
         torch.cuda.synchronize()
-    result = {"table": prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile)}
+    averages = prof.key_averages()
+    result = {"table": averages.table(sort_by="cuda_time_total", row_limit=args.profile),
+              # every kernel's GPU time, per step: what the GPU did, whatever the CPU did around it
+              "kernels_ms_per_step": sum(e.self_device_time_total for e in averages) / 2e3}
     print(result["table"], flush=True)
+    print(f"  kernels: {result['kernels_ms_per_step']:.2f} ms of GPU time a step", flush=True)
     if args.trace:
         trace = Path(args.trace) / "trace-tunemake.json"
         trace.parent.mkdir(parents=True, exist_ok=True)
@@ -473,11 +477,12 @@ def setting(kind, args, model_dir, dist, results, out):
         print(f"  timeline (ms): {json.dumps(entry['timeline'])}", flush=True)
         del optimizer, fast
     if args.profile and device.type == "cuda" and dist.world == 1:
-        restore()
-        optimizer = make_optimizer(params, TRAIN, device)
-        fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"])
-        entry["profile"] = profile_step(fast, user_batch, params, optimizer, args)
-        del optimizer, fast
+        for options in [{}] + ([json.loads(args.profile_options)] if args.profile_options else []):
+            restore()
+            optimizer = make_optimizer(params, TRAIN, device)
+            fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"], **options)
+            entry["profile" if not options else "profile_options"] = profile_step(fast, user_batch, params, optimizer, args)
+            del optimizer, fast
     restore()
     model = params = start = None  # freed before the next setting builds its model
     torch._dynamo.reset()  # compiled code can hold the last fast path's tensors
@@ -516,6 +521,7 @@ def main() -> int:
     parser.add_argument("--ddp-variants", default="", help="under torchrun, DDP options to time too: view,view_nobcast,view_bucket100,view_static,bf16_hook,flat")
     parser.add_argument("--attempt-settings", default="lora", help="the settings the attempts run in")
     parser.add_argument("--profile", type=int, default=0, help="profile two tunemake steps: the N kernels that take longest")
+    parser.add_argument("--profile-options", help='with --profile: profile the fast path with these options too (JSON, e.g. \'{"own_kernels": false}\')')
     parser.add_argument("--trace", help="with --profile: write the profiler's trace and a timeline summary to this folder")
     parser.add_argument("--timeline", action="store_true", help="GPU time and waits layer by layer, without the profiler")
     parser.add_argument("--only-tunemake", action="store_true", help="skip the baseline")
