@@ -20,8 +20,10 @@ forward under autocast; it only computes it with fewer passes over memory:
   same product (:class:`_ConcatLora`; the blocks are rewritten before each forward by one Triton
   launch, :class:`_BlockCopy`);
 - the MLP's SiLU and down projection as one function (:class:`_GatedDown`) whose backward pass
-  takes SiLU's gradient in one pass over memory (a Triton kernel on CUDA); the first layer skips
-  the input gradient of the frozen q/k/v product (the embeddings are frozen);
+  takes SiLU's gradient in one pass over memory (a Triton kernel on CUDA); the rank-r terms (the
+  o and down projections' B products, the A terms of the input gradients) added to the frozen
+  products' outputs by one Triton kernel (:func:`_low_rank_add`); without recomputation the
+  first layer skips the input gradient of the frozen q/k/v product (the embeddings are frozen);
 - QLoRA: 4-bit weights dequantized per layer and never kept (NF4 by :mod:`tunemake.nf4`, a Triton
   kernel on CUDA, before each call of the compiled layer): each layer is recomputed in the
   backward pass (as with gradient checkpointing, which QLoRA uses by default);
@@ -256,15 +258,14 @@ def _joined(x, group):
     return torch.cat(_linears(x, group), dim=-1)
 
 
-def _gated_down(gate_up, proj):
-    """``down_proj(silu(gate) * up)`` from ``gate_up`` = [gate, up] (last dimension), ``proj`` from
-    :meth:`FastCausalLM._proj`: by :class:`_GatedDown` where the projection has no bias and no LoRA
-    dropout, else by :func:`_linear`."""
-    weight, bias, lora_a, lora_b, scale, dropout = proj
-    if bias is None and not dropout:
-        return _GatedDown.apply(gate_up, weight, lora_a, lora_b, scale)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return _linear(F.silu(gate) * up, proj)
+def _mlp(h, gate_up, down_proj, kernels: bool):
+    """The MLP on ``h``: by :class:`_GatedDown` with ``kernels`` where the down projection has no
+    bias and no LoRA dropout, else by :func:`_linears` and :func:`_linear`."""
+    weight, bias, lora_a, lora_b, scale, dropout = down_proj
+    if kernels and bias is None and not dropout:
+        return _GatedDown.apply(_joined(h, gate_up), weight, lora_a, lora_b, scale)
+    gate, up = _linears(h, gate_up, kernels)
+    return _linear(F.silu(gate) * up, down_proj)
 
 
 def _swiglu_backward_torch(dense, xa, a, gate_up, want_h: bool):
@@ -374,7 +375,7 @@ def _swiglu_backward(dense, xa, a, gate_up, want_h: bool):
     On CUDA with Triton: the LoRA term added by :func:`_low_rank_add`, then one pass
     (:func:`_swiglu_backward_kernel`) that reads each element's inputs once and writes both halves
     of the gradient and the output, where the compiled layer's own backward read the inputs once
-    for each half (docs/performance.md, attempts 34 and 35). The LoRA term formed inside that
+    for each half (docs/performance.md, attempts 34 and 36). The LoRA term formed inside that
     pass, tile by tile, made it 2.2x slower (177 against 80 us a layer on an H200).
     """
     dh = dense if xa is None else _low_rank_add(dense, xa, a)
@@ -433,8 +434,8 @@ class _GatedDown(torch.autograd.Function):
     """The MLP's second half, ``down_proj(silu(gate) * up)`` with its LoRA adapter (no dropout),
     from ``gate_up`` = [gate, up] side by side (the output of :func:`_joined`).
 
-    The backward pass takes SiLU's backward in one pass (:func:`_swiglu_backward`), with the
-    LoRA term of the input gradient formed inside it; it writes the gradient of ``gate_up``
+    The backward pass adds the LoRA term of the input gradient by :func:`_low_rank_add` and takes
+    SiLU's backward in one pass (:func:`_swiglu_backward`); it writes the gradient of ``gate_up``
     whole, as the stacked gate/up product's backward wants it, and ``silu(gate) * up`` again for
     the weight gradients (it is not kept from the forward pass). ``weight`` is trained too where
     it requires a gradient (full fine-tuning).
@@ -775,10 +776,7 @@ def _decoder_layer(x, cos, sin, meta, weights, shape: _Shape):
     attended = _attention(q, k, v, meta, shape)
     x = x + (_lora_linear(attended, o_proj) if shape.own_kernels else _linear(attended, o_proj))
     h = _rms_norm(x, ln2, shape.eps).to(dtype)
-    if shape.own_kernels:
-        return x + _gated_down(_joined(h, gate_up), down_proj)
-    gate, up = _linears(h, gate_up, False)
-    return x + _linear(F.silu(gate) * up, down_proj)
+    return x + _mlp(h, gate_up, down_proj, shape.own_kernels)
 
 
 _compiled_layers = {}
