@@ -393,12 +393,23 @@ def _lora_linear(x, proj):
     return _linear(x, proj)
 
 
-def _lora_output(dense, xa, lora_b):
-    """``dense + xa @ B^T`` (``xa`` already scaled), the LoRA B product added by :func:`_low_rank_add`."""
-    shape = dense.shape
-    out = _low_rank_add(dense.reshape(-1, shape[-1]), xa.reshape(-1, xa.shape[-1]),
-                        lora_b.to(dense.dtype).t().contiguous())
-    return out.reshape(shape)
+def _lora_projection(x, weight, lora_a, lora_b, scale):
+    """``(x W^T + xa B^T, xa)`` with ``xa = s x A^T`` (None without an adapter), the B product
+    added by :func:`_low_rank_add`: the forward pass of :class:`_LoraLinear` and :class:`_GatedDown`."""
+    dtype = x.dtype
+    out = F.linear(x, weight.to(dtype))
+    if lora_a is None:
+        return out, None
+    xa = F.linear(x, lora_a.to(dtype)) * scale
+    shape = out.shape
+    out = _low_rank_add(out.reshape(-1, shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_b.to(dtype).t().contiguous())
+    return out.reshape(shape), xa
+
+
+def _adapter_grads(d2, dxa, x2, xa, lora_a, lora_b):
+    """The gradients of A and B, in their dtypes, from the output gradient ``d2`` [N, out], that of
+    ``xa`` (``dxa`` = s d2 B), the input ``x2`` [N, in] and ``xa`` = s x A^T."""
+    return (dxa.t() @ x2).to(lora_a.dtype), (d2.t() @ xa.reshape(-1, xa.shape[-1])).to(lora_b.dtype)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -408,9 +419,7 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale):
-        dtype = x.dtype
-        xa = F.linear(x, lora_a.to(dtype)) * scale
-        out = _lora_output(F.linear(x, weight.to(dtype)), xa, lora_b)
+        out, xa = _lora_projection(x, weight, lora_a, lora_b, scale)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
         ctx.scale = scale
         return out
@@ -425,9 +434,7 @@ class _LoraLinear(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _low_rank_add(d2 @ weight.to(dtype), dxa, lora_a.to(dtype)).reshape(x.shape)
-        da = (dxa.t() @ x2).to(lora_a.dtype)
-        db = (d2.t() @ xa.reshape(-1, xa.shape[-1])).to(lora_b.dtype)
-        return dx, None, da, db, None
+        return (dx, None, *_adapter_grads(d2, dxa, x2, xa, lora_a, lora_b), None)
 
 
 class _GatedDown(torch.autograd.Function):
@@ -443,14 +450,8 @@ class _GatedDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_up, weight, lora_a, lora_b, scale):
-        dtype = gate_up.dtype
         gate, up = gate_up.chunk(2, dim=-1)
-        h = F.silu(gate) * up
-        out = F.linear(h, weight.to(dtype))
-        xa = None
-        if lora_a is not None:
-            xa = F.linear(h, lora_a.to(dtype)) * scale
-            out = _lora_output(out, xa, lora_b)
+        out, xa = _lora_projection(F.silu(gate) * up, weight, lora_a, lora_b, scale)
         ctx.save_for_backward(gate_up, weight, lora_a, lora_b, xa)
         ctx.scale = scale
         return out
@@ -469,10 +470,7 @@ class _GatedDown(torch.autograd.Function):
         train_weight = ctx.needs_input_grad[1]
         grad, h = _swiglu_backward(dense, dxa, a, gu2, lora_a is not None or train_weight)
         dw = (d2.t() @ h).to(weight.dtype) if train_weight else None
-        da = db = None
-        if lora_a is not None:
-            da = (dxa.t() @ h).to(lora_a.dtype)
-            db = (d2.t() @ xa.reshape(-1, xa.shape[-1])).to(lora_b.dtype)
+        da, db = (None, None) if lora_a is None else _adapter_grads(d2, dxa, h, xa, lora_a, lora_b)
         return grad.reshape(gate_up.shape), dw, da, db, None
 
 
