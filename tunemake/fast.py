@@ -278,11 +278,13 @@ def _swiglu_backward_torch(dense, xa, a, gate_up, want_h: bool):
     return grad, (silu * up).to(gate_up.dtype) if want_h else gate_up.new_empty(0)
 
 
+#: the low-rank and SiLU kernels as custom ops that torch.compile takes whole (torch >= 2.6)
+_TRITON_OPS = triton is not None and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 #: tiles of the low-rank kernel: rows, columns, rank per step (ranks below 16 padded, masked;
 #: each rank compiles its own kernel)
 _TILE_ROWS, _TILE_COLS, _TILE_RANK = 64, 128, 64
 
-if triton is not None:
+if _TRITON_OPS:
     @triton.jit
     def _low_rank_tile(x, y, t, n, rows, cols, RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
@@ -347,10 +349,10 @@ if triton is not None:
 
 
 def _triton_takes(*tensors) -> bool:
-    """Whether the low-rank kernels take these 2-D operands: CUDA, one dtype (bf16 or fp16),
-    contiguous rows (the first may have a row stride; the others contiguous)."""
+    """Whether the Triton kernels take these 2-D operands: Triton and torch >= 2.6, CUDA, one dtype
+    (bf16 or fp16), contiguous rows (the first may have a row stride; the others contiguous)."""
     first = tensors[0]
-    return (triton is not None and first.is_cuda and first.dtype in (torch.bfloat16, torch.float16)
+    return (_TRITON_OPS and first.is_cuda and first.dtype in (torch.bfloat16, torch.float16)
             and first.stride(1) == 1 and all(t.dtype == first.dtype and t.is_contiguous() for t in tensors[1:]))
 
 
