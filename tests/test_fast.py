@@ -103,6 +103,23 @@ def test_fast_path_equals_reference_fp32(method, fuse, concat, gated):
     assert_close(ref, got, rtol=1e-4)
 
 
+@pytest.mark.parametrize("frozen", ["lora_A", "lora_B"])
+def test_frozen_adapter_halves_get_no_gradient(frozen):
+    """With one half of every adapter frozen, the fast path gives the other half the model's own
+    gradients and the frozen half none (its kernels skip what is not wanted)."""
+    model = with_lora(tiny_llama())
+    for name, p in model.named_parameters():
+        if frozen in name:
+            p.requires_grad_(False)
+    rows = packed_rows(ROWS)
+    ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], pad_id=0))
+    fast = FastCausalLM(model, torch.float32, compile=False, attention="dense")
+    got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False))
+    assert got[1] and not any(frozen in name for name in got[1])
+    assert_close(ref, got, rtol=1e-4)
+    assert all(p.grad is None for name, p in model.named_parameters() if frozen in name)
+
+
 # ranks and scales that differ between the projections of one product (PEFT's rank / alpha patterns)
 MIXED = {"rank_pattern": {"k_proj": 4, "up_proj": 16}, "alpha_pattern": {"v_proj": 4, "gate_proj": 32}}
 

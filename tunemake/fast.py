@@ -408,10 +408,13 @@ def _lora_projection(x, weight, lora_a, lora_b, scale):
     return out.reshape(shape), xa
 
 
-def _adapter_grads(d2, dxa, x2, xa, lora_a, lora_b):
+def _adapter_grads(d2, dxa, x2, xa, lora_a, lora_b, need=(True, True)):
     """The gradients of A and B, in their dtypes, from the output gradient ``d2`` [N, out], that of
-    ``xa`` (``dxa`` = s d2 B), the input ``x2`` [N, in] and ``xa`` = s x A^T."""
-    return (dxa.t() @ x2).to(lora_a.dtype), (d2.t() @ xa.reshape(-1, xa.shape[-1])).to(lora_b.dtype)
+    ``xa`` (``dxa`` = s d2 B), the input ``x2`` [N, in] and ``xa`` = s x A^T; None where ``need``
+    (A's, B's) says it is not wanted."""
+    da = (dxa.t() @ x2).to(lora_a.dtype) if need[0] else None
+    db = (d2.t() @ xa.reshape(-1, xa.shape[-1])).to(lora_b.dtype) if need[1] else None
+    return da, db
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -436,7 +439,7 @@ class _LoraLinear(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _low_rank_add(d2 @ weight.to(dtype), dxa, lora_a.to(dtype)).reshape(x.shape)
-        return (dx, None, *_adapter_grads(d2, dxa, x2, xa, lora_a, lora_b), None)
+        return (dx, None, *_adapter_grads(d2, dxa, x2, xa, lora_a, lora_b, ctx.needs_input_grad[2:4]), None)
 
 
 class _GatedDown(torch.autograd.Function):
@@ -470,9 +473,10 @@ class _GatedDown(torch.autograd.Function):
             dxa = (d2 @ lora_b.to(dtype)) * ctx.scale
             a = lora_a.to(dtype)
         train_weight = ctx.needs_input_grad[1]
-        grad, h = _swiglu_backward(dense, dxa, a, gu2, lora_a is not None or train_weight)
+        grad, h = _swiglu_backward(dense, dxa, a, gu2, ctx.needs_input_grad[2] or train_weight)
         dw = (d2.t() @ h).to(weight.dtype) if train_weight else None
-        da, db = (None, None) if lora_a is None else _adapter_grads(d2, dxa, h, xa, lora_a, lora_b)
+        da, db = (None, None) if lora_a is None else _adapter_grads(d2, dxa, h, xa, lora_a, lora_b,
+                                                                     ctx.needs_input_grad[2:4])
         return grad.reshape(gate_up.shape), dw, da, db, None
 
 
