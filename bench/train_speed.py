@@ -446,7 +446,7 @@ def setting(kind, args, model_dir, dist, results, out):
                    "fast_nosize": {"compile_options": {"size_asserts": False}},
                    "fast_torchckpt": {"own_checkpoint": False}, "fast_fa2": {"attention": "flash"},
                    "fast_foreach_b": {}, "fast_eager_loss": {}, "fast_s8": {},
-                   "fast_nokern": {"own_kernels": False},  # session 9: no _GatedDown / _LoraLinear / low-rank kernels
+                   "fast_nokern": {"own_kernels": False},  # no _GatedDown / _LoraLinear / low-rank kernels (attempts 34, 36)
                    # concatenations as copies into one buffer (inductor's ConcatKernel), never as
                    # masked pointwise loads (torch 2.11's option; later versions have a second limit)
                    "fast_catk": {"compile_options": {"max_pointwise_cat_inputs": 0}}}[attempt]
