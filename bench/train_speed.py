@@ -451,16 +451,14 @@ def setting(kind, args, model_dir, dist, results, out):
                    "fast_cpp": {"compile_options": {"cpp_wrapper": True}},
                    "fast_nosize": {"compile_options": {"size_asserts": False}},
                    "fast_torchckpt": {"own_checkpoint": False}, "fast_fa2": {"attention": "flash"},
-                   "fast_foreach_b": {}, "fast_eager_loss": {}, "fast_s8": {}, "fast_devindex": {},
+                   "fast_foreach_b": {}, "fast_eager_loss": {}, "fast_s8": {},
                    "fast_nokern": {"own_kernels": False},  # no _GatedDown / _LoraLinear / low-rank kernels (attempts 34, 36)
                    # concatenations as copies into one buffer (inductor's ConcatKernel), never as
                    # masked pointwise loads (torch 2.11's option; later versions have a second limit)
                    "fast_catk": {"compile_options": {"max_pointwise_cat_inputs": 0}}}[attempt]
         # attempts that undo one change after construction: B blocks by torch's foreach copy, the
         # loss's softmax gradient eager; fast_s8 both (session 8's fast path)
-        # fast_devindex: the documents' offsets and kept targets found on the GPU, three host syncs (attempt 38)
-        undo = {"fast_foreach_b": ("b",), "fast_eager_loss": ("loss",), "fast_s8": ("b", "loss"),
-                "fast_devindex": ("index",)}.get(attempt, ())
+        undo = {"fast_foreach_b": ("b",), "fast_eager_loss": ("loss",), "fast_s8": ("b", "loss")}.get(attempt, ())
         torch._dynamo.reset()  # each attempt compiles afresh: its first step says what compiling costs
         optimizer = make_optimizer(params, TRAIN, device)
         try:
@@ -469,8 +467,6 @@ def setting(kind, args, model_dir, dist, results, out):
                 fast._lora_b_slots._kernel = False
             if "loss" in undo:
                 fast._compile_loss = False
-            if "index" in undo:
-                fast._host_index = False
             entry["variants"].append(run(attempt, fast, user_batch, params, optimizer, args, device))
         except Exception as exc:  # an attempt that fails is a result too
             entry["variants"].append({"variant": attempt, "error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -527,7 +523,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="time the baseline and tunemake again in turns, this many rounds in all (median ratio)")
     parser.add_argument("--settings", default="lora,lora_ckpt,qlora")
-    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_cpp,fast_nosize,fast_torchckpt,fast_fa2,fast_foreach_b,fast_eager_loss,fast_s8,fast_catk,fast_nokern,fast_devindex")
+    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_cpp,fast_nosize,fast_torchckpt,fast_fa2,fast_foreach_b,fast_eager_loss,fast_s8,fast_catk,fast_nokern")
     parser.add_argument("--ddp-variants", default="", help="under torchrun, DDP options to time too: view,view_nobcast,view_bucket100,view_static,bf16_hook,flat")
     parser.add_argument("--attempt-settings", default="lora", help="the settings the attempts run in")
     parser.add_argument("--profile", type=int, default=0, help="profile two tunemake steps: the N kernels that take longest")
