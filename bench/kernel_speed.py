@@ -10,9 +10,12 @@
   compiled (what the compiled layer ran before attempt 34) against ``tunemake.fast``'s kernel as
   shipped and with other blocks and warps.
 
-Each time is the median of ``--repeats`` replays of a CUDA graph (the GPU's time, not the
-launches'); each output is checked against fp32 maths. Prints microseconds, the bandwidth reached
-and the ratio to the baseline (higher is faster); the best tile of the sweep is marked.
+Each time is the median of ``--repeats`` replays of a CUDA graph of 20 calls, divided by 20
+(the GPU's time, not the launches'). The 4,096-column operands (32 MB with the output) fit the
+H200's L2 cache between calls, as they may in the step, where ``c`` was just written; the
+11,008-column ones do not. Each output is checked against fp32 maths (relative error under
+2e-2); a tile that fails the check is marked and never the best. Prints microseconds, the
+bandwidth reached and the ratio to the baseline (higher is faster).
 
     python bench/kernel_speed.py [--no-sweep] [--json out.json]
 """
@@ -22,15 +25,39 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nf4_speed import time_us  # noqa: E402  (the same CUDA-graph timer)
+from tunemake import fast
 
-from tunemake import fast  # noqa: E402
+#: calls a graph replay: one replay's launch cost (a few us) is shared by this many
+CALLS = 20
+MAX_ERROR = 2e-2
+
+
+def time_us(fn, repeats: int) -> float:
+    """GPU time of one ``fn()``: the median of ``repeats`` replays of a CUDA graph of :data:`CALLS` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / CALLS)
+    return statistics.median(times)
 
 ROWS = 2048
 LOW_RANK_CASES = [("o, down: forward B, o input grad", 4096, 64), ("gate/up input grad", 4096, 128),
@@ -55,7 +82,7 @@ def low_rank_sweep(dtype, repeats: int, sweep: bool = True) -> list[dict]:
         def row(variant, fn):
             out = fn()
             err = ((out.float() - exact).abs().max() / exact.abs().max()).item()
-            us = time_us(lambda _: fn(), None, repeats)
+            us = time_us(fn, repeats)
             return {"kernel": "low_rank_add", "case": name, "cols": cols, "rank": rank, "variant": variant,
                     "us": us, "GB_per_s": moved / us / 1e3, "max_rel_err": err}
 
@@ -91,7 +118,7 @@ def swiglu_sweep(dtype, repeats: int, sweep: bool = True) -> list[dict]:
         grad, h = fn()
         err = max(((grad.float() - exact).abs().max() / exact.abs().max()).item(),
                   ((h.float() - exact_h).abs().max() / exact_h.abs().max()).item())
-        us = time_us(lambda _: fn(), None, repeats)
+        us = time_us(fn, repeats)
         return {"kernel": "swiglu_backward", "case": f"2,048 x 11,008 ({dtype})", "variant": variant, "us": us,
                 "GB_per_s": moved / us / 1e3, "max_rel_err": err}
 
@@ -105,7 +132,10 @@ def swiglu_sweep(dtype, repeats: int, sweep: bool = True) -> list[dict]:
                                                                    BLOCK=block, num_warps=warps)
             return grad, h
 
-        rows.append(row(f"block {block} w{warps}", launch))
+        try:
+            rows.append(row(f"block {block} w{warps}", launch))
+        except Exception as exc:  # a block the compiler refuses: skip it, say so
+            print(f"  swiglu: block {block} w{warps} failed: {type(exc).__name__}", file=sys.stderr)
     return rows
 
 
@@ -127,11 +157,11 @@ def main(argv=None) -> int:
     for (kernel, case), group in itertools.groupby(rows, key=lambda r: (r["kernel"], r["case"])):
         group = list(group)
         base = group[0]["us"]
-        best = min(group[2:], key=lambda r: r["us"], default=None)
+        best = min((r for r in group[2:] if r["max_rel_err"] < MAX_ERROR), key=lambda r: r["us"], default=None)
         print(f"{kernel}: {case}")
         for r in group:
             r["ratio"] = base / r["us"]
-            mark = "  <- best tile" if r is best else ""
+            mark = "  <- best tile" if r is best else "  WRONG" if r["max_rel_err"] >= MAX_ERROR else ""
             print(f"  {r['variant']:<26}{r['us']:>8.1f} us{r['GB_per_s']:>7.0f} GB/s{r['ratio']:>6.2f}x"
                   f"  err {r['max_rel_err']:.1e}{mark}")
         worst = max(worst, group[1]["max_rel_err"])
@@ -139,7 +169,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
                        "results": rows}, f, indent=2)
-    return 0 if worst < 2e-2 else 1
+    return 0 if worst < MAX_ERROR else 1
 
 
 if __name__ == "__main__":

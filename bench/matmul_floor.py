@@ -7,11 +7,15 @@ layer's q/k/v, whose input is the frozen embeddings), and the head forward and b
 graph (no CPU in the way), with the shapes and layouts of ``torch.nn.functional.linear`` and
 its backward:
 
-- ``burst`` (the baseline): one replay after the card has idled ``--rest`` seconds, the fastest
-  of ``--bursts``: the products at the card's full clock;
+- ``burst`` (the baseline): after the card has idled ``--rest`` seconds, one replay to ramp the
+  clock up, then one timed; the fastest of ``--bursts`` such (a best case, as the burst is);
+  the products at the card's full clock;
 - ``sustained``: back-to-back replays for ``--seconds`` after as long a warm-up, as a training
-  run keeps the card busy; the clock, power and throttle reasons that ``nvidia-smi`` reports
-  meanwhile.
+  run keeps the card busy, the median of groups of five; the clock, power and throttle reasons
+  that ``nvidia-smi`` reports meanwhile (polled every second by a process of its own, so the
+  card never waits for it).
+
+Multi-head attention (q, k and v each ``--hidden`` wide), as Llama-2-7B.
 
 The ratio sustained / burst is what the power limit costs the products. With ``--baseline-ms``
 (the plain HF + PEFT step on the same card, from bench/train_speed.py) it also prints the step
@@ -32,10 +36,10 @@ import time
 import torch
 
 
-def products(hidden: int, intermediate: int, heads_dim: int, layers: int, vocab: int, tokens: int, dev="cuda"):
+def products(hidden: int, intermediate: int, layers: int, vocab: int, tokens: int, dev="cuda"):
     """Weights and the list of (input, weight, transposed) products of one step; TFLOP a step."""
     dtype = torch.bfloat16
-    outs = [3 * heads_dim, hidden, 2 * intermediate, hidden]  # q/k/v stacked, o, gate/up stacked, down
+    outs = [3 * hidden, hidden, 2 * intermediate, hidden]  # q/k/v stacked, o, gate/up stacked, down
     ins = [hidden, hidden, hidden, intermediate]
     weights = [[torch.randn(o, i, device=dev, dtype=dtype) * 0.02 for o, i in zip(outs, ins)] for _ in range(layers)]
     head = torch.randn(vocab, hidden, device=dev, dtype=dtype) * 0.02
@@ -52,12 +56,13 @@ def products(hidden: int, intermediate: int, heads_dim: int, layers: int, vocab:
     return plan, flops / 1e12
 
 
-def smi() -> str:
+def smi_polling():
+    """``nvidia-smi`` printing the clock, power, limit and throttle reasons every second, or None."""
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active",
-                               "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "nvidia-smi not available"
+        return subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active",
+                                 "--format=csv,noheader", "-lms", "1000"], stdout=subprocess.PIPE, text=True)
+    except OSError:
+        return None
 
 
 def main(argv=None) -> int:
@@ -76,7 +81,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("matmul_floor: needs CUDA", file=sys.stderr)
         return 1
-    plan, tflop = products(args.hidden, args.intermediate, args.hidden, args.layers, args.vocab, args.tokens)
+    plan, tflop = products(args.hidden, args.intermediate, args.layers, args.vocab, args.tokens)
     outs = [torch.empty(a.shape[0], w.shape[0] if t else w.shape[1], device="cuda", dtype=torch.bfloat16)
             for a, w, t in plan]
 
@@ -111,12 +116,16 @@ def main(argv=None) -> int:
     end = time.perf_counter() + args.seconds
     while time.perf_counter() < end:  # warm-up: the card reaches its power limit
         timed(5)
-    sustained, readings = [], []
+    sustained = []
+    poll = smi_polling()
     end = time.perf_counter() + args.seconds
     while time.perf_counter() < end:
         sustained.append(timed(5))
-        if len(sustained) % 10 == 1:
-            readings.append(smi())
+    if poll is None:
+        readings = ["nvidia-smi not available"]
+    else:
+        poll.terminate()
+        readings = [line.strip() for line in poll.communicate()[0].splitlines() if line.strip()]
     sustain = statistics.median(sustained)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tflop_per_step": tflop,
               "products": len(plan), "burst_ms": burst, "bursts_ms": bursts, "sustained_ms": sustain,

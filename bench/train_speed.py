@@ -152,9 +152,11 @@ def profile_step(model, batch, params, optimizer, args) -> dict:
     averages = prof.key_averages()
     result = {"table": averages.table(sort_by="cuda_time_total", row_limit=args.profile),
               # every kernel's GPU time, per step: what the GPU did, whatever the CPU did around it
-              # (the kernels' own rows only: a CPU op's row counts its kernels' time again)
+              # (the kernels' own rows only: a CPU op's row counts its kernels' time again, and so
+              # does a GPU row of a record_function range, such as the optimizer's step)
               "kernels_ms_per_step": sum(e.self_device_time_total for e in averages
-                                         if e.device_type != DeviceType.CPU) / 2e3}
+                                         if e.device_type != DeviceType.CPU
+                                         and not getattr(e, "is_user_annotation", False)) / 2e3}
     print(result["table"], flush=True)
     print(f"  kernels: {result['kernels_ms_per_step']:.2f} ms of GPU time a step", flush=True)
     if args.trace:
