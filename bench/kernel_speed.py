@@ -25,40 +25,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
+from pathlib import Path
 
 import torch
 
-from tunemake import fast
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nf4_speed import time_us  # noqa: E402  (the same CUDA-graph timer)
+
+from tunemake import fast  # noqa: E402
 
 #: calls a graph replay: one replay's launch cost (a few us) is shared by this many
 CALLS = 20
 MAX_ERROR = 2e-2
-
-
-def time_us(fn, repeats: int) -> float:
-    """GPU time of one ``fn()``: the median of ``repeats`` replays of a CUDA graph of :data:`CALLS` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / CALLS)
-    return statistics.median(times)
-
 ROWS = 2048
 LOW_RANK_CASES = [("o, down: forward B, o input grad", 4096, 64), ("gate/up input grad", 4096, 128),
                   ("q/k/v input grad", 4096, 192), ("down's input grad", 11008, 64)]
@@ -82,7 +61,7 @@ def low_rank_sweep(dtype, repeats: int, sweep: bool = True) -> list[dict]:
         def row(variant, fn):
             out = fn()
             err = ((out.float() - exact).abs().max() / exact.abs().max()).item()
-            us = time_us(fn, repeats)
+            us = time_us(lambda _: fn(), None, repeats, CALLS)
             return {"kernel": "low_rank_add", "case": name, "cols": cols, "rank": rank, "variant": variant,
                     "us": us, "GB_per_s": moved / us / 1e3, "max_rel_err": err}
 
@@ -118,7 +97,7 @@ def swiglu_sweep(dtype, repeats: int, sweep: bool = True) -> list[dict]:
         grad, h = fn()
         err = max(((grad.float() - exact).abs().max() / exact.abs().max()).item(),
                   ((h.float() - exact_h).abs().max() / exact_h.abs().max()).item())
-        us = time_us(fn, repeats)
+        us = time_us(lambda _: fn(), None, repeats, CALLS)
         return {"kernel": "swiglu_backward", "case": f"2,048 x 11,008 ({dtype})", "variant": variant, "us": us,
                 "GB_per_s": moved / us / 1e3, "max_rel_err": err}
 

@@ -69,8 +69,9 @@ def bitsandbytes_layer(layer):
 
 
 
-def time_us(fn, layer, repeats: int) -> float:
-    """GPU time of ``fn(layer)``, replayed from a CUDA graph so that the launches' CPU time is not counted."""
+def time_us(fn, layer, repeats: int, calls: int = 1) -> float:
+    """GPU time of ``fn(layer)``, replayed from a CUDA graph so that the launches' CPU time is not
+    counted; ``calls`` calls a graph share one replay's launch (for kernels of a few us)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -79,7 +80,8 @@ def time_us(fn, layer, repeats: int) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn(layer)
+        for _ in range(calls):
+            fn(layer)
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -87,7 +89,7 @@ def time_us(fn, layer, repeats: int) -> float:
         graph.replay()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
+        times.append(start.elapsed_time(end) * 1000 / calls)
     return statistics.median(times)
 
 
