@@ -20,7 +20,9 @@ timed and checked against (output and q/k/v gradients on every token):
     python bench/attention_speed.py [--json out.json]
 
 Prints a table (ms per forward + backward, TFLOP/s of the causal work, ratio to ``varlen``) and
-the largest difference from ``varlen``. docs/performance.md has the results (attempt 18).
+the largest difference from ``varlen``; and, where NVML's energy counter can be read
+(bench/energy.py), each variant's joules for the forward + backward of one row, and of a step's
+``--layers`` layers. docs/performance.md has the results (attempt 18).
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tunemake.fast import _FlashVarlen, _Shape, _varlen_function
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from energy import Meter  # noqa: E402
+from tunemake.fast import _FlashVarlen, _Shape, _varlen_function  # noqa: E402
 
 
 def documents(kind: str, seq: int, seed: int) -> list[int]:
@@ -125,15 +131,37 @@ def timed(fn, q, k, v, lengths, grad, iters):
     return float(np.median(times)), out.detach(), [t.grad.detach().clone() for t in (q, k, v)]
 
 
+def joules_per_call(fn, q, k, v, lengths, grad, meter, seconds: float) -> float | None:
+    """The card's energy for one forward + backward, over calls back to back for ``seconds``."""
+    def once():
+        for t in (q, k, v):
+            t.grad = None
+        fn(q, k, v, lengths).backward(grad)
+
+    torch.cuda.synchronize()
+    start, calls, began = meter.joules(), 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        for _ in range(10):
+            once()
+        calls += 10
+        torch.cuda.synchronize()
+    end = meter.joules()
+    return None if start is None or end is None else (end - start) / calls
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=32, help="layers a step, for the energy a step")
     parser.add_argument("--rows", type=int, default=6, help="rows (document mixes) per kind")
     parser.add_argument("--rows-per-call", type=int, default=16,
                         help="rows attended in one call, so the GPU's time outweighs the launch")
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--energy-seconds", type=float, default=2.0,
+                        help="per variant, on the first row of the train bench's documents: the card's joules a call, "
+                             "from calls back to back for this long (0: none)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -143,6 +171,7 @@ def main() -> int:
     shape = _Shape(args.heads, args.heads, args.head_dim, 1e-5, args.head_dim ** -0.5, torch.bfloat16, "varlen")
     fns = variants(shape, args.seq)
     results = []
+    meter, energy = Meter(device), {}
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
     for kind in ("train_bench", "short", "long_and_short"):
         totals = {name: 0.0 for name in fns}
@@ -164,6 +193,8 @@ def main() -> int:
                     totals[name] = float("nan")
                     continue
                 totals[name] += ms
+                if kind == "train_bench" and row == 0 and args.energy_seconds > 0 and meter.available:
+                    energy[name] = joules_per_call(fn, q, k, v, lengths, grad, meter, args.energy_seconds)
                 if ref is None:
                     ref = (out, grads)
                 else:
@@ -178,6 +209,15 @@ def main() -> int:
             print(f"{name:18} {ms:8.3f} {rate:8.1f} {base / total:8.2f}x {errors[name]:9.2e}")
             results.append({"kind": kind, "variant": name, "ms": ms, "tflops": rate, "speedup": base / total,
                             "max_diff": errors[name]})
+        if kind == "train_bench" and energy:
+            print(f"energy, first row, calls back to back for {args.energy_seconds:g} s: joules for one row "
+                  f"({args.seq} tokens) forward + backward, and for the {args.layers} layers of a step")
+            for name, joules in energy.items():
+                if joules is not None:
+                    row_j = joules / args.rows_per_call
+                    print(f"{name:18} {row_j * 1e3:8.2f} mJ a row-layer {row_j * args.layers:7.2f} J a step")
+                    results.append({"kind": kind, "variant": name, "joules_per_row_layer": row_j,
+                                    "joules_per_step": row_j * args.layers})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f, indent=1)

@@ -13,7 +13,7 @@ its backward:
 - ``sustained``: back-to-back replays for ``--seconds`` after as long a warm-up, as a training
   run keeps the card busy, the median of groups of five; the clock, power and throttle reasons
   that ``nvidia-smi`` reports meanwhile (polled every second by a process of its own, so the
-  card never waits for it).
+  card never waits for it), and the joules a step from NVML's energy counter (bench/energy.py).
 
 Multi-head attention (q, k and v each ``--hidden`` wide), as Llama-2-7B.
 
@@ -32,8 +32,12 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from energy import Meter  # noqa: E402
 
 
 def products(hidden: int, intermediate: int, layers: int, vocab: int, tokens: int, dev="cuda"):
@@ -118,9 +122,13 @@ def main(argv=None) -> int:
         timed(5)
     sustained = []
     poll = smi_polling()
+    meter = Meter()
+    before = meter.joules()
     end = time.perf_counter() + args.seconds
     while time.perf_counter() < end:
         sustained.append(timed(5))
+    after = meter.joules()
+    joules = (after - before) / (5 * len(sustained)) if before is not None and after is not None else None
     if poll is None:
         readings = ["nvidia-smi not available"]
     else:
@@ -131,11 +139,14 @@ def main(argv=None) -> int:
               "products": len(plan), "burst_ms": burst, "bursts_ms": bursts, "sustained_ms": sustain,
               "sustained_tflops": tflop / sustain * 1e3, "burst_tflops": tflop / burst * 1e3,
               "ratio_sustained_to_burst": sustain / burst, "nvidia_smi_sustained": readings,
+              "sustained_joules_per_step": joules, "energy_meter": meter.why or "NVML",
               "date": time.strftime("%Y-%m-%d")}
     print(f"{result['device']}: {len(plan)} frozen products a step, {tflop:.1f} TFLOP ({args.tokens} tokens)")
     print(f"  burst (full clock, baseline): {burst:7.2f} ms a step, {result['burst_tflops']:5.0f} TFLOP/s")
     print(f"  sustained (power limit):      {sustain:7.2f} ms a step, {result['sustained_tflops']:5.0f} TFLOP/s, "
           f"{sustain / burst:.2f}x the burst's time")
+    if joules is not None:
+        print(f"  sustained energy:             {joules:7.2f} J a step, {joules / sustain * 1e3:.0f} W")
     print("  nvidia-smi while sustained (clock, power, limit, throttle reasons; 0x4 = power cap):")
     for line in readings[:: max(1, len(readings) // 5)]:
         print(f"    {line}")

@@ -17,7 +17,8 @@ checkpointing; ``qlora``: NF4 + double quant + checkpointing) it times, from the
 overhead moves the GPU's waits: where the GPU waited for the CPU and each layer's GPU time.
 
 Reports tokens/s (median over --steps after --warmup), peak memory, first-step loss and grad
-norm, ratios to the baseline; prints a table and writes JSON. ``--rounds N`` times the baseline
+norm, ratios to the baseline, the card's joules a step (NVML's energy counter, bench/energy.py: at
+the card's power limit the step's time follows its energy); prints a table and writes JSON. ``--rounds N`` times the baseline
 and tunemake N times in turns and reports the median of the N same-round ratios (the baseline's
 speed follows the host's CPU, which drifts within a run). Under ``torchrun`` (several GPUs)
 it times the tunemake step in DDP only.
@@ -44,8 +45,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tunemake.fast import FastCausalLM
-from tunemake.train import Rows, build_model, fast_path, make_batch, make_optimizer, micro_step, optimizer_step, setup_processes, step_model, trainable_state
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from energy import Meter  # noqa: E402
+from tunemake.fast import FastCausalLM  # noqa: E402
+from tunemake.train import Rows, build_model, fast_path, make_batch, make_optimizer, micro_step, optimizer_step, setup_processes, step_model, trainable_state  # noqa: E402
 
 TRAIN = {"lr": 1e-5, "betas": [0.9, 0.999], "weight_decay": 0.0, "max_grad_norm": 1.0, "precision": "bf16"}
 
@@ -101,10 +104,13 @@ def run(name, model, batch, params, optimizer, args, device, before_step=None, w
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times, first = [], None
+    times, first, joules = [], None, []
+    meter = Meter(device) if device.type == "cuda" else None
     model.train()
     for step in range(args.warmup + args.steps):
         sync()
+        if step == args.warmup and meter:
+            joules.append(meter.joules())
         t0 = time.perf_counter()
         loss = micro_step(model, batch, torch.bfloat16)
         if before_step:
@@ -119,6 +125,11 @@ def run(name, model, batch, params, optimizer, args, device, before_step=None, w
     result = {"variant": name, "tokens_per_s": tokens / median, "step_s_median": median,
               "step_s": [round(t, 4) for t in times], "first_step": first,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    if meter and joules[0] is not None and (end := meter.joules()) is not None:
+        # the card's energy over the timed steps (host gaps between them included): at the power
+        # limit the step's time follows it (bench/energy.py)
+        result["joules_per_step"] = (end - joules[0]) / args.steps
+        result["watts"] = (end - joules[0]) / sum(times[args.warmup:])
     if device.type == "cuda" and not before_step and with_phases:
         result["phases_ms"] = phases(model, batch, params, optimizer)
     if torch.distributed.is_initialized():  # every process must hold the same parameters after the steps
@@ -128,7 +139,8 @@ def run(name, model, batch, params, optimizer, args, device, before_step=None, w
         result["ranks_in_sync"] = bool(all(torch.equal(g, gathered[0]) for g in gathered))
     print(f"  {name}: {result['tokens_per_s']:,.0f} tok/s, peak {result['peak_gib'] or 0:.2f} GiB, "
           f"loss {first['loss']:.5f}, grad norm {first['grad_norm']:.5f}, first step {times[0]:.1f} s, "
-          f"phases (ms) {result.get('phases_ms')}, ranks in sync {result.get('ranks_in_sync')}", flush=True)
+          + (f"energy {result['joules_per_step']:.1f} J a step at {result['watts']:.0f} W, " if "watts" in result else "")
+          + f"phases (ms) {result.get('phases_ms')}, ranks in sync {result.get('ranks_in_sync')}", flush=True)
     return result
 
 
@@ -255,28 +267,35 @@ def alternate(first: dict, steppers: dict, batch, params, args, device, restore)
     close to CPU-bound), so one comparison per setting can meet a slow or a fast spell on one
     side only. Each later round times both (``--warmup`` 1, ``--steps`` as given, fresh
     optimizers) back to back; round 1 is ``first``, the measurements above. Reports each round's
-    tokens/s and ratio, and their medians.
+    tokens/s and ratio, and their medians, and the median of each side's joules a step.
     """
     quick = argparse.Namespace(**{**vars(args), "warmup": 1})
     rounds = [{name: first[name]["tokens_per_s"] for name in steppers}]
+    joules = {name: [first[name]["joules_per_step"]] for name in steppers if "joules_per_step" in first[name]}
     for index in range(1, args.rounds):
         tokens = {}
         for name in (list(steppers) if index % 2 == 0 else list(steppers)[::-1]):
             model, make_opt = steppers[name]
             restore()
             optimizer = make_opt()
-            tokens[name] = run(f"{name} (round {index + 1})", model, batch, params, optimizer, quick, device,
-                               with_phases=False)["tokens_per_s"]
+            timed = run(f"{name} (round {index + 1})", model, batch, params, optimizer, quick, device,
+                        with_phases=False)
+            tokens[name] = timed["tokens_per_s"]
+            if "joules_per_step" in timed:
+                joules.setdefault(name, []).append(timed["joules_per_step"])
             del optimizer
         rounds.append(tokens)
     ratios = [r["tunemake"] / r["baseline"] for r in rounds]
     summary = {"rounds": [{**r, "ratio": q} for r, q in zip(rounds, ratios)],
                "median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
-               **{f"median_{name}_tokens_per_s": statistics.median(r[name] for r in rounds) for name in steppers}}
+               **{f"median_{name}_tokens_per_s": statistics.median(r[name] for r in rounds) for name in steppers},
+               **{f"median_{name}_joules_per_step": statistics.median(j) for name, j in joules.items()}}
     print(f"  rounds: ratio median {summary['median_ratio']:.3f} (min {summary['min_ratio']:.3f}, max "
           f"{summary['max_ratio']:.3f}) over {len(rounds)}; baseline median "
           f"{summary['median_baseline_tokens_per_s']:,.0f} tok/s, tunemake "
-          f"{summary['median_tunemake_tokens_per_s']:,.0f}", flush=True)
+          f"{summary['median_tunemake_tokens_per_s']:,.0f}"
+          + (f"; J a step, medians: { {name: round(statistics.median(j), 1) for name, j in joules.items()} }"
+             if joules else ""), flush=True)
     return summary
 
 
@@ -556,7 +575,7 @@ def main() -> int:
         env = environment(args, dist)
         print(f"\ncard: {env['card']} x {dist.world}, torch {env['torch']}, seq {args.seq}, batch {args.batch} per GPU, "
               f"{env['cpus']} CPUs, {env['omp_threads']} threads")
-        print(f"{'setting':10} {'variant':11} {'tok/s/GPU':>10} {'peak GiB':>9} {'ratio':>6} {'loss':>9} {'grad norm':>10}")
+        print(f"{'setting':10} {'variant':11} {'tok/s/GPU':>10} {'peak GiB':>9} {'ratio':>6} {'loss':>9} {'grad norm':>10} {'J/step':>7}")
         for entry in results:
             base = next((v for v in entry["variants"] if v["variant"] == "baseline"), None)
             for v in entry["variants"]:
@@ -569,7 +588,8 @@ def main() -> int:
                     v["loss_rel_diff"] = abs(v["first_step"]["loss"] / base["first_step"]["loss"] - 1)
                     v["grad_norm_rel_diff"] = abs(v["first_step"]["grad_norm"] / base["first_step"]["grad_norm"] - 1)
                 print(f"{entry['setting']:10} {v['variant']:11} {v['tokens_per_s']:>10,.0f} {v['peak_gib'] or 0:>9.2f} "
-                      f"{ratio:>6.2f} {v['first_step']['loss']:>9.5f} {v['first_step']['grad_norm']:>10.5f}")
+                      f"{ratio:>6.2f} {v['first_step']['loss']:>9.5f} {v['first_step']['grad_norm']:>10.5f} "
+                      + (f"{v['joules_per_step']:>7.1f}" if "joules_per_step" in v else f"{'-':>7}"))
             if "alternating" in entry:
                 alt = entry["alternating"]
                 print(f"{entry['setting']:10} {'rounds':11} {alt['median_tunemake_tokens_per_s']:>10,.0f} {'':>9} "
