@@ -9,8 +9,10 @@ energy a step takes moves with neither, so the benches print both.
 loaded; Volta and later) through ``ctypes`` from the driver's ``libnvidia-ml.so.1``, for the
 card with the device's UUID. Where NVML or the counter is missing (a CPU, an older card, a
 container without the library), ``Meter.available`` is False and ``joules()`` returns None:
-the benches then print no energy, and measure the rest as before. The counter's resolution is
-a millijoule, and it is updated every few milliseconds: read it over many steps, not one.
+the benches then print no energy, and measure the rest as before. The counter counts
+millijoules, but its readings are coarser in time: on an H200, windows of about 1.5 s varied by
+about 4%, windows of about 6 s by about 1% (docs/performance.md, session 12). Read it over many
+steps, not one.
 """
 
 from __future__ import annotations
