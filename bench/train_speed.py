@@ -17,10 +17,10 @@ checkpointing; ``qlora``: NF4 + double quant + checkpointing) it times, from the
 overhead moves the GPU's waits: where the GPU waited for the CPU and each layer's GPU time.
 
 Reports tokens/s (median over --steps after --warmup), peak memory, first-step loss and grad
-norm, ratios to the baseline, the card's joules a step (NVML's energy counter, bench/energy.py: at
-the card's power limit the step's time follows its energy); prints a table and writes JSON. ``--rounds N`` times the baseline
-and tunemake N times in turns and reports the median of the N same-round ratios (the baseline's
-speed follows the host's CPU, which drifts within a run). Under ``torchrun`` (several GPUs)
+norm, ratios to the baseline, the card's joules a step (NVML's energy counter, bench/energy.py:
+at the card's power limit the step's time follows its energy); prints a table and writes JSON.
+``--rounds N`` times the baseline and tunemake N times in turns and reports the median of the N
+same-round ratios (the baseline's speed follows the host's CPU, which drifts within a run). Under ``torchrun`` (several GPUs)
 it times the tunemake step in DDP only.
 
     python bench/train_speed.py --json train_speed.json
