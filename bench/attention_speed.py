@@ -110,13 +110,18 @@ def variants(shape: _Shape, row: int):
     }
 
 
+def forward_backward(fn, q, k, v, lengths, grad):
+    """One forward + backward of ``fn`` from fresh q/k/v gradients; the output."""
+    for t in (q, k, v):
+        t.grad = None
+    out = fn(q, k, v, lengths)
+    out.backward(grad)
+    return out
+
+
 def timed(fn, q, k, v, lengths, grad, iters):
     def once():
-        for t in (q, k, v):
-            t.grad = None
-        out = fn(q, k, v, lengths)
-        out.backward(grad)
-        return out
+        return forward_backward(fn, q, k, v, lengths, grad)
 
     for _ in range(3):
         out = once()
@@ -133,16 +138,11 @@ def timed(fn, q, k, v, lengths, grad, iters):
 
 def joules_per_call(fn, q, k, v, lengths, grad, meter, seconds: float) -> float | None:
     """The card's energy for one forward + backward, over calls back to back for ``seconds``."""
-    def once():
-        for t in (q, k, v):
-            t.grad = None
-        fn(q, k, v, lengths).backward(grad)
-
     torch.cuda.synchronize()
     start, calls, began = meter.joules(), 0, time.perf_counter()
     while time.perf_counter() - began < seconds:
         for _ in range(10):
-            once()
+            forward_backward(fn, q, k, v, lengths, grad)
         calls += 10
         torch.cuda.synchronize()
     end = meter.joules()

@@ -20,8 +20,8 @@ Reports tokens/s (median over --steps after --warmup), peak memory, first-step l
 norm, ratios to the baseline, the card's joules a step (NVML's energy counter, bench/energy.py:
 at the card's power limit the step's time follows its energy); prints a table and writes JSON.
 ``--rounds N`` times the baseline and tunemake N times in turns and reports the median of the N
-same-round ratios (the baseline's speed follows the host's CPU, which drifts within a run). Under ``torchrun`` (several GPUs)
-it times the tunemake step in DDP only.
+same-round ratios (the baseline's speed follows the host's CPU, which drifts within a run).
+Under ``torchrun`` (several GPUs) it times the tunemake step in DDP only.
 
     python bench/train_speed.py --json train_speed.json
     python bench/train_speed.py --settings lora --rounds 7 --json train_speed.json   # a sturdier ratio
@@ -104,13 +104,13 @@ def run(name, model, batch, params, optimizer, args, device, before_step=None, w
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times, first, joules = [], None, []
+    times, first, joules_before = [], None, None
     meter = Meter(device) if device.type == "cuda" else None
     model.train()
     for step in range(args.warmup + args.steps):
         sync()
         if step == args.warmup and meter:
-            joules.append(meter.joules())
+            joules_before = meter.joules()
         t0 = time.perf_counter()
         loss = micro_step(model, batch, torch.bfloat16)
         if before_step:
@@ -125,11 +125,11 @@ def run(name, model, batch, params, optimizer, args, device, before_step=None, w
     result = {"variant": name, "tokens_per_s": tokens / median, "step_s_median": median,
               "step_s": [round(t, 4) for t in times], "first_step": first,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    if meter and joules[0] is not None and (end := meter.joules()) is not None:
+    if joules_before is not None and (end := meter.joules()) is not None:
         # the card's energy over the timed steps (host gaps between them included): at the power
         # limit the step's time follows it (bench/energy.py)
-        result["joules_per_step"] = (end - joules[0]) / args.steps
-        result["watts"] = (end - joules[0]) / sum(times[args.warmup:])
+        result["joules_per_step"] = (end - joules_before) / args.steps
+        result["watts"] = (end - joules_before) / sum(times[args.warmup:])
     if device.type == "cuda" and not before_step and with_phases:
         result["phases_ms"] = phases(model, batch, params, optimizer)
     if torch.distributed.is_initialized():  # every process must hold the same parameters after the steps
