@@ -2,13 +2,37 @@
 
 No model hub: every tokenizer is built by ``tunemake.demo.build_demo_tokenizer`` on a small corpus
 written here, once per session per template (a few milliseconds each).
+
+The Hugging Face home is a fresh temporary directory, offline, set here before anything imports
+huggingface_hub or transformers; ``offline_hub`` fills its hub cache with tiny stand-ins for the
+repos the examples name (see hub_fixture.py).
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# huggingface_hub, transformers and datasets read these once, when first imported; so they are
+# set here, at collection, for the whole session and every subprocess (Snakemake) it starts.
+# A fresh home keeps tests off the network and out of the user's own cache.
+if "huggingface_hub" in sys.modules:
+    raise RuntimeError("huggingface_hub was imported before tests/conftest.py set HF_HOME")
+HF_HOME = tempfile.mkdtemp(prefix="tunemake-hf-")
+os.environ["HF_HOME"] = HF_HOME
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# Each of these would point part of the cache back outside HF_HOME.
+for _name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "HF_MODULES_CACHE",
+              "HF_ASSETS_CACHE", "HF_XET_CACHE", "TRANSFORMERS_CACHE"):
+    os.environ.pop(_name, None)
+atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
 
 CORPUS_LINES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -80,3 +104,11 @@ def load_tokenizer(path, **kwargs):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def offline_hub():
+    """The session's hub cache with the stand-in repos of hub_fixture.py (built once, < 1 s)."""
+    from hub_fixture import build_offline_hub
+
+    return build_offline_hub(Path(os.environ["HF_HOME"]))
