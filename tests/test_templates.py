@@ -41,6 +41,15 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
     "helpful, detailed, and polite answers to the user's questions. SYS\n "
 )
+DEEPSEEK_CODER_SYSTEM = (
+    "You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by DeepSeekCompany, "
+    "and you only answer questions related to computer science. For politically sensitive questions, "
+    "security and privacy issues, and other non-computer science questions, you will refuse to answer. SYS\n"
+)
+WIZARDCODER_SYSTEM = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\nSYS\n "
+)
 
 # name -> (text with system prompt, text without); <s> / </s> are the bos / eos.
 EXPECTED = {
@@ -107,11 +116,83 @@ EXPECTED = {
         "<s>SYS\n[Round 1]\n\n问：Q1\n\n答：A1</s>\n\n<s>[Round 2]\n\n问：Q2\n\n答：A2</s>\n\n",
         "<s>[Round 1]\n\n问：Q1\n\n答：A1</s>\n\n<s>[Round 2]\n\n问：Q2\n\n答：A2</s>\n\n",
     ),
+    # The other 12 names of XTuner 0.2.0's PROMPT_TEMPLATE (REFERENCE §1, its string literals).
+    "baichuan_chat": (
+        "<s>SYS\n<reserved_102>Q1<reserved_103>A1</s>\n<s><reserved_102>Q2<reserved_103>A2</s>\n",
+        "<s><reserved_102>Q1<reserved_103>A1</s>\n<s><reserved_102>Q2<reserved_103>A2</s>\n",
+    ),
+    "code_llama_chat": (  # no SEP
+        "<s>SYS\n[INST] Q1 [/INST]A1</s><s>[INST] Q2 [/INST]A2</s>",
+        "<s>[INST] Q1 [/INST]A1</s><s>[INST] Q2 [/INST]A2</s>",
+    ),
+    "cohere_chat": (  # SUFFIX_AS_EOS, no SEP
+        "<s><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>SYS<|END_OF_TURN_TOKEN|>"
+        "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>Q1<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+        "A1<|END_OF_TURN_TOKEN|>"
+        "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>Q2<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+        "A2<|END_OF_TURN_TOKEN|>",
+        "<s><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Q1<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+        "A1<|END_OF_TURN_TOKEN|>"
+        "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>Q2<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+        "A2<|END_OF_TURN_TOKEN|>",
+    ),
+    "deepseek_coder": (
+        "<s>" + DEEPSEEK_CODER_SYSTEM + "### Instruction:\nQ1\n### Response:\nA1</s>\n"
+        "<s>### Instruction:\nQ2\n### Response:\nA2</s>\n",
+        "<s>### Instruction:\nQ1\n### Response:\nA1</s>\n<s>### Instruction:\nQ2\n### Response:\nA2</s>\n",
+    ),
+    "deepseek_v2": (  # SUFFIX_AS_EOS, no SEP
+        "<s>SYS\n\nUser: Q1\n\nAssistant: A1<｜end▁of▁sentence｜>User: Q2\n\nAssistant: A2<｜end▁of▁sentence｜>",
+        "<s>User: Q1\n\nAssistant: A1<｜end▁of▁sentence｜>User: Q2\n\nAssistant: A2<｜end▁of▁sentence｜>",
+    ),
+    "gemma": (  # a SUFFIX that is not the eos: suffix, then eos, then bos again
+        "<s><start_of_turn>system\nSYS<end_of_turn>\n<start_of_turn>user\nQ1<end_of_turn>\n"
+        "<start_of_turn>model\nA1<end_of_turn></s>\n"
+        "<s><start_of_turn>user\nQ2<end_of_turn>\n<start_of_turn>model\nA2<end_of_turn></s>\n",
+        "<s><start_of_turn>user\nQ1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn></s>\n"
+        "<s><start_of_turn>user\nQ2<end_of_turn>\n<start_of_turn>model\nA2<end_of_turn></s>\n",
+    ),
+    "minicpm": (  # no SYSTEM: a system prompt is an error (test_minicpm_refuses_a_system_prompt)
+        None,
+        "<s><用户> Q1 <AI>A1</s>\n<s><用户> Q2 <AI>A2</s>\n",
+    ),
+    "minicpm3": (
+        "<s><|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n"
+        "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
+        "<|im_start|>assistant\nA2<|im_end|>\n",
+        "<s><|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+        "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\nA2<|im_end|>\n",
+    ),
+    "moss_sft": (
+        "<s>SYS\n<|Human|>: Q1<eoh>\nA1</s>\n<s><|Human|>: Q2<eoh>\nA2</s>\n",
+        "<s><|Human|>: Q1<eoh>\nA1</s>\n<s><|Human|>: Q2<eoh>\nA2</s>\n",
+    ),
+    "phi3_chat": (
+        "<s><|system|>\nSYS<|end|>\n<|user|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n"
+        "<|user|>\nQ2<|end|>\n<|assistant|>\nA2<|end|>\n",
+        "<s><|user|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n<|user|>\nQ2<|end|>\n<|assistant|>\nA2<|end|>\n",
+    ),
+    "wizardcoder": (
+        "<s>" + WIZARDCODER_SYSTEM + "### Instruction:\nQ1\n\n### Response:A1</s>\n\n"
+        "<s>### Instruction:\nQ2\n\n### Response:A2</s>\n\n",
+        "<s>### Instruction:\nQ1\n\n### Response:A1</s>\n\n<s>### Instruction:\nQ2\n\n### Response:A2</s>\n\n",
+    ),
 }
 EXPECTED["mixtral"] = EXPECTED["deepseek_moe"] = EXPECTED["mistral"]
 EXPECTED["wizardlm"] = EXPECTED["vicuna"]
+EXPECTED["deepseekcoder"] = EXPECTED["deepseek_coder"]
 
 NAMES = sorted(EXPECTED)
+#: The templates that have a system field (all but minicpm).
+NAMES_WITH_SYSTEM = [name for name in NAMES if EXPECTED[name][0] is not None]
+
+#: XTuner 0.2.0's PROMPT_TEMPLATE keys, aliases included.
+XTUNER_NAMES = {
+    "default", "zephyr", "internlm_chat", "internlm2_chat", "moss_sft", "llama2_chat", "code_llama_chat",
+    "chatglm2", "chatglm3", "qwen_chat", "baichuan_chat", "baichuan2_chat", "wizardlm", "wizardcoder",
+    "vicuna", "deepseek_coder", "deepseekcoder", "deepseek_moe", "deepseek_v2", "mistral", "mixtral",
+    "minicpm", "minicpm3", "gemma", "cohere_chat", "llama3_chat", "phi3_chat",
+}
 
 
 def training_text(turns, template) -> str:
@@ -133,7 +214,23 @@ def test_every_reference_template_is_known():
         assert get_template(name) is TEMPLATES[name]
 
 
-@pytest.mark.parametrize("name", NAMES)
+def test_all_27_xtuner_names():
+    assert len(XTUNER_NAMES) == 27
+    assert set(TEMPLATES) == XTUNER_NAMES
+    assert set(NAMES) == XTUNER_NAMES
+
+
+def test_list_templates_shows_all_27_names_and_hf(capsys):
+    from tunemake.cli import main
+
+    assert main(["list-templates"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()].count("hf") == 1
+    assert {line.split()[0] for line in out.splitlines()} == XTUNER_NAMES | {"hf"}
+    assert repr("<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n") in out
+
+
+@pytest.mark.parametrize("name", NAMES_WITH_SYSTEM)
 def test_training_text_with_system(name):
     assert training_text(TURNS_WITH_SYSTEM, TEMPLATES[name]) == EXPECTED[name][0]
 
@@ -143,7 +240,7 @@ def test_training_text_without_system(name):
     assert training_text(TURNS_WITHOUT_SYSTEM, TEMPLATES[name]) == EXPECTED[name][1]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES_WITH_SYSTEM)
 def test_system_is_rendered_only_on_the_turn_that_carries_it(name):
     # A system text on turn 2 only (XTuner renders SYSTEM wherever the turn has one).
     turns = [dict(TURNS_WITHOUT_SYSTEM[0]), {"system": SYSTEM, "input": Q2, "output": A2}]
@@ -157,13 +254,40 @@ def test_chat_template_renders_the_training_text(name, tokenizer_for):
     """The saved chat_template (Jinja) renders exactly what tunemake trains on."""
     tokenizer = tokenizer_for(name)
     assert tokenizer.bos_token == "<s>" and tokenizer.eos_token == "</s>"
-    rendered = tokenizer.apply_chat_template(MESSAGES_WITH_SYSTEM, tokenize=False)
-    assert rendered == EXPECTED[name][0]
+    if EXPECTED[name][0] is not None:
+        rendered = tokenizer.apply_chat_template(MESSAGES_WITH_SYSTEM, tokenize=False)
+        assert rendered == EXPECTED[name][0]
     rendered = tokenizer.apply_chat_template(MESSAGES_WITH_SYSTEM[1:], tokenize=False)
     assert rendered == EXPECTED[name][1]
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_template_tokenizer_serves_its_template(name, tokenizer_for):
+    """Every stop word is one token of the template's test tokenizer, and its markers are special."""
+    from tunemake.templates import encoding_problem
+
+    tokenizer = tokenizer_for(name)
+    assert encoding_problem(TEMPLATES[name], tokenizer) is None
+    for word in TEMPLATES[name].stop_words:
+        assert len(tokenizer.encode(word, add_special_tokens=False)) == 1
+
+
+def test_minicpm_refuses_a_system_prompt(tokenizer_for):
+    """XTuner's minicpm has no SYSTEM, and XTuner fails on a system prompt: so does tunemake."""
+    from jinja2.exceptions import TemplateError
+
+    from tunemake.errors import DataError
+
+    assert TEMPLATES["minicpm"].system is None
+    with pytest.raises(DataError, match=r"template 'minicpm' has no system field"):
+        plan(TURNS_WITH_SYSTEM, TEMPLATES["minicpm"], pretrain=False)
+    with pytest.raises(TemplateError, match="minicpm"):
+        tokenizer_for("minicpm").apply_chat_template(MESSAGES_WITH_SYSTEM, tokenize=False)
+    # an empty system text is no system prompt
+    assert training_text([{**TURNS_WITH_SYSTEM[0], "system": ""}], TEMPLATES["minicpm"]) == "<s><用户> Q1 <AI>A1</s>\n"
+
+
+@pytest.mark.parametrize("name", NAMES_WITH_SYSTEM)
 def test_chat_template_with_a_foreign_tokenizer(name, tokenizer_for):
     """Rendered with a tokenizer that lacks the template's special tokens: still the same text."""
     tokenizer = tokenizer_for("default")
@@ -200,17 +324,35 @@ def test_special_tokens_of_templates():
     assert set(TEMPLATES["internlm_chat"].special_tokens()) == {"<|System|>", "<|User|>", "<|Bot|>", "<eoh>", "<eoa>"}
     assert set(TEMPLATES["baichuan2_chat"].special_tokens()) == {"<reserved_106>", "<reserved_107>"}
     assert TEMPLATES["mistral"].special_tokens() == []
+    assert set(TEMPLATES["gemma"].special_tokens()) == {"<start_of_turn>", "<end_of_turn>"}
+    assert TEMPLATES["deepseek_v2"].special_tokens() == ["<｜end▁of▁sentence｜>"]
+    assert set(TEMPLATES["moss_sft"].special_tokens()) == {"<|Human|>", "<eoh>", "<eoc>", "<eom>"}
+    assert set(TEMPLATES["cohere_chat"].special_tokens()) == {
+        "<|START_OF_TURN_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
+    }
+    assert set(TEMPLATES["minicpm"].special_tokens()) == {"<用户>", "<AI>"}
+    for name in ("code_llama_chat", "deepseek_coder", "wizardcoder"):
+        assert TEMPLATES[name].special_tokens() == []
 
 
 def test_suffix_as_eos_and_stop_words_match_reference():
     assert TEMPLATES["internlm_chat"].stop_words == ("<eoa>",)
     assert TEMPLATES["qwen_chat"].stop_words == ("<|im_end|>", "<|endoftext|>")
     assert TEMPLATES["llama3_chat"].stop_words == ("<|eot_id|>",)
-    for name in ("internlm_chat", "internlm2_chat", "qwen_chat", "llama3_chat"):
+    assert TEMPLATES["cohere_chat"].stop_words == ("<|END_OF_TURN_TOKEN|>",)
+    assert TEMPLATES["deepseek_v2"].stop_words == ("<｜end▁of▁sentence｜>",)
+    assert TEMPLATES["gemma"].stop_words == ("<end_of_turn>",)
+    assert TEMPLATES["minicpm3"].stop_words == ("<|im_end|>", "<|endoftext|>")
+    assert TEMPLATES["moss_sft"].stop_words == ("<eoc>", "<eom>")
+    assert TEMPLATES["phi3_chat"].stop_words == ("<|end|>",)
+    for name in ("internlm_chat", "internlm2_chat", "qwen_chat", "llama3_chat", "cohere_chat", "deepseek_v2",
+                 "minicpm3", "phi3_chat"):
         assert TEMPLATES[name].suffix_as_eos
-    for name in ("default", "zephyr", "llama2_chat", "chatglm3", "mistral", "baichuan2_chat", "vicuna", "chatglm2"):
+    for name in ("default", "zephyr", "llama2_chat", "chatglm3", "mistral", "baichuan2_chat", "vicuna", "chatglm2",
+                 "baichuan_chat", "code_llama_chat", "deepseek_coder", "minicpm", "moss_sft", "wizardcoder"):
         assert not TEMPLATES[name].suffix_as_eos
         assert TEMPLATES[name].suffix == ""
+    assert TEMPLATES["gemma"].suffix == "<end_of_turn>" and not TEMPLATES["gemma"].suffix_as_eos
 
 
 # --- custom templates and lookup ---------------------------------------------------------------

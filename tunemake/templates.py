@@ -10,7 +10,7 @@ import re
 import string
 from dataclasses import dataclass, field
 
-from tunemake.errors import ConfigError
+from tunemake.errors import ConfigError, DataError
 
 LLAMA2_DEFAULT_SYSTEM = (
     " You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
@@ -22,14 +22,35 @@ VICUNA_PREAMBLE = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant "
     "gives helpful, detailed, and polite answers to the user's questions. "
 )
+DEEPSEEK_CODER_PREAMBLE = (
+    "You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by "
+    "DeepSeekCompany, and you only answer questions related to computer science. For politically "
+    "sensitive questions, security and privacy issues, and other non-computer science questions, "
+    "you will refuse to answer. "
+)
+WIZARDCODER_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n"
+)
+
+# Marker tokens in XTuner's templates that real tokenizers hold as single tokens: <|im_end|>,
+# DeepSeek's full-width <｜end▁of▁sentence｜>, InternLM / MOSS <eoh> <eoa> <eom> <eoc>, Baichuan's
+# <reserved_106>, Gemma's <start_of_turn>, MiniCPM's <用户> and <AI>.
+_SPECIAL_TOKEN = re.compile(
+    r"<\|[^|<>\s]+\|>|<｜[^｜<>\s]+｜>|<eo[a-z]>|<reserved_\d+>|<(?:start|end)_of_turn>|<用户>|<AI>"
+)
 
 
 @dataclass(frozen=True)
 class Template:
-    """XTuner's six template fields. ``{system}``, ``{input}`` and ``{round}`` are substituted."""
+    """XTuner's six template fields. ``{system}``, ``{input}`` and ``{round}`` are substituted.
+
+    ``system=None`` means the template has no system field at all (XTuner's ``minicpm``): a turn
+    with a system prompt is an error there, as in XTuner, rather than a prompt silently dropped.
+    """
 
     name: str
-    system: str = ""
+    system: str | None = ""
     instruction: str = "{input}"
     suffix: str = ""
     suffix_as_eos: bool = False
@@ -37,9 +58,18 @@ class Template:
     stop_words: tuple[str, ...] = field(default_factory=tuple)
 
     def render_input(self, text: str, system: str | None, round_: int) -> str:
-        """The (system +) instruction text of one turn, exactly as XTuner's template_map_fn."""
+        """The (system +) instruction text of one turn, exactly as XTuner's template_map_fn.
+
+        Raises:
+            DataError: the turn has a system prompt and the template no system field.
+        """
         rendered = self.instruction.format(input=text, round=round_)
         if system:
+            if self.system is None:
+                raise DataError(
+                    f"template {self.name!r} has no system field (XTuner's has none either), but a turn "
+                    f"has the system prompt {system[:60]!r}; remove the system prompts or pick another template"
+                )
             rendered = self.system.format(system=system) + rendered
         return rendered
 
@@ -50,8 +80,8 @@ class Template:
     def special_tokens(self) -> list[str]:
         """Tokens a tokenizer trained for this template should treat as single special tokens."""
         found: list[str] = []
-        for text in (self.system, self.instruction, self.suffix, *self.stop_words):
-            for token in re.findall(r"<\|[^|<>\s]+\|>|<eo[ha]>|<reserved_\d+>", text):
+        for text in (self.system or "", self.instruction, self.suffix, *self.stop_words):
+            for token in _SPECIAL_TOKEN.findall(text):
                 if token not in found:
                     found.append(token)
         return found
@@ -90,9 +120,32 @@ _BUILTIN = [
     Template("baichuan2_chat", "{system}\n", "<reserved_106>{input}<reserved_107>", sep="\n"),
     Template("vicuna", VICUNA_PREAMBLE + "{system}\n ", "USER: {input} ASSISTANT:", sep="\n"),
     Template("chatglm2", "{system}\n", "[Round {round}]\n\n问：{input}\n\n答：", sep="\n\n"),
+    Template("baichuan_chat", "{system}\n", "<reserved_102>{input}<reserved_103>", sep="\n"),
+    Template("code_llama_chat", "{system}\n", "[INST] {input} [/INST]"),
+    Template("cohere_chat", "<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{system}<|END_OF_TURN_TOKEN|>",
+             "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{input}<|END_OF_TURN_TOKEN|>"
+             "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
+             suffix="<|END_OF_TURN_TOKEN|>", suffix_as_eos=True, stop_words=("<|END_OF_TURN_TOKEN|>",)),
+    Template("deepseek_coder", DEEPSEEK_CODER_PREAMBLE + "{system}\n",
+             "### Instruction:\n{input}\n### Response:\n", sep="\n"),
+    Template("deepseek_v2", "{system}\n\n", "User: {input}\n\nAssistant: ",
+             suffix="<｜end▁of▁sentence｜>", suffix_as_eos=True, stop_words=("<｜end▁of▁sentence｜>",)),
+    Template("gemma", "<start_of_turn>system\n{system}<end_of_turn>\n",
+             "<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
+             suffix="<end_of_turn>", suffix_as_eos=False, sep="\n", stop_words=("<end_of_turn>",)),
+    Template("minicpm", None, "<用户> {input} <AI>", sep="\n"),
+    Template("minicpm3", "<|im_start|>system\n{system}<|im_end|>\n",
+             "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+             suffix="<|im_end|>", suffix_as_eos=True, sep="\n",
+             stop_words=("<|im_end|>", "<|endoftext|>")),
+    Template("moss_sft", "{system}\n", "<|Human|>: {input}<eoh>\n", sep="\n", stop_words=("<eoc>", "<eom>")),
+    Template("phi3_chat", "<|system|>\n{system}<|end|>\n", "<|user|>\n{input}<|end|>\n<|assistant|>\n",
+             suffix="<|end|>", suffix_as_eos=True, sep="\n", stop_words=("<|end|>",)),
+    Template("wizardcoder", WIZARDCODER_PREAMBLE + "{system}\n ", "### Instruction:\n{input}\n\n### Response:",
+             sep="\n\n"),
 ]
 # fmt: on
-_ALIASES = {"mixtral": "mistral", "deepseek_moe": "mistral", "wizardlm": "vicuna"}
+_ALIASES = {"mixtral": "mistral", "deepseek_moe": "mistral", "wizardlm": "vicuna", "deepseekcoder": "deepseek_coder"}
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in _BUILTIN}
 for _alias, _target in _ALIASES.items():
@@ -188,7 +241,7 @@ def encoding_problem(template: Template | str, tokenizer) -> str | None:
             return f"template {template.name!r}: stop word {word!r} is {len(ids)} tokens, not one"
     unk = tokenizer.unk_token_id
     for field_name in ("system", "instruction", "suffix", "sep"):
-        literal = "".join(text for text, *_ in string.Formatter().parse(getattr(template, field_name)))
+        literal = "".join(text for text, *_ in string.Formatter().parse(getattr(template, field_name) or ""))
         if unk is not None and literal and unk in tokenizer.encode(literal, add_special_tokens=False):
             return (f"template {template.name!r}: its {field_name} {literal!r} encodes to the unknown token "
                     f"{tokenizer.unk_token!r}")
@@ -213,7 +266,11 @@ def _jinja_format(text: str, values: dict[str, str]) -> str:
 
 def _jinja_for(t: Template) -> str:
     instruction = _jinja_format(t.instruction, {"input": "message['content']", "round": "(ns.round | string)"})
-    system = _jinja_format(t.system, {"system": "ns.system"})
+    if t.system is None:
+        # the same refusal as render_input, so chat never renders a prompt training would not
+        system = "raise_exception(" + _jinja_literal(f"template {t.name!r} has no system field") + ")"
+    else:
+        system = _jinja_format(t.system, {"system": "ns.system"})
     end_of_turn = _jinja_literal(t.suffix)
     if not t.suffix_as_eos:
         end_of_turn += " ~ (eos_token or '')"
