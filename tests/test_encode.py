@@ -213,6 +213,92 @@ def test_none_input_is_empty(tokenizer_for):
     assert a == b
 
 
+# --- per-turn loss (XTuner's output_with_loss) ----------------------------------------------------
+
+
+def untrained(turn):
+    return {**turn, "output_with_loss": False}
+
+
+def test_untrained_turn_default_output_and_eos_unlabelled(tokenizer_for):
+    """SUFFIX_AS_EOS off: the untrained turn keeps its eos and the next bos, both unlabelled."""
+    tok = tokenizer_for("default")
+    enc = encode_record([untrained(TWO_TURNS[0]), TWO_TURNS[1]], tok, TEMPLATES["default"], max_length=512)
+    expected = join(
+        special(tok.bos_token_id, False),
+        prompt(tok, "<|System|>:Be brief.\n<|User|>:What is the capital of France?\n<|Bot|>:"),
+        prompt(tok, "Paris."),
+        special(tok.eos_token_id, False),
+        prompt(tok, "\n"),
+        special(tok.bos_token_id, False),
+        prompt(tok, "<|User|>:And of Italy?\n<|Bot|>:"),
+        answer(tok, "Rome."),
+        special(tok.eos_token_id, True),
+        prompt(tok, "\n"),
+    )
+    assert (enc.input_ids, enc.labels) == expected
+
+
+def test_untrained_turn_internlm2_suffix_unlabelled(tokenizer_for):
+    tok = tokenizer_for("internlm2_chat")
+    enc = encode_record([TWO_TURNS[0], untrained(TWO_TURNS[1])], tok, TEMPLATES["internlm2_chat"], max_length=512)
+    expected = join(
+        special(tok.bos_token_id, False),
+        prompt(tok, "<|im_start|>system\nBe brief.<|im_end|>\n"
+                    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"),
+        answer(tok, "Paris.<|im_end|>"),
+        prompt(tok, "\n"),
+        prompt(tok, "<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n"),
+        prompt(tok, "Rome.<|im_end|>"),
+        prompt(tok, "\n"),
+    )
+    assert (enc.input_ids, enc.labels) == expected
+
+
+def test_untrained_turn_gemma_suffix_and_eos_unlabelled(tokenizer_for):
+    """gemma: a suffix that is not the eos, so <end_of_turn> and eos both follow the answer."""
+    tok = tokenizer_for("gemma")
+    enc = encode_record([untrained(TWO_TURNS[0]), TWO_TURNS[1]], tok, TEMPLATES["gemma"], max_length=512)
+    expected = join(
+        special(tok.bos_token_id, False),
+        prompt(tok, "<start_of_turn>system\nBe brief.<end_of_turn>\n<start_of_turn>user\n"
+                    "What is the capital of France?<end_of_turn>\n<start_of_turn>model\n"),
+        prompt(tok, "Paris.<end_of_turn>"),
+        special(tok.eos_token_id, False),
+        prompt(tok, "\n"),
+        special(tok.bos_token_id, False),
+        prompt(tok, "<start_of_turn>user\nAnd of Italy?<end_of_turn>\n<start_of_turn>model\n"),
+        answer(tok, "Rome.<end_of_turn>"),
+        special(tok.eos_token_id, True),
+        prompt(tok, "\n"),
+    )
+    assert (enc.input_ids, enc.labels) == expected
+
+
+def test_every_turn_untrained_leaves_no_label(tokenizer_for):
+    tok = tokenizer_for("default")
+    turns = [untrained(turn) for turn in TWO_TURNS]
+    enc = encode_record(turns, tok, TEMPLATES["default"], max_length=512)
+    assert set(enc.labels) == {M}
+    # same ids as the trained record: only the labels change
+    assert enc.input_ids == encode_record(TWO_TURNS, tok, TEMPLATES["default"], max_length=512).input_ids
+
+
+def test_output_with_loss_true_is_the_default(tokenizer_for):
+    tok = tokenizer_for("default")
+    turns = [{**turn, "output_with_loss": True} for turn in TWO_TURNS]
+    assert encode_record(turns, tok, TEMPLATES["default"], 512) == encode_record(TWO_TURNS, tok, TEMPLATES["default"], 512)
+
+
+def test_prompt_ids_ignore_the_loss_flags(tokenizer_for):
+    """What chat and evals send does not depend on which turns were trained."""
+    from tunemake.encode import prompt_ids
+
+    tok = tokenizer_for("default")
+    flagged = [untrained(TWO_TURNS[0]), untrained(TWO_TURNS[1])]
+    assert prompt_ids(flagged, TEMPLATES["default"], tok) == prompt_ids(TWO_TURNS, TEMPLATES["default"], tok)
+
+
 def test_special_token_strings_in_user_text_encode_to_special_ids(tokenizer_for):
     """XTuner does not escape special-token strings typed in content."""
     tok = tokenizer_for("internlm2_chat")
@@ -248,11 +334,13 @@ def _random_records(seed: int, n: int):
                 "input": _random_text(rng, 30 if rng.random() < 0.9 else 300),
                 "output": _random_text(rng, 30),
             })
+            if rng.random() < 0.25:
+                turns[-1]["output_with_loss"] = False
         records.append((turns, False))
     return records
 
 
-@pytest.mark.parametrize("name", ["default", "internlm2_chat"])
+@pytest.mark.parametrize("name", ["default", "internlm2_chat", "gemma"])
 def test_encode_records_equals_encode_record(name, tokenizer_for):
     tok = tokenizer_for(name)
     template = TEMPLATES[name]
@@ -269,6 +357,7 @@ def test_encode_records_equals_encode_record(name, tokenizer_for):
         truncated += got.truncated
     assert 0 < truncated < len(records)  # the sample covers both
     assert any(pretrain for _, pretrain in records)
+    assert any(turn.get("output_with_loss") is False for turns, _ in records for turn in turns)
 
 
 def test_encode_records_pretrain_only(tokenizer_for):
@@ -329,8 +418,22 @@ def test_hf_template_labels_answers_only(chatml_tokenizer):
     assert tok.decode(enc.input_ids) == tok.apply_chat_template(messages, tokenize=False)
 
 
+def test_hf_template_untrained_turn_unlabelled(chatml_tokenizer):
+    tok = chatml_tokenizer
+    enc = encode_record([untrained(TWO_TURNS[0]), TWO_TURNS[1]], tok, HF, 512)
+    expected = join(
+        prompt(tok, "<|im_start|>system\nBe brief.<|im_end|>\n"
+                    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"),
+        prompt(tok, "Paris.<|im_end|>\n"),
+        prompt(tok, "<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n"),
+        answer(tok, "Rome.<|im_end|>\n"),
+    )
+    assert (enc.input_ids, enc.labels) == expected
+
+
 def test_hf_template_batched_equals_single(chatml_tokenizer):
-    records = [(TWO_TURNS, False), ([{"system": "", "input": "x", "output": ""}], False)]
+    records = [(TWO_TURNS, False), ([{"system": "", "input": "x", "output": ""}], False),
+               ([untrained(TWO_TURNS[0]), TWO_TURNS[1]], False)]
     for (turns, _), got in zip(records, encode_records(records, chatml_tokenizer, HF, 512)):
         want = encode_record(turns, chatml_tokenizer, HF, 512)
         assert (got.input_ids, got.labels) == (want.input_ids, want.labels)
@@ -454,11 +557,13 @@ def test_prompt_ids_render_the_chat_template_and_the_training_ids(name, tokenize
 
     tokenizer = tokenizer_for(name)
     template = TEMPLATES[name]
-    turns = [{"system": "Be brief.", "input": "Add 12 and 30.", "output": "42"},
+    system = "Be brief." if template.system is not None else ""  # minicpm has no system field
+    turns = [{"system": system, "input": "Add 12 and 30.", "output": "42"},
              {"system": "", "input": "And reverse: apple cup.", "output": "cup apple"}]
     text, ids = prompt_ids(turns, template, tokenizer)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 12 and 30."},
-                {"role": "assistant", "content": "42"}, {"role": "user", "content": "And reverse: apple cup."}]
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": "Add 12 and 30."},
+                 {"role": "assistant", "content": "42"}, {"role": "user", "content": "And reverse: apple cup."}]
     assert text == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     trained = encode_record(turns, tokenizer, template, max_length=10_000).input_ids
     answer = tokenizer.encode(template.render_output("cup apple"), add_special_tokens=False)

@@ -152,6 +152,120 @@ def test_conversation_errors_name_the_turn():
         map_conversation([1, 2], LOC)
 
 
+# --- per-turn loss: XTuner's output_with_loss ----------------------------------------------------
+
+
+def test_conversation_output_with_loss():
+    record = {"conversation": [
+        {"input": "i1", "output": "o1", "output_with_loss": False},
+        {"input": "i2", "output": "o2", "output_with_loss": True},
+        {"input": "i3", "output": "o3", "output_with_loss": None},  # Arrow's "absent"
+        {"input": "i4", "output": "o4"},
+    ]}
+    assert map_conversation(record, LOC) == [
+        {"system": "", "input": "i1", "output": "o1", "output_with_loss": False},
+        {"system": "", "input": "i2", "output": "o2"},
+        {"system": "", "input": "i3", "output": "o3"},
+        {"system": "", "input": "i4", "output": "o4"},
+    ]
+
+
+@pytest.mark.parametrize("value", ["false", 0, 1, "no"])
+def test_conversation_output_with_loss_must_be_a_boolean(value):
+    record = {"conversation": [{"input": "i", "output": "o"}, {"input": "i", "output": "o", "output_with_loss": value}]}
+    with pytest.raises(DataError, match=r"^data\.jsonl:7: conversation\[1\]: key 'output_with_loss' should be bool"):
+        map_conversation(record, LOC)
+
+
+def _openai_with_loss(*losses):
+    """A two-turn openai record; each loss is the assistant message's "loss" value, or ABSENT."""
+    messages = [{"role": "system", "content": "S"}]
+    for k, loss in enumerate(losses):
+        messages.append({"role": "user", "content": f"u{k}"})
+        messages.append({"role": "assistant", "content": f"a{k}", **({} if loss is ABSENT else {"loss": loss})})
+    return {"messages": messages}
+
+
+ABSENT = object()
+
+
+@pytest.mark.parametrize("loss, trained", [
+    (False, False), ("False", False), ("false", False), (0, False), (1, False), ("no", False), ("", False),
+    (ABSENT, True), (True, True), ("True", True), ("true", True), ("TRUE", True),
+    (None, True),  # null: what Arrow-backed sources write for a key other messages have
+])
+def test_openai_loss_key_as_xtuner(loss, trained):
+    """XTuner: str(msg.get("loss", "True")).lower() == "true" decides each assistant turn."""
+    turns = map_openai(_openai_with_loss(loss, ABSENT), LOC)
+    expected_first = {"system": "S", "input": "u0", "output": "a0"}
+    if not trained:
+        expected_first["output_with_loss"] = False
+    assert turns == [expected_first, {"system": "", "input": "u1", "output": "a1"}]
+
+
+def test_openai_loss_on_a_user_message_is_ignored():
+    messages = [{"role": "user", "content": "u", "loss": False}, {"role": "assistant", "content": "a"}]
+    assert map_openai({"messages": messages}, LOC) == [{"system": "", "input": "u", "output": "a"}]
+
+
+def test_custom_loss_column():
+    fields = {"input": "q", "output": "a", "system": None, "loss": "train_me"}
+    assert map_custom({"q": "Q", "a": "A", "train_me": False}, LOC, fields) == [
+        {"system": "", "input": "Q", "output": "A", "output_with_loss": False}
+    ]
+    assert map_custom({"q": "Q", "a": "A", "train_me": True}, LOC, fields) == [{"system": "", "input": "Q", "output": "A"}]
+    assert map_custom({"q": "Q", "a": "A"}, LOC, fields) == [{"system": "", "input": "Q", "output": "A"}]
+    with pytest.raises(DataError, match=r"^data\.jsonl:7: key 'train_me' should be bool, got str"):
+        map_custom({"q": "Q", "a": "A", "train_me": "no"}, LOC, fields)
+    # without a loss column, a column that happens to be called "loss" means nothing
+    assert map_custom({"q": "Q", "a": "A", "loss": False}, LOC, {"input": "q", "output": "a"}) == [
+        {"system": "", "input": "Q", "output": "A"}
+    ]
+
+
+def test_check_dataset_leaves_untrained_turns_unmarked(tmp_path, tokenizer_for):
+    from tunemake.data import check_dataset
+    from tunemake.templates import TEMPLATES
+
+    chat = tmp_path / "chat.jsonl"
+    path = write_jsonl(chat, [
+        {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the fox", "loss": False},
+                      {"role": "user", "content": "again"}, {"role": "assistant", "content": "Paris"}]},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "loss": "False"}]},
+    ])
+    text = check_dataset({"name": "chat", "format": "openai"}, [path], tokenizer_for("default"),
+                         TEMPLATES["default"], 64, count=2)
+    first, second = text.split("--- ")[1:]
+    assert "\n<s><|User|>:hello\n<|Bot|>:the fox</s>\n<s><|User|>:again\n<|Bot|>:[[Paris</s>]]\n" in first
+    assert "(dropped" not in first
+    assert second.startswith(f"{path}:2: ") and "0 trained" in second
+    assert "(dropped: no labelled token)" in second
+    assert second.endswith("<s><|User|>:x\n<|Bot|>:y</s>\n") and "[[" not in second
+
+
+def test_build_drops_records_with_every_turn_untrained(tmp_path, tokenizer_dir):
+    """Through the config schema (fields.loss) to the built dataset's stats."""
+    from tunemake.config import load_config
+    from tunemake.data import build_templated_dataset
+
+    rows = tmp_path / "rows.jsonl"
+    write_jsonl(rows, [
+        {"q": "What is the capital of France?", "a": "Paris", "keep": True},
+        {"q": "Add 12 and 30.", "a": "42", "keep": False},
+        {"q": "Hello", "a": "world"},
+    ])
+    config = {
+        "models": {"tiny": {"path": str(tokenizer_dir("default")), "template": "default"}},
+        "datasets": {"rows": {"path": str(rows), "format": "custom",
+                              "fields": {"input": "q", "output": "a", "loss": "keep"}}},
+        "experiments": [{"model": "tiny", "datasets": "rows", "method": "lora", "max_length": 64}],
+    }
+    recipe = next(iter(load_config(config)["experiments"].values()))["data_recipe"]
+    stats = build_templated_dataset(recipe, tmp_path / "out")
+    assert stats["records_out"]["train"] == 2
+    assert stats["dropped"]["no_labels"] == 1
+
+
 def test_every_format_has_a_map_function():
     assert set(MAP_FUNCTIONS) == {"conversation", "oasst1", "alpaca", "openai", "pretrain", "custom"}
 

@@ -2,9 +2,10 @@
 
 The rules (REFERENCE §2): per turn, bos (unlabelled) when the previous turn ended with eos or at
 the start; (system +) instruction unlabelled; output (+ suffix) labelled; the tokenizer's eos,
-labelled, when the template's suffix is not the eos; the separator unlabelled. Each of those
-strings is tokenized on its own, so token boundaries fall at the seams. Then a plain cut to
-max_length. Pretrain records are ``bos + text``, every text token labelled, no eos.
+labelled, when the template's suffix is not the eos; the separator unlabelled. A turn whose
+``output_with_loss`` is false (XTuner's per-turn loss) has its output, suffix and eos unlabelled
+too. Each of those strings is tokenized on its own, so token boundaries fall at the seams. Then a
+plain cut to max_length. Pretrain records are ``bos + text``, every text token labelled, no eos.
 
 :func:`encode_record` is that rule written plainly for one record (the specification, and what
 ``tunemake check-dataset`` uses). :func:`encode_records` gives identical ids and labels for many
@@ -25,8 +26,9 @@ from tunemake.templates import HF, Template
 
 IGNORE_INDEX = -100
 
-# Pieces of a planned record: a string to tokenize (labelled or not), or the bos / eos id.
-BOS, EOS = object(), object()
+# Pieces of a planned record: a string to tokenize (labelled or not), or the bos / eos id. The
+# eos closing a turn trained without loss is unlabelled: UNLABELLED_EOS.
+BOS, EOS, UNLABELLED_EOS = object(), object(), object()
 
 
 @dataclass
@@ -44,10 +46,12 @@ def special_ids(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def plan(turns: Sequence[dict], template: Template | str, pretrain: bool, tokenizer=None) -> list:
-    """The sequence of pieces one record encodes to: ``(text, labelled)`` tuples, BOS and EOS.
+    """The sequence of pieces one record encodes to: ``(text, labelled)`` tuples, BOS, EOS and
+    UNLABELLED_EOS.
 
     Args:
-        turns: the unified conversation, ``[{"system", "input", "output"}, ...]``.
+        turns: the unified conversation, ``[{"system", "input", "output"}, ...]``; a turn with
+            ``"output_with_loss": False`` is encoded without a label.
         template: a :class:`Template`, or ``"hf"`` to render with the tokenizer's chat_template.
         pretrain: the record is raw text (``bos + text``, no template, no eos).
         tokenizer: needed for the ``hf`` template only.
@@ -61,11 +65,12 @@ def plan(turns: Sequence[dict], template: Template | str, pretrain: bool, tokeni
     for round_, turn in enumerate(turns, start=1):
         if needs_bos:
             pieces.append(BOS)
+        with_loss = turn.get("output_with_loss", True)
         pieces.append((template.render_input(turn["input"] or "", turn.get("system"), round_), False))
-        pieces.append((template.render_output(turn["output"]), True))
+        pieces.append((template.render_output(turn["output"]), with_loss))
         needs_bos = not template.suffix_as_eos
         if needs_bos:
-            pieces.append(EOS)
+            pieces.append(EOS if with_loss else UNLABELLED_EOS)
         if template.sep:
             pieces.append((template.sep, False))
     return pieces
@@ -93,7 +98,7 @@ def _plan_hf(turns: Sequence[dict], tokenizer) -> list:
                 "template 'hf': the tokenizer's chat_template does not render a conversation as a "
                 "prefix of its continuation, so prompt and answer cannot be told apart; pick a named template"
             )
-        pieces += [(prompt[len(rendered):], False), (full[len(prompt):], True)]
+        pieces += [(prompt[len(rendered):], False), (full[len(prompt):], turn.get("output_with_loss", True))]
         rendered = full
     return pieces
 
@@ -109,7 +114,8 @@ def prompt_ids(turns: Sequence[dict], template: Template | str, tokenizer) -> tu
     """
     if not turns:
         raise DataError("a prompt needs at least one turn")
-    turns = [*turns[:-1], {**turns[-1], "output": ""}]
+    # the last turn's (empty) answer must be labelled: its piece marks where the prompt ends
+    turns = [*turns[:-1], {**turns[-1], "output": "", "output_with_loss": True}]
     pieces = plan(turns, template, False, tokenizer)
     last_answer = max(i for i, piece in enumerate(pieces) if isinstance(piece, tuple) and piece[1])
     bos, eos = special_ids(tokenizer)
@@ -117,7 +123,7 @@ def prompt_ids(turns: Sequence[dict], template: Template | str, tokenizer) -> tu
     for piece in pieces[:last_answer]:
         if piece is BOS:
             text, ids = text + (tokenizer.bos_token or ""), ids + bos
-        elif piece is EOS:
+        elif piece is EOS or piece is UNLABELLED_EOS:
             text, ids = text + (tokenizer.eos_token or ""), ids + eos
         elif piece[0]:
             text += piece[0]
@@ -137,6 +143,9 @@ def encode_record(turns, tokenizer, template, max_length: int, pretrain: bool = 
         elif piece is EOS:
             input_ids += eos
             labels += eos
+        elif piece is UNLABELLED_EOS:
+            input_ids += eos
+            labels += [IGNORE_INDEX] * len(eos)
         else:
             text, labelled = piece
             ids = tokenizer.encode(text, add_special_tokens=False) if text else []
@@ -157,7 +166,7 @@ def encode_records(
     """
     bos, eos = special_ids(tokenizer)
     plans = [plan(turns, template, pretrain, tokenizer) for turns, pretrain in records]
-    texts = {piece[0] for p in plans for piece in p if piece is not BOS and piece is not EOS}
+    texts = {piece[0] for p in plans for piece in p if isinstance(piece, tuple)}
     texts.discard("")
     texts = list(texts)
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -168,6 +177,7 @@ def encode_records(
         ids_of = {text: tokenizer.encode(text, add_special_tokens=False) for text in texts}
     ids_of[""] = []
     ignored_bos = [IGNORE_INDEX] * len(bos)
+    ignored_eos = [IGNORE_INDEX] * len(eos)
     out = []
     for p in plans:
         input_ids: list[int] = []
@@ -179,6 +189,9 @@ def encode_records(
             elif piece is EOS:
                 input_ids += eos
                 labels += eos
+            elif piece is UNLABELLED_EOS:
+                input_ids += eos
+                labels += ignored_eos
             else:
                 ids = ids_of[piece[0]]
                 input_ids += ids

@@ -14,12 +14,15 @@ from tunemake.errors import DataError, at
 
 #: What each format reads; shown by ``tunemake list-formats``.
 FORMATS = {
-    "conversation": 'XTuner\'s unified record: {"conversation": [{"system", "input", "output"}, ...]}',
+    "conversation": 'XTuner\'s unified record: {"conversation": [{"system", "input", "output"}, ...]}; '
+                    'a turn with "output_with_loss": false is not trained',
     "oasst1": '{"text": "### Human: ... ### Assistant: ..."}; a trailing human turn is dropped',
     "alpaca": '{"instruction", "input", "output"}; input = instruction + "\\n" + input; output "<nooutput>" drops the record',
-    "openai": '{"messages": [{"role": system|user|assistant, "content"}]}; leading assistant messages skipped',
+    "openai": '{"messages": [{"role": system|user|assistant, "content"}]}; leading assistant messages skipped; '
+              'an assistant message with "loss" other than true / "true" is not trained',
     "pretrain": '{"text"} (or a .txt file): one turn, empty input, the stripped text as output, no eos',
-    "custom": "one turn from the columns named in the dataset's `fields:` (input, output, optional system)",
+    "custom": "one turn from the columns named in the dataset's `fields:` (input, output, optional system, "
+              "optional loss: a true/false column, false = not trained)",
 }
 
 SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
@@ -146,16 +149,32 @@ def _field(record, key: str, location: str, kind=str, optional: bool = False, de
     return value
 
 
+def _turn(system: str, input_: str, output: str, with_loss: bool = True) -> dict:
+    turn = {"system": system, "input": input_, "output": output}
+    if not with_loss:
+        # set only when off, so a turn that is trained reads (and hashes, for the held-out split)
+        # exactly as before per-turn loss existed
+        turn["output_with_loss"] = False
+    return turn
+
+
+def _loss_flag(record, key: str, location: str) -> bool:
+    """A boolean loss flag: true, false, or absent / null (true: parquet and hub datasets write
+    null where a row lacks a key that others have)."""
+    return _field(record, key, location, bool, optional=True, default=True)
+
+
 def map_conversation(record, location: str, fields=None) -> list[dict]:
     turns = _field(record, "conversation", location, list)
     out = []
     for index, turn in enumerate(turns):
         where = f"{location}: conversation[{index}]"
-        out.append({
-            "system": _field(turn, "system", where, optional=True),
-            "input": _field(turn, "input", where, optional=True),
-            "output": _field(turn, "output", where),
-        })
+        out.append(_turn(
+            _field(turn, "system", where, optional=True),
+            _field(turn, "input", where, optional=True),
+            _field(turn, "output", where),
+            _loss_flag(turn, "output_with_loss", where),
+        ))
     return out
 
 
@@ -198,7 +217,11 @@ def map_openai(record, location: str, fields=None) -> list[dict]:
         elif role == "user":
             user += message["content"]
         elif role == "assistant":
-            conversation.append({"system": system, "input": user, "output": message["content"]})
+            # XTuner's rule: anything but true / "true" (any case) leaves the turn untrained. A null
+            # counts as absent, as Arrow-backed sources fill a key other messages have with null.
+            loss = message.get("loss")
+            with_loss = loss is None or str(loss).lower() == "true"
+            conversation.append(_turn(system, user, message["content"], with_loss))
             system, user = "", ""
         else:
             raise DataError(at(location, f"messages: unknown role {role!r} (expected system, user or assistant)"))
@@ -211,12 +234,13 @@ def map_pretrain(record, location: str, fields=None) -> list[dict]:
 
 def map_custom(record, location: str, fields=None) -> list[dict]:
     fields = fields or {}
-    system_key = fields.get("system")
-    return [{
-        "system": _field(record, system_key, location, optional=True) if system_key else "",
-        "input": _field(record, fields.get("input", "input"), location),
-        "output": _field(record, fields.get("output", "output"), location),
-    }]
+    system_key, loss_key = fields.get("system"), fields.get("loss")
+    return [_turn(
+        _field(record, system_key, location, optional=True) if system_key else "",
+        _field(record, fields.get("input", "input"), location),
+        _field(record, fields.get("output", "output"), location),
+        _loss_flag(record, loss_key, location) if loss_key else True,
+    )]
 
 
 MAP_FUNCTIONS: dict[str, Callable[..., list[dict]]] = {
