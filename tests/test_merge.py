@@ -342,7 +342,7 @@ BAD = {
                    TunemakeError, r"max_shard_size: cannot read '2 gigabytes' as a size; write e.g. 2GB .*1GiB"),
     "missing_base": (lambda base, tmp: {"source": make_adapter(base, tmp / "adapter", target_modules=["q_proj"]),
                                         "base_model": str(tmp / "nowhere")},
-                     MergeError, r"/nowhere: base model directory does not exist"),
+                     TunemakeError, r"/nowhere' is neither a directory nor a hub id"),
     "missing_source": (lambda base, tmp: {"source": tmp / "no_adapter"}, MergeError, r"/no_adapter: no such adapter"),
     "stop_word": (lambda base, tmp: {"source": make_adapter(base, tmp / "adapter", target_modules=["q_proj"]),
                                      "template": Template("custom", stop_words=("END OF TURN",))},

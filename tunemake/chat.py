@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
 from tunemake.errors import TunemakeError, at
+from tunemake.hub import is_hub_id, load_pretrained, model_dir as hub_model_dir
 from tunemake.templates import HF, Template, get_template, template_from_dict, template_to_dict
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,16 @@ class ChatError(TunemakeError):
 # Loading
 
 
-def check_model_dirs(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None) -> tuple[Path, Path | None]:
-    """Check that ``model_dir`` is a model directory and ``adapter`` (if any) a PEFT adapter's.
+def check_model_dirs(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None,
+                     revision: str | None = None) -> tuple[Path, Path | None]:
+    """Check that ``model_dir`` is a model directory (or a hub id in the local cache, at
+    ``revision``) and ``adapter`` (if any) a PEFT adapter's.
 
     Raises:
         ChatError: either is missing, or not what it should be (naming which, and why).
+        HubError: a hub id that is not in the cache.
     """
-    model_dir = Path(model_dir)
+    model_dir = hub_model_dir(model_dir, revision) if is_hub_id(model_dir) else Path(model_dir)
     if not model_dir.is_dir():
         raise ChatError(f"{model_dir}: no such model directory")
     if not (model_dir / "config.json").is_file():
@@ -97,17 +101,20 @@ def check_model_dirs(model_dir: str | os.PathLike, adapter: str | os.PathLike | 
 
 
 def load_chat_model(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None,
-                    bits: int | None = None, device: str | None = None, trust_remote_code: bool = False):
+                    bits: int | None = None, device: str | None = None, trust_remote_code: bool = False,
+                    revision: str | None = None):
     """Load the model (with its adapter) and tokenizer for generation.
 
     Args:
-        model_dir: a Hugging Face model directory (``config.json`` + weights).
+        model_dir: a Hugging Face model directory (``config.json`` + weights), or a hub id in the
+            local cache.
         adapter: a PEFT adapter directory loaded on top of ``model_dir``. Default: none.
         bits: 4 (NF4, double quantization, as XTuner) or 8 (LLM.int8) through bitsandbytes;
             None loads unquantized. Default None.
         device: ``"cuda"`` or ``"cpu"``; default CUDA when available. CUDA loads fp16 (as XTuner),
             the CPU float32.
         trust_remote_code: let transformers run the model's own code (``--trust-remote-code``).
+        revision: the hub revision when ``model_dir`` is a hub id (``--revision``).
 
     Returns:
         ``(model, tokenizer)``; the model in eval mode. The tokenizer comes from the adapter
@@ -120,7 +127,7 @@ def load_chat_model(model_dir: str | os.PathLike, adapter: str | os.PathLike | N
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir, adapter = check_model_dirs(model_dir, adapter)
+    model_dir, adapter = check_model_dirs(model_dir, adapter, revision)
     if bits not in (None, 4, 8):
         raise ChatError(f"--bits: 4 or 8, got {bits}")
 
@@ -146,12 +153,12 @@ def load_chat_model(model_dir: str | os.PathLike, adapter: str | os.PathLike | N
 
     tokenizer_dir = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model_dir
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
+        tokenizer = load_pretrained(AutoTokenizer, tokenizer_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ChatError(f"{tokenizer_dir}: cannot load the tokenizer ({exc})") from None
     log.info("loading %s%s", model_dir, f" + adapter {adapter}" if adapter else "")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        model = load_pretrained(AutoModelForCausalLM, model_dir, **kwargs)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         what = f" with --bits {bits} (bitsandbytes may not run on this machine)" if bits else ""
         raise ChatError(f"{model_dir}: cannot load the model{what}: {exc}") from None
@@ -533,8 +540,8 @@ def run_chat(args) -> None:
     Raises:
         ChatError, ConfigError: see :func:`load_chat_model`, :func:`resolve_template`, the batch format.
     """
-    check_model_dirs(args.model, args.adapter)
-    template = resolve_template(args.model, args.adapter, args.prompt_template)
+    model_dir, adapter = check_model_dirs(args.model, args.adapter, getattr(args, "revision", None))
+    template = resolve_template(model_dir, adapter, args.prompt_template)
     items: Iterable[BatchItem] | None = None
     if args.batch is not None:
         if args.batch == "-":
@@ -548,7 +555,7 @@ def run_chat(args) -> None:
                 raise ChatError(f"{args.batch}: cannot read the batch file ({exc.strerror})") from None
             except UnicodeDecodeError as exc:
                 raise ChatError(f"{args.batch}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    model, tokenizer = load_chat_model(args.model, args.adapter, args.bits,
+    model, tokenizer = load_chat_model(model_dir, adapter, args.bits,
                                        trust_remote_code=getattr(args, "trust_remote_code", False))
     session = ChatSession(
         model, tokenizer, template, system=args.system or "", temperature=args.temperature,

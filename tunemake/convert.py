@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tunemake.atomic import atomic_dir, write_json
-from tunemake.config import local_model_dir
+from tunemake.hub import is_hub_id, load_pretrained, model_dir
 from tunemake.errors import TunemakeError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -65,10 +65,9 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
 
     ckpt = read_checkpoint(checkpoint)
     named = base_model or ckpt["base_model"]
-    local = local_model_dir(named, revision)
-    if local is None or not (local / "config.json").exists():
-        raise ConvertError(f"{named}: base model directory does not exist or has no config.json "
-                           "(a hub model must be in the local cache: training downloads it)")
+    local = model_dir(named, revision)
+    if not (local / "config.json").exists():
+        raise ConvertError(f"{named}: not a model directory (no config.json)")
     base = str(local)
     method = ckpt["method"]
     if dtype is None:
@@ -94,10 +93,13 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
             from transformers import AutoTokenizer
 
             model.to(DTYPES[dtype]).save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(tokenizer_path or base, trust_remote_code=trust_remote_code).save_pretrained(tmp)
+            tokenizer_dir = model_dir(tokenizer_path, revision) if tokenizer_path else base
+            load_pretrained(AutoTokenizer, tokenizer_dir, tokenizer_path or named,
+                            trust_remote_code=trust_remote_code).save_pretrained(tmp)
         else:
             model.to(DTYPES[dtype]).save_pretrained(tmp)
-            _canonical_adapter_config(Path(tmp) / "adapter_config.json")
+            # a hub id, not this machine's cache directory, so that PEFT finds the base anywhere
+            _canonical_adapter_config(Path(tmp) / "adapter_config.json", base=named if is_hub_id(named) else None)
         write_json(Path(tmp) / METADATA_FILE, metadata)
     return Path(out_dir)
 
@@ -113,10 +115,12 @@ def config_dtype(config: dict) -> str:
     return name if name in DTYPES else "float16"
 
 
-def _canonical_adapter_config(path: Path) -> None:
+def _canonical_adapter_config(path: Path, base: str | None = None) -> None:
     """PEFT writes module-name sets in hash order, which varies between runs: sort them, so the
-    same training gives the same bytes."""
+    same training gives the same bytes. ``base`` replaces ``base_model_name_or_path``."""
     config = json.loads(path.read_text())
+    if base:
+        config["base_model_name_or_path"] = base
     for key, value in config.items():
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             config[key] = sorted(value)

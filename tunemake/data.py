@@ -37,18 +37,24 @@ def template_from_recipe(recipe_template: dict) -> Template | str:
 
 
 def load_tokenizer(tokenizer: dict):
-    """Load the tokenizer a recipe names (a local model directory or a hub id)."""
+    """Load the tokenizer a recipe names (a local model directory, or a hub id in the local cache).
+
+    Raises:
+        HubError: a hub id that is not in the cache; the model's own tokenizer code fails.
+        DataError: no tokenizer there.
+    """
     from transformers import AutoTokenizer
 
+    from tunemake.hub import HubError, load_pretrained, model_dir
+
     path = tokenizer["path"]
+    directory = model_dir(path, tokenizer.get("revision"))
     try:
-        return AutoTokenizer.from_pretrained(
-            path, revision=tokenizer.get("revision"),
-            trust_remote_code=tokenizer.get("trust_remote_code", False),
-        )
+        return load_pretrained(AutoTokenizer, directory, path, trust_remote_code=tokenizer.get("trust_remote_code", False))
+    except HubError:
+        raise
     except Exception as exc:
-        where = "directory" if os.path.isdir(path) else "model directory or hub id"
-        raise DataError(f"{path}: cannot load a tokenizer from this {where}: {exc}") from None
+        raise DataError(f"{path}: cannot load a tokenizer from this model: {exc}") from None
 
 
 def split_heldout(turns: list[dict], fraction: float, seed: int) -> bool:

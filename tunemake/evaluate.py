@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tunemake.atomic import atomic_file, write_json
-from tunemake.config import local_model_dir
+from tunemake.hub import is_hub_id, load_pretrained, model_dir as hub_model_dir
 from tunemake.demo import TASK_FAMILIES
 from tunemake.encode import prompt_ids
 from tunemake.errors import TunemakeError, at
@@ -102,10 +102,9 @@ def evaluate_model(
     if isinstance(template, str) and template != HF:
         template = get_template(template)
     named, data_dir = str(model_dir), Path(data_dir)
-    model_dir = local_model_dir(named, revision) or Path(named)
+    model_dir = hub_model_dir(named, revision) if is_hub_id(named) else Path(named)
     if not (model_dir / "config.json").is_file():
-        raise EvaluateError(at(named, "not a model directory (no config.json) nor a hub model in the local "
-                                      "cache; build it first"))
+        raise EvaluateError(at(named, "not a model directory (no config.json); build it first"))
     records, heldout_rows = _read_heldout(data_dir)
 
     previous_threads = torch.get_num_threads()
@@ -212,8 +211,8 @@ def _load(model_dir: Path, trust_remote_code: bool = False):
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16 if cuda else torch.float32
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = load_pretrained(AutoTokenizer, model_dir, trust_remote_code=trust_remote_code)
+        model = load_pretrained(AutoModelForCausalLM, model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise EvaluateError(at(str(model_dir), f"cannot load the model or its tokenizer: {exc}")) from None
     return tokenizer, model.to("cuda" if cuda else "cpu").eval()

@@ -42,7 +42,8 @@ import torch
 from tunemake.atomic import atomic_dir, write_json
 from tunemake.convert import METADATA_FILE, config_dtype, read_metadata
 from tunemake.errors import TunemakeError
-from tunemake.config import local_model_dir, parse_size
+from tunemake.config import parse_size
+from tunemake.hub import load_pretrained, model_dir, own_code_failed, remote_code_error
 from tunemake.shards import (
     DTYPE_NAMES,
     DTYPES as STORED_DTYPES,
@@ -138,10 +139,10 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
     is_adapter = (source / ADAPTER_CONFIG).is_file()
     if is_adapter:
         adapter_config = _read_json(source / ADAPTER_CONFIG)
-        base = _model_dir(base_model or metadata.get("base_model") or adapter_config.get("base_model_name_or_path"),
-                          "base model", source, revision)
+        base_name = base_model or metadata.get("base_model") or adapter_config.get("base_model_name_or_path")
+        base = _model_dir(base_name, "base model", source, revision)
     elif (source / "config.json").is_file():
-        adapter_config, base = None, source
+        adapter_config, base, base_name = None, source, metadata.get("base_model", str(source))
     else:
         raise MergeError(f"{source}: neither a PEFT adapter ({ADAPTER_CONFIG}) nor a model directory (config.json)")
     if Path(out_dir).resolve() in (source.resolve(), base.resolve()):
@@ -170,9 +171,7 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
     shards = plan_shards([PlannedTensor(o.name, o.dtype, o.shape) for o in outputs], max_bytes)
 
     if tokenizer_path:
-        tokenizer_dir = local_model_dir(tokenizer_path, revision)
-        if tokenizer_dir is None:
-            raise MergeError(f"{tokenizer_path}: tokenizer directory does not exist (a hub model must be downloaded first)")
+        tokenizer_dir = model_dir(tokenizer_path, revision)
     else:
         tokenizer_dir = source if _has_tokenizer(source) else base
     tokenizer = _load_tokenizer(tokenizer_dir, template, trust_remote_code)
@@ -184,7 +183,7 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
     generation = _generation_config(base, base_config, tokenizer, template, tokenizer_dir)
     merge_metadata = {
         **metadata, "kind": "merge", "source": str(source), "dtype": dtype, "max_shard_size": max_shard_size,
-        "base_model": str(base) if is_adapter else metadata.get("base_model", str(source)),
+        "base_model": base_name,
         "template": template_to_dict(template),
     }
     if "dtype" in metadata:
@@ -226,12 +225,10 @@ def _read_json(path: Path) -> dict:
 
 
 def _model_dir(path: str | None, what: str, source: Path, revision: str | None = None) -> Path:
-    """A local model directory; a hub id only if it is already in the local HF cache."""
+    """A local model directory, or a hub id's snapshot in the local HF cache."""
     if not path:
         raise MergeError(f"{source}: records no base model; pass base_model (--base)")
-    directory = local_model_dir(path, revision)
-    if directory is None:
-        raise MergeError(f"{path}: {what} directory does not exist (a hub model must be downloaded first)")
+    directory = model_dir(path, revision)
     if not (directory / "config.json").is_file():
         raise MergeError(f"{directory}: {what} directory has no config.json")
     return directory
@@ -445,6 +442,8 @@ def _tied_weights(base: Path, base_config: dict, trust_remote_code: bool = False
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:
+        if remote_code_error(exc):
+            raise own_code_failed(str(base), exc) from None
         raise MergeError(f"{base}: cannot tell which of its weights are tied ({exc}); "
                          "set tie_word_embeddings in its config.json if it ties none") from None
     tied = getattr(model, "all_tied_weights_keys", None) or {}
@@ -523,7 +522,7 @@ def _load_tokenizer(path: Path, template: Template | str, trust_remote_code: boo
 
     if not _has_tokenizer(path):
         raise MergeError(f"{path}: no tokenizer (tokenizer_config.json or tokenizer.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    tokenizer = load_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
     if template == HF:
         return tokenizer
     tokenizer.chat_template = template.chat_template()

@@ -6,6 +6,18 @@ The Snakefile's rules, the CLI and the tests format these patterns; nothing else
 #: A templated dataset, named by the hash of its recipe (``tunemake.config.recipe_key``).
 TEMPLATED_DATASET = "data/templated/{data_key}"
 
+#: A hub repository's download receipt (``tunemake.hub.fetch_receipt``); the jobs that read the
+#: repository take it as input, so they run after its download.
+HUB_RECEIPT = "fetched/{receipt}.json"
+
+
+def hub_receipt(repo_type: str, repo_id: str, revision: str | None) -> str:
+    from urllib.parse import quote
+
+    name = f"{repo_type}s--{repo_id.replace('/', '--')}--{quote(revision or 'main', safe='')}"
+    return HUB_RECEIPT.format(receipt=name)
+
+
 #: The log of each rule, by rule name and the wildcard that identifies the job.
 LOG = "logs/{rule}/{job}.log"
 

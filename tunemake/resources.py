@@ -44,8 +44,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunemake.config import local_model_dir
 from tunemake.errors import ConfigError
+from tunemake.hub import HubError, model_dir
 
 MB = 2**20
 
@@ -175,7 +175,10 @@ def model_shape(model: dict) -> Shape:
         return Shape(hidden=demo["hidden_size"], layers=demo["num_layers"], intermediate=demo["intermediate_size"],
                      vocab=demo["vocab_size"], heads=demo["num_heads"], kv_heads=demo["num_heads"],
                      head_dim=demo["hidden_size"] // demo["num_heads"], tied=False, source="demo")
-    directory = local_model_dir(model["path"], model.get("revision"))
+    try:
+        directory = model_dir(model["path"], model.get("revision"))
+    except HubError:
+        directory = None
     if directory is not None:
         config_file = directory / "config.json"
         if config_file.is_file():

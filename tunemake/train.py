@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from tunemake.atomic import atomic_file, write_json
-from tunemake.config import local_model_dir
 from tunemake.errors import TunemakeError
+from tunemake.hub import load_pretrained, model_dir
 from tunemake.schedule import lr_factor
 from tunemake.versions import TRAIN_CODE_VERSION
 
@@ -144,6 +144,7 @@ def launch(spec: dict) -> int:
 
     Returns the exit status (0, or :data:`RESUME_EXIT_CODE` after an interruption).
     """
+    spec = with_model_dirs(spec)
     check_spec(spec)
     nproc = processes_per_node(spec["train"])
     nodes = spec["train"].get("nodes", 1)
@@ -213,8 +214,25 @@ def rendezvous_port(job_id: str) -> int:
     return int(os.environ.get("TUNEMAKE_RDZV_PORT") or 29400 + int(job_id) % 1000)
 
 
+def with_model_dirs(spec: dict) -> dict:
+    """``spec`` with the directories its base model and tokenizer are read from: ``base_model.dir``
+    and ``tokenizer_dir`` (a hub id's cached snapshot at its revision; never downloads).
+
+    Raises:
+        HubError: a hub id that is not in the cache.
+    """
+    base = spec["base_model"]
+    if "dir" in base:
+        return spec
+    tokenizer = spec.get("tokenizer_path") or base["path"]
+    return {**spec, "base_model": {**base, "dir": str(model_dir(base["path"], base.get("revision")))},
+            "tokenizer_dir": str(model_dir(tokenizer, spec.get("tokenizer_revision") if spec.get("tokenizer_path")
+                                           else base.get("revision")))}
+
+
 def check_spec(spec: dict) -> None:
-    """Refuse what cannot work before any compute: clear errors, nothing written."""
+    """Refuse what cannot work before any compute: clear errors, nothing written (``spec`` as
+    :func:`with_model_dirs` returns it)."""
     method = spec["method"]
     if method["type"] not in ("full", "lora", "qlora"):
         raise TrainError(f"method: unknown type {method['type']!r}")
@@ -224,11 +242,7 @@ def check_spec(spec: dict) -> None:
         raise TrainError(f"epoch {spec['epoch']} is outside 1..{spec['train']['epochs']}")
     deepspeed_config(spec, world=1)  # a missing or malformed JSON file fails here
     base = spec["base_model"]["path"]
-    local = local_model_dir(base, spec["base_model"].get("revision"))
-    if local is None:
-        raise TrainError(f"{base}: base model directory does not exist (a hub model must be in the local "
-                         f"Hugging Face cache first: huggingface-cli download {base})")
-    config_file = Path(local) / "config.json"
+    config_file = Path(spec["base_model"]["dir"]) / "config.json"
     if not config_file.exists():
         raise TrainError(f"{base}: not a model directory (no config.json)")
     arch = json.loads(config_file.read_text()).get("architectures") or []
@@ -239,20 +253,25 @@ def check_spec(spec: dict) -> None:
 
 def _check_template_tokens(spec: dict) -> None:
     """A stop word the tokenizer splits would leave the merged model unable to stop: say so now."""
-    from transformers import AutoTokenizer
-
     from tunemake.templates import HF, encoding_problem, template_from_dict
 
     template = template_from_dict(spec["template"])
     if template == HF or not template.stop_words:
         return
     root = spec.get("tokenizer_path") or spec["base_model"]["path"]
-    tokenizer = AutoTokenizer.from_pretrained(root, revision=spec.get("tokenizer_revision"),
-                                              trust_remote_code=spec["base_model"].get("trust_remote_code", False))
+    tokenizer = load_tokenizer(spec)
     problem = encoding_problem(template, tokenizer)
     if problem:
         raise TrainError(f"{problem}, in the tokenizer {root}: a template the tokenizer can't encode; "
                          "add the token to the tokenizer or pick another template")
+
+
+def load_tokenizer(spec: dict):
+    """The experiment's tokenizer (its root model's), from ``spec['tokenizer_dir']``."""
+    from transformers import AutoTokenizer
+
+    return load_pretrained(AutoTokenizer, spec["tokenizer_dir"], spec.get("tokenizer_path"),
+                           trust_remote_code=spec["base_model"].get("trust_remote_code", False))
 
 
 # --- DeepSpeed ---------------------------------------------------------------------------------
@@ -444,11 +463,9 @@ def build_model(spec: dict, device: torch.device):
     """The base model with the method applied; trainable parameters in fp32."""
     from transformers import AutoModelForCausalLM
 
-    method, base = spec["method"], spec["base_model"]
+    method, base = spec["method"], with_model_dirs(spec)["base_model"]
     kwargs = {"dtype": torch_dtype(base.get("dtype"), device),
               "trust_remote_code": base.get("trust_remote_code", False)}
-    if base.get("revision"):
-        kwargs["revision"] = base["revision"]
     if method["type"] == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -465,7 +482,7 @@ def build_model(spec: dict, device: torch.device):
         # each process loads the weights shard by shard straight onto its device: no whole copy of
         # the model in host memory per process
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(base["path"], **kwargs)
+    model = load_pretrained(AutoModelForCausalLM, base["dir"], base["path"], **kwargs)
     if method["type"] != "qlora":
         model.to(device)
     model.config.use_cache = False
@@ -621,17 +638,13 @@ def _hash_files(paths) -> str:
 def fingerprint(spec: dict, previous: str | None) -> dict:
     """What this epoch's result is a function of: config, data, base model, code, previous epoch."""
     data_files = [p for p in Path(spec["data_dir"]).rglob("*") if p.is_file()]
-    from tunemake.config import local_model_dir
-
-    named = spec["base_model"]["path"]
-    base = local_model_dir(named, spec["base_model"].get("revision"))
-    base_files = [p for p in base.iterdir() if p.is_file() and p.name.endswith((".json", ".safetensors", ".bin"))] if base else []
+    base = Path(spec["base_model"]["dir"])
+    base_files = [p for p in base.iterdir() if p.is_file() and p.name.endswith((".json", ".safetensors", ".bin"))]
     parts = {
         "config": hashlib.sha256(json.dumps(
             {k: spec[k] for k in ("experiment", "epoch", "method", "train")}, sort_keys=True).encode()).hexdigest(),
         "data": _hash_files(data_files),
-        # a hub model not downloaded yet: its id and revision stand for it
-        "base_model": _hash_files(base_files) if base_files else f"{named}@{spec['base_model'].get('revision')}",
+        "base_model": _hash_files(base_files),
         "code": f"train/{TRAIN_CODE_VERSION}",
         "previous": previous or "",
     }
@@ -702,6 +715,7 @@ def train_epoch(spec: dict) -> int:
     Raises:
         TrainError: bad configuration, non-finite loss, pruned previous state.
     """
+    spec = with_model_dirs(spec)
     check_spec(spec)
     train = spec["train"]
     dist = setup_processes(train.get("gpus") or 0)
@@ -886,7 +900,7 @@ def _check_finite(loss: torch.Tensor, epoch: int, step: int, global_step: int) -
 
 
 def _pad_id(spec: dict) -> int:
-    config = json.loads((Path(spec["base_model"]["path"]) / "config.json").read_text())
+    config = json.loads((Path(spec["base_model"]["dir"]) / "config.json").read_text())
     pad = config.get("pad_token_id")
     return pad if isinstance(pad, int) else 0
 
@@ -1009,12 +1023,10 @@ def sample_generations(model, spec: dict, dist: Dist, max_new_tokens: int = 48) 
     prompts = spec["train"].get("evaluation_inputs") or []
     if not prompts:
         return []
-    from transformers import AutoTokenizer
-
     from tunemake.encode import BOS, plan
     from tunemake.templates import HF, Template
 
-    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
+    tokenizer = load_tokenizer(spec)
     template = spec["template"]
     template = HF if template["name"] == HF else Template(**template)
     inner = unwrap(model)
