@@ -232,10 +232,11 @@ def tunemake_encode(records: list[dict], tokenizer, template):
 
 
 def distinct_pieces(records: list[dict], template) -> list[str]:
-    from tunemake.encode import BOS, EOS, plan
+    from tunemake.encode import plan
 
+    # text pieces are (text, labelled) tuples; bos and eos markers are not
     return list({piece[0] for r in records for piece in plan(r["conversation"], template, False)
-                 if piece is not BOS and piece is not EOS and piece[0]})
+                 if isinstance(piece, tuple) and piece[0]})
 
 
 def tokenizer_alone(texts: list[str], tokenizer) -> None:
