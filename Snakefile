@@ -7,8 +7,11 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
+# The offline demo's config.yaml, unless --configfile names others: Snakemake would merge those
+# over it, and the demo's models and experiments would build beside an example's.
+if not workflow.config_settings.configfiles:
 
-configfile: "config.yaml"
+    configfile: "config.yaml"
 
 
 include: "rules/common.smk"
@@ -17,6 +20,7 @@ include: "rules/common.smk"
 validate(config, "schemas/config.schema.yaml")
 
 
+include: "rules/hub.smk"
 include: "rules/demo.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"

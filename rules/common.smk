@@ -3,27 +3,48 @@ import functools
 import glob
 import os
 import re
+import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
+from pathlib import Path
+
 from tunemake import paths
-from tunemake.config import base_model_of, epoch_identity, expand_sources, is_local_model, load_config, parse_size
+from tunemake.paths import hub_receipt
+from tunemake.config import (base_model_of, epoch_identity, load_config, merge_config, origin_of, parse_size,
+                             read_config_files)
 from tunemake.demo import MODEL_FILES, TOKENIZER_FILES
 from tunemake.errors import TunemakeError
+from tunemake.hub import check_config as check_hub, is_hub_id
 from tunemake.resources import LARGEST_COMMON_GPU_MB, estimate_resources, model_shape
 from tunemake.templates import get_template, template_to_dict
 
-CONFIG_FILE = workflow.configfiles[-1] if workflow.configfiles else "config"
+
+def _shown(path):
+    """A config file's name in messages: relative to the working directory when inside it."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith(os.pardir) else relative
+
+
+# The files `config` was merged from, in Snakemake's order: the --configfile ones, or else the
+# Snakefile's config.yaml.
+CONFIG_FILES = [_shown(path) for path in workflow.configfiles]
+CONFIG_FILE = CONFIG_FILES[-1] if CONFIG_FILES else "config"
 
 # Jobs share the cores: OpenMP threads that spin while waiting make a busy machine many times
 # slower (measured: a 5 s evaluation took 120 s beside a training job). Set it to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
-    TM = load_config(config, origin=str(CONFIG_FILE))
+    # Read again by tunemake, which refuses a key written twice (Snakemake keeps the later value)
+    # and notes which file set each key, so that an error names that file.
+    _, ORIGINS = read_config_files(CONFIG_FILES)
+    merge_config({}, dict(workflow.config_settings.config), ORIGINS, "--config")
+    TM = load_config(config, origin=ORIGINS)
+    check_hub(TM, origin=ORIGINS)
 except TunemakeError as exc:
-    raise WorkflowError(str(exc)) from None
+    sys.exit(f"error: {exc}")  # one line: a WorkflowError would print traceback frames after it
 
 EXPERIMENTS = TM["experiments"]
 DEMO_MODELS = {m["path"]: name for name, m in TM["models"].items() if "demo" in m}
@@ -32,6 +53,23 @@ DATA_EXPERIMENT = {}
 for _exp in EXPERIMENTS.values():
     DATA_EXPERIMENT.setdefault(_exp["data_key"], _exp)
 DEMO_DIR = TM["demo"]["out_dir"]
+
+
+def _hub_repos():
+    """Receipt path -> fetch_receipt's arguments, for every hub model and dataset the experiments read."""
+    repos = {}
+    for exp in EXPERIMENTS.values():
+        model = TM["models"][exp["root_model"]]
+        if "demo" not in model and is_hub_id(model["path"]):
+            repos[hub_receipt("model", model["path"], model.get("revision"))] = ("model", model["path"], model.get("revision"))
+        for dataset in exp["data_recipe"]["datasets"]:
+            if "hub" in dataset and is_hub_id(dataset["hub"]):
+                repos[hub_receipt("dataset", dataset["hub"], dataset.get("revision"))] = (
+                    "dataset", dataset["hub"], dataset.get("revision"))
+    return {path: dict(zip(("repo_type", "repo_id", "revision"), repo)) for path, repo in repos.items()}
+
+
+HUB_REPOS = _hub_repos()
 
 # Tokenizer files of a local model that are not built by the workflow.
 _TOKENIZER_GLOBS = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "*.model", "chat_template*")
@@ -46,6 +84,7 @@ wildcard_constraints:
     experiment=_alternatives(EXPERIMENTS),
     epoch=r"[1-9]\d*",
     model_dir=_alternatives(DEMO_MODELS),
+    receipt=_alternatives(Path(path).stem for path in HUB_REPOS),
 
 
 def all_templated_datasets():
@@ -56,28 +95,39 @@ def all_demo_model_files():
     return [f"{path}/{name}" for path in sorted(DEMO_MODELS) for name in (*TOKENIZER_FILES, *MODEL_FILES)]
 
 
+def hub_receipts(model: dict):
+    """A hub model's download receipt, [] for a local or demo model."""
+    if "demo" in model or not is_hub_id(model["path"]):
+        return []
+    return [hub_receipt("model", model["path"], model.get("revision"))]
+
+
+def get_hub_repo(wildcards):
+    return HUB_REPOS[paths.HUB_RECEIPT.format(receipt=wildcards.receipt)]
+
+
 def tokenizer_files(model: dict):
-    """The files a model's tokenizer is read from: rule outputs for a demo model, [] for a hub id."""
+    """The files a model's tokenizer is read from: rule outputs for a demo model, the download
+    receipt of a hub id."""
     if "demo" in model:
         return [f"{model['path']}/{name}" for name in TOKENIZER_FILES]
-    if is_local_model(model):
+    if os.path.isdir(model["path"]):
         found = [f for pattern in _TOKENIZER_GLOBS for f in glob.glob(os.path.join(model["path"], pattern))]
         return sorted(set(found))
-    return []
+    return hub_receipts(model)
 
 
 def get_source_files(recipe):
-    """Local source files of each dataset of a recipe, globs expanded now."""
-    try:
-        return {d["name"]: expand_sources(d, d["name"]) for d in recipe["datasets"] if "hub" not in d}
-    except TunemakeError as exc:
-        raise WorkflowError(str(exc)) from None
+    """Local source files of each dataset of a recipe (globs expanded and checked by load_config)."""
+    return {d["name"]: TM["source_files"][d["name"]] for d in recipe["datasets"] if "hub" not in d}
 
 
 def get_templated_dataset_input(wildcards):
     exp = DATA_EXPERIMENT[wildcards.data_key]
     sources = [f for files in get_source_files(exp["data_recipe"]).values() for f in files]
-    return {"sources": sources, "tokenizer": tokenizer_files(TM["models"][exp["root_model"]])}
+    hub = [hub_receipt("dataset", d["hub"], d.get("revision")) for d in exp["data_recipe"]["datasets"]
+           if "hub" in d and is_hub_id(d["hub"])]
+    return {"sources": sources, "hub": hub, "tokenizer": tokenizer_files(TM["models"][exp["root_model"]])}
 
 
 def get_recipe(wildcards):
@@ -98,12 +148,12 @@ def all_final_checkpoints():
 
 
 def model_files(model: dict):
-    """The files a local base model is read from ([] for a hub id: nothing to watch)."""
+    """The files a local base model is read from; a hub id's download receipt."""
     if "demo" in model:
         return [f"{model['path']}/{name}" for name in (*TOKENIZER_FILES, *MODEL_FILES)]
     if os.path.isdir(model["path"]):
         return sorted(f for f in glob.glob(os.path.join(model["path"], "*")) if os.path.isfile(f))
-    return []
+    return hub_receipts(model)
 
 
 def get_train_epoch_input(wildcards):
@@ -125,14 +175,19 @@ def get_epoch_identity(wildcards):
 @functools.cache
 def experiment_resources(name):
     """tunemake.resources' requests for one experiment's jobs, its `resources:` overrides applied."""
-    try:
-        estimate = estimate_resources(EXPERIMENTS[name], TM)
-    except TunemakeError as exc:
-        raise WorkflowError(f"experiment {name}: {exc}") from None
+    estimate = estimate_resources(EXPERIMENTS[name], TM)
     if (estimate["train"]["gpu_mem_mb"] or 0) > LARGEST_COMMON_GPU_MB:
         logger.warning(f"experiment {name}: training needs about {estimate['train']['gpu_mem_mb'] / 1000:.0f} GB "
                        "per GPU, more than an 80 GB GPU holds; use qlora or lora, DeepSpeed zero3, or more GPUs")
     return estimate
+
+
+# Estimated now, where an error is one line, rather than inside the rules' input functions.
+try:
+    for _name in EXPERIMENTS:
+        experiment_resources(_name)
+except TunemakeError as exc:
+    sys.exit(f"error: {origin_of(ORIGINS, ('models', EXPERIMENTS[_name]['root_model']))}: experiment {_name}: {exc}")
 
 
 def _data_resources(data_key):

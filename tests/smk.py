@@ -14,11 +14,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, target: str = "datasets") -> subprocess.CompletedProcess:
-    """Run Snakemake on ``target`` in ``workdir`` (the data targets by default)."""
+def snakemake(workdir: Path, *args: str, check: bool = True, target: str = "datasets",
+              configfiles: tuple[str, ...] = ("config.yaml",)) -> subprocess.CompletedProcess:
+    """Run Snakemake on ``target`` in ``workdir`` (the data targets by default) with ``configfiles``
+    (in ``workdir``) as ``--configfile``."""
     cmd = [
         sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-        "--configfile", str(workdir / "config.yaml"), "--cores", "2", target, *args,
+        "--configfile", *(str(workdir / name) for name in configfiles), "--cores", "2", target, *args,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if check and proc.returncode != 0:
@@ -26,9 +28,9 @@ def snakemake(workdir: Path, *args: str, check: bool = True, target: str = "data
     return proc
 
 
-def planned_jobs(workdir: Path, target: str = "datasets") -> dict[str, int]:
+def planned_jobs(workdir: Path, target: str = "datasets", configfiles: tuple[str, ...] = ("config.yaml",)) -> dict[str, int]:
     """Rule -> job count of what a dry run would execute ({} when nothing is to be done)."""
-    out = snakemake(workdir, "-n", "--quiet", "rules", target=target).stdout
+    out = snakemake(workdir, "-n", "--quiet", "rules", target=target, configfiles=configfiles).stdout
     jobs = {}
     for line in out.splitlines():
         match = re.match(r"^\s*([A-Za-z_]\w*)\s+(\d+)\s*$", line)

@@ -90,3 +90,29 @@ def test_unknown_experiment(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     assert main(["build-data", "nope"]) == 1
     assert "unknown experiment 'nope'" in capsys.readouterr().err
+
+
+def test_check_dataset_on_an_empty_file_is_one_error_line(project):
+    (project / "chat.jsonl").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "tunemake.cli", "check-dataset", "chat"],
+                          cwd=project, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == ["error: config.yaml: datasets.chat.path: chat.jsonl is empty"]
+    assert proc.stdout == ""
+
+
+def test_check_dataset_on_a_file_of_blank_lines(project, monkeypatch, capsys):
+    (project / "chat.jsonl").write_text("\n  \n")
+    monkeypatch.chdir(project)
+    assert main(["check-dataset", "chat", "--no-color"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "error: chat.jsonl: the file is empty: no record to read"
+
+
+def test_only_commands_that_read_data_check_the_data_files(project, monkeypatch, capsys):
+    config = yaml.safe_load((project / "config.yaml").read_text())
+    config["datasets"]["chat"]["path"] = "raw/*.jsonl"
+    (project / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(project)
+    assert main(["list-experiments"]) == 0
+    assert main(["check-dataset", "chat"]) == 1
+    assert "error: config.yaml: datasets.chat.path: 'raw/*.jsonl' matches no file" in capsys.readouterr().err

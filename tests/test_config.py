@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -331,7 +332,7 @@ def test_missing_and_non_mapping_files(tmp_path):
 @pytest.mark.skipif(not EXAMPLES, reason="examples/ holds no config yet")
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_examples_load(path):
-    config = load_config(path)
+    config = load_config(path, check_files=False)  # their data is the user's, not in the repo
     assert config["experiments"]
     for e in config["experiments"].values():
         assert len(e["data_key"]) == 16
@@ -342,3 +343,148 @@ def test_unparsable_shard_size_is_refused_before_anything_runs():
         experiments(exp(max_shard_size="2 gigs"))
     assert only(experiments(exp(max_shard_size="500MB")))["max_shard_size"] == "500MB"
     assert only(experiments(exp()))["max_shard_size"] == "2GB"  # XTuner's default
+
+
+# --- config files: keys written twice, several files, the file an error names, data files -------
+
+
+def write(tmp_path: Path, name: str, config: dict) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def test_key_written_twice_names_the_key_and_both_lines(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "models:\n  tiny: {path: /m}\n"
+        "datasets:\n  chat: {path: chat.jsonl}\n"
+        "experiments:\n"
+        "  - model: tiny\n"
+        "    datasets: chat\n"
+        "    lr: 0.001\n"
+        "    method: lora\n"
+        "    lr: 0.01\n",
+        encoding="utf-8",
+    )
+    assert config_error(path) == f"{path}:10: key 'lr' is written twice, on lines 8 and 10; keep one"
+    path.write_text("models:\n  tiny: {path: /a, template: default, path: /b}\n", encoding="utf-8")
+    assert config_error(path) == f"{path}:2: key 'path' is written twice, on line 2; keep one"
+
+
+def test_section_written_twice(tmp_path):
+    path = write(tmp_path, "config.yaml", config_with())
+    first = path.read_text().splitlines().index("models:") + 1
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("models:\n  other: {path: /o}\n")
+    last = len(path.read_text().splitlines()) - 1
+    assert config_error(path) == f"{path}:{last}: key 'models' is written twice, on lines {first} and {last}; keep one"
+
+
+def test_json_with_tabs_is_read_as_snakemake_reads_it(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config_with(), indent="\t"), encoding="utf-8")  # tabs: not YAML
+    assert list(load_config(path)["experiments"]) == ["tiny_lora_chat"]
+    path.write_text('{\n\t"models": {},\n\t"models": {}\n}\n', encoding="utf-8")
+    assert config_error(path) == f"{path}: key 'models' is written twice in one object; keep one"
+
+
+def test_yaml_merge_keys_may_still_override(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "models:\n  tiny: &tiny {path: /m, template: zephyr}\n  other:\n    <<: *tiny\n    path: /o\n"
+        + yaml.safe_dump({"datasets": BASE["datasets"], "experiments": BASE["experiments"]}),
+        encoding="utf-8",
+    )
+    other = load_config(path)["models"]["other"]
+    assert (other["path"], other["template"]) == ("/o", "zephyr")
+
+
+def test_files_merge_as_snakemake_merges_them(tmp_path):
+    from snakemake.utils import update_config
+
+    from tunemake.config import origin_of, read_config_files
+
+    layers = [
+        config_with(),
+        {"models": {"tiny": {"template": "zephyr"}, "new": {"path": "/n", "dtype": "float16"}},
+         "experiments": [exp(method="full")]},
+        {"models": {"new": "/a scalar replaces the mapping"}},
+        {"models": {"new": {"path": "/again"}}},
+    ]
+    paths = [write(tmp_path, f"{index}.yaml", layer) for index, layer in enumerate(layers)]
+    expected: dict = {}
+    for layer in layers:
+        update_config(expected, copy.deepcopy(layer))
+    merged, origins = read_config_files(paths)
+    assert merged == expected
+    assert origin_of(origins, ("models", "tiny", "path")) == str(paths[0])
+    assert origin_of(origins, ("models", "tiny", "template")) == str(paths[1])
+    assert origin_of(origins, ("experiments", 0, "method")) == str(paths[1])  # a list is replaced whole
+    assert origin_of(origins, ("models", "new", "dtype")) == str(paths[3])  # gone with the scalar
+    assert origin_of(origins, ("datasets", "chat", "path")) == str(paths[0])
+    assert origin_of(origins, ()) == str(paths[3])
+
+
+def test_a_later_file_updates_mappings_and_replaces_lists(tmp_path):
+    base = write(tmp_path, "base.yaml", config_with(experiments=[exp(epochs=0), exp(name="x")]))
+    extra = write(tmp_path, "extra.yaml", {"models": {"tiny": {"template": "zephyr"}},
+                                           "experiments": [exp(method="full")]})
+    config = load_config([base, extra])
+    assert list(config["experiments"]) == ["tiny_full_chat"]  # base's invalid epochs went with its list
+    assert config["models"]["tiny"]["path"] == "/models/tiny" and config["models"]["tiny"]["template"] == "zephyr"
+
+
+@pytest.mark.parametrize(
+    "base_changes, extra, named, key",
+    [
+        ({}, {"experiments": [exp(epochs=0)]}, "extra.yaml", "experiments[0].epochs"),
+        ({"experiments": [exp(epochs=0)]}, {"models": {"tiny": {"template": "zephyr"}}}, "base.yaml",
+         "experiments[0].epochs"),
+        ({}, {"experiments": [exp(model="huge")]}, "extra.yaml", "experiments[0].model"),
+        ({}, {"models": {"tiny": {"tempalte": "zephyr"}}}, "extra.yaml", "models.tiny"),
+        ({"models": {"tiny": {"path": "/m", "tempalte": "zephyr"}}}, {"models": {"tiny": {"dtype": "float32"}}},
+         "base.yaml", "models.tiny"),
+        ({}, {"datasets": {"chat": {"heldout_fraction": 2}}}, "extra.yaml", "datasets.chat.heldout_fraction"),
+        ({}, {"templates": {"mine": {"instruction": "no input"}}}, "extra.yaml", "templates.mine.instruction"),
+        ({}, {"experimnts": []}, "extra.yaml", "(top level)"),
+    ],
+)
+def test_error_names_the_file_that_set_the_key(tmp_path, base_changes, extra, named, key):
+    base = write(tmp_path, "base.yaml", config_with(**base_changes))
+    extra = write(tmp_path, "extra.yaml", extra)
+    message = config_error([base, extra])
+    assert message.startswith(f"{tmp_path / named}: {key}:"), message
+
+
+def test_origin_names_one_file_for_every_key():
+    message = config_error(config_with(experiments=[exp(epochs=0)]))
+    assert message.startswith("config: experiments[0].epochs:")
+    with pytest.raises(ConfigError, match=r"^my\.yaml: experiments\[0\]\.epochs:"):
+        load_config(config_with(experiments=[exp(epochs=0)]), origin="my.yaml")
+
+
+def test_glob_is_expanded_when_the_config_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = config_with(datasets={"chat": {"path": "data/*.jsonl"}})
+    assert config_error(config) == "config: datasets.chat.path: 'data/*.jsonl' matches no file"
+    (tmp_path / "data").mkdir()
+    for name in ("b.jsonl", "a.jsonl"):
+        (tmp_path / "data" / name).write_text('{"conversation": [{"input": "a", "output": "b"}]}\n')
+    assert load_config(config)["source_files"] == {"chat": ["data/a.jsonl", "data/b.jsonl"]}
+
+
+@pytest.mark.parametrize("path", ["chat.jsonl", "*.jsonl", ["data.json", "chat.jsonl"]])
+def test_empty_data_file_is_refused_when_the_config_loads(tmp_path, monkeypatch, path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chat.jsonl").write_text("")
+    (tmp_path / "data.json").write_text("[]")  # not empty as a file: its reader refuses it
+    config = config_with(datasets={"chat": {"path": path}})
+    assert config_error(config) == "config: datasets.chat.path: chat.jsonl is empty"
+    assert "source_files" not in load_config(config, check_files=False)
+
+
+def test_directory_as_a_data_file_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "chat.jsonl").mkdir(parents=True)
+    assert config_error(config_with()) == "config: datasets.chat.path: data/chat.jsonl is a directory, not a data file"

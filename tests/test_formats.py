@@ -412,6 +412,31 @@ def test_parquet_damaged(tmp_path):
         list(read_file(str(path)))
 
 
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("a.jsonl", "", "the file is empty: no record to read"),
+        ("a.jsonl", "\n \r\n\n", "the file is empty: no record to read"),
+        ("a.txt", "\n\n", "the file is empty: no record to read"),
+        ("a.json", "[]", "the list of records is empty: no record to read"),
+        ("a.json", '{"data": []}', "the list of records is empty: no record to read"),
+        ("a.parquet", None, "the table has no rows: no record to read"),
+    ],
+)
+def test_a_file_without_records_is_an_error(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), path)
+    else:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        list(read_file(str(path), "file"))
+    assert str(info.value) == f"{path}: {message}"
+
+
 TXT = "first line\nsecond line\n\n\nthird paragraph line 1\nline 2\n  \nlast\n"
 
 

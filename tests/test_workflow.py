@@ -169,6 +169,14 @@ def test_missing_source_file_fails_before_any_job(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
+def _assert_one_line_error(proc, start: str) -> None:
+    """Snakemake failed with one line starting with ``start``, and no traceback frames."""
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert any(line.startswith(start) for line in text.splitlines()), text[-3000:]
+    assert "Traceback" not in text and 'File "' not in text, text[-3000:]
+
+
 @pytest.mark.parametrize(
     "change, fragment",
     [
@@ -177,15 +185,44 @@ def test_missing_source_file_fails_before_any_job(tmp_path):
         (lambda c: c["datasets"]["tasks"].update(format="csv"), "datasets.tasks.format: 'csv' is not one of"),
         (lambda c: c["experiments"][0].update(template="nope"), "experiments[0].template: unknown template 'nope'"),
         (lambda c: c["datasets"]["tasks"].update(path="data/*.nothing"), "datasets.tasks.path: 'data/*.nothing' matches no file"),
+        (lambda c: c["datasets"]["tasks"].update(path="empty.jsonl"), "datasets.tasks.path: empty.jsonl is empty"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, change, fragment):
+    (tmp_path / "empty.jsonl").write_text("")
     config = small_config()
     change(config)
     write_config(tmp_path, config)
     proc = snakemake(tmp_path, "-n", check=False)
-    assert proc.returncode != 0
-    assert fragment in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    _assert_one_line_error(proc, f"error: config.yaml: {fragment}")
+
+
+def test_config_error_names_the_configfile_that_set_the_key(tmp_path):
+    write_config(tmp_path, small_config())
+    (tmp_path / "extra.yaml").write_text(yaml.safe_dump({"experiments": [{"model": "tiny", "datasets": "tasks",
+                                                                           "method": "lora", "epochs": 0}]}))
+    proc = snakemake(tmp_path, "-n", check=False, configfiles=("config.yaml", "extra.yaml"))
+    _assert_one_line_error(proc, "error: extra.yaml: experiments[0].epochs: 0 is less than the minimum of 1")
+
+    # Snakemake's own reader keeps the later of two values; tunemake's names both lines
+    lines = (tmp_path / "config.yaml").read_text().splitlines()
+    (tmp_path / "config.yaml").write_text("\n".join([*lines, "demo: {seed: 2}", ""]))
+    proc = snakemake(tmp_path, "-n", check=False, configfiles=("config.yaml", "extra.yaml"))
+    _assert_one_line_error(proc, f"error: config.yaml:{len(lines) + 1}: key 'demo' is written twice, on lines 1 "
+                                 f"and {len(lines) + 1}")
+
+
+def test_configfile_replaces_the_demo_config(tmp_path):
+    """`snakemake --configfile examples/X.yaml` builds what X configures, nothing of config.yaml's demo."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")  # found by the Snakefile's `configfile:` in -d
+    (tmp_path / "chat.jsonl").write_text('{"conversation": [{"input": "a", "output": "b"}]}\n')
+    mini = small_config()["models"]["tiny"]
+    example = {"models": {"mini": {**mini, "path": "models/mini"}}, "datasets": {"chat": {"path": "chat.jsonl"}},
+               "experiments": [{"model": "mini", "datasets": "chat", "method": "lora", "max_length": 64}]}
+    (tmp_path / "example.yaml").write_text(yaml.safe_dump(example))
+    # merged in, the demo's `models:` would add its tiny model: two demo_tokenizer and demo_model jobs
+    assert planned_jobs(tmp_path, configfiles=("example.yaml",)) == {
+        "demo_data": 1, "demo_tokenizer": 1, "demo_model": 1, "templated_dataset": 1, "datasets": 1}
 
 
 def test_base_weights_are_not_a_data_input(built, tmp_path):

@@ -13,10 +13,11 @@ import sys
 from tunemake.errors import ConfigError, TunemakeError
 
 
-def _load(args):
+def _load(args, check_files: bool = True):
+    """The ``--config`` file, resolved; ``check_files=False`` for commands that read no data."""
     from tunemake.config import load_config
 
-    return load_config(args.config)
+    return load_config(args.config, check_files=check_files)
 
 
 def cmd_list_templates(args) -> None:
@@ -37,7 +38,7 @@ def cmd_list_formats(args) -> None:
 def cmd_list_experiments(args) -> None:
     from tunemake.paths import templated_dataset
 
-    config = _load(args)
+    config = _load(args, check_files=False)
     for name, exp in config["experiments"].items():
         base = f"experiment {exp['upstream']}" if exp["upstream"] else f"model {exp['root_model']}"
         print(f"{name}\n  from {base}, method {exp['method']}, template {exp['template']}, "
@@ -58,7 +59,6 @@ def _experiment(config: dict, name: str | None, dataset: str | None = None) -> d
 
 
 def cmd_check_dataset(args) -> None:
-    from tunemake.config import expand_sources
     from tunemake.templates import get_template
     from tunemake.data import check_dataset, load_tokenizer
 
@@ -80,7 +80,7 @@ def cmd_check_dataset(args) -> None:
     template = get_template(template_name, config.get("templates"))
     tokenizer = load_tokenizer({"path": model["path"], "revision": model.get("revision"),
                                 "trust_remote_code": model.get("trust_remote_code", False)})
-    paths = None if "hub" in dataset else expand_sources(dataset, args.dataset)
+    paths = None if "hub" in dataset else config["source_files"][args.dataset]
     print(check_dataset(dataset, paths, tokenizer, template, max_length, args.count,
                         color=sys.stdout.isatty() and not args.no_color))
 
@@ -101,7 +101,7 @@ def cmd_prune_state(args) -> None:
     from tunemake.paths import train_state
     from tunemake.train import prune_state
 
-    config = _load(args)
+    config = _load(args, check_files=False)
     names = args.experiments or list(config["experiments"])
     total = 0
     for name in names:
@@ -120,7 +120,8 @@ def cmd_prune_state(args) -> None:
 def cmd_convert(args) -> None:
     from tunemake.convert import convert_checkpoint
 
-    out = convert_checkpoint(args.checkpoint, args.out, base_model=args.base, dtype=args.dtype)
+    out = convert_checkpoint(args.checkpoint, args.out, base_model=args.base, dtype=args.dtype,
+                             revision=args.revision, trust_remote_code=args.trust_remote_code)
     print(f"{out}: written")
 
 
@@ -129,7 +130,8 @@ def cmd_merge(args) -> None:
     from tunemake.merge import merge_model
 
     out = merge_model(args.source, args.out, base_model=args.base, max_shard_size=args.max_shard_size,
-                      dtype=args.dtype, template=args.template)
+                      dtype=args.dtype, template=args.template, revision=args.revision,
+                      trust_remote_code=args.trust_remote_code)
     meta = read_metadata(out)
     shards = len(list(out.glob("model*.safetensors")))
     print(f"{out}: merged model written ({meta['dtype']}, {shards} shard{'s' if shards > 1 else ''}, "
@@ -145,6 +147,10 @@ def cmd_chat(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunemake", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_hub(p):
+        p.add_argument("--revision", help="hub revision (branch, tag or commit) when the base is a hub id")
+        p.add_argument("--trust-remote-code", action="store_true", help="let transformers run the model's own code")
 
     def with_config(p):
         p.add_argument("--config", "-c", default="config.yaml", help="config file (default: config.yaml)")
@@ -173,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="an epoch .pth -> PEFT adapter (LoRA/QLoRA) or HF model (full)")
     p.add_argument("checkpoint", help="an epoch_N.pth written by tunemake")
     p.add_argument("out", help="the directory to write")
-    p.add_argument("--base", help="base model directory (default: the one recorded in the checkpoint)")
+    p.add_argument("--base", help="base model directory or hub id (default: the one recorded in the checkpoint)")
+    with_hub(p)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="weights' dtype (default: float16 for adapters, as XTuner's pth_to_hf; the base's for full)")
     p.set_defaults(fn=cmd_convert)
@@ -181,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="adapter + base -> one HF model directory (a full fine-tune: resharded)")
     p.add_argument("source", help="an adapter or full fine-tune directory written by tunemake convert")
     p.add_argument("out", help="the model directory to write")
-    p.add_argument("--base", help="base model directory (default: the one recorded with the adapter)")
+    p.add_argument("--base", help="base model directory or hub id (default: the one recorded with the adapter)")
+    with_hub(p)
     p.add_argument("--max-shard-size", default="2GB", help="largest shard file, e.g. 2GB, 500MB, 1GiB (default 2GB)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="weights' dtype (default: the base's, else float16)")
@@ -200,11 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=BATCH_FORMAT, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Interactive: a prompt ends on an empty line; EXIT quits, RESET starts a new "
                                    "conversation. Answers stream to stdout, everything else goes to stderr.")
-    p.add_argument("model", help="a Hugging Face model directory (a merge, a base model, a full fine-tune)")
+    p.add_argument("model", help="a Hugging Face model directory (a merge, a base model, a full fine-tune), "
+                                 "or a hub id in the local cache")
     p.add_argument("--adapter", help="a PEFT adapter directory to load on top of MODEL")
     p.add_argument("--prompt-template", help="template name (default: the one recorded in the adapter's, "
                                              "else MODEL's tunemake.json)")
     p.add_argument("--bits", type=int, choices=[4, 8], help="load quantized: 4 (NF4 + double quant) or 8")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) when MODEL is a hub id")
     p.add_argument("--trust-remote-code", action="store_true", help="let transformers run the model's own code")
     p.add_argument("--system", default="", help="system text of every conversation")
     p.add_argument("--temperature", type=float, default=0.1, help="0 for greedy (default 0.1)")

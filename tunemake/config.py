@@ -7,11 +7,13 @@ call it and get the same resolved experiments, each with the recipe (and its has
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,44 +39,163 @@ def load_schema() -> dict:
         return yaml.safe_load(handle)
 
 
+class _KeyWrittenTwice(Exception):
+    """Raised inside the YAML loader, which does not know the file's name."""
+
+    def __init__(self, key, first: int, second: int):
+        super().__init__()
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader refusing a key written twice in one mapping, where PyYAML (and so
+    Snakemake) silently keeps the later value. ``<<`` merges may still override keys."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict = {}  # key -> the line it was first written on
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in lines:
+                        raise _KeyWrittenTwice(key, lines[key], line)
+                    lines[key] = line
+                except TypeError:  # an unhashable key: SafeLoader says so below
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: str | os.PathLike) -> dict:
-    """Read a YAML config file, naming the file and line of a syntax error."""
+    """Read a YAML (or JSON) config file, naming the file and line of a syntax error.
+
+    Raises:
+        ConfigError: a missing file, invalid YAML, a key written twice in one mapping (naming the
+            key and both lines), or a file that is not a mapping.
+    """
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            text = handle.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _KeyWrittenTwice as exc:
+        lines = f"line {exc.first}" if exc.first == exc.second else f"lines {exc.first} and {exc.second}"
+        raise ConfigError(f"{path}:{exc.second}: key {exc.key!r} is written twice, on {lines}; keep one") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        data = _read_json(text, path)  # JSON that YAML refuses (tabs), which Snakemake reads as JSON
+        if data is None:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of models, datasets, experiments")
     return data
 
 
-def load_config(source: str | os.PathLike | dict, origin: str | None = None) -> dict:
+def _read_json(text: str, path) -> Any:
+    """``text`` as JSON, None if it is not JSON; a key written twice in one object is an error."""
+
+    def unique(pairs):
+        keys = [key for key, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise ConfigError(f"{path}: key {key!r} is written twice in one object; keep one")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=unique)
+    except json.JSONDecodeError:
+        return None
+
+
+def read_config_files(paths: Sequence[str | os.PathLike]) -> tuple[dict, dict[tuple, str]]:
+    """Read config files and merge them as Snakemake merges ``--configfile FILE ...``.
+
+    Returns:
+        The merged config, and which file set each key path (see :func:`merge_config`); the
+        empty path ``()`` is the last file.
+
+    Raises:
+        ConfigError: as :func:`read_config_file`, naming the file.
+    """
+    config: dict = {}
+    origins: dict[tuple, str] = {}
+    for path in paths:
+        merge_config(config, read_config_file(path), origins, str(path))
+        origins[()] = str(path)
+    return config, origins
+
+
+def merge_config(config: dict, update: Mapping, origins: dict[tuple, str], origin: str, prefix: tuple = ()) -> None:
+    """Merge ``update`` into ``config`` in place as ``snakemake.utils.update_config`` does (a
+    mapping updates a mapping key by key; anything else, a list included, replaces the value),
+    noting in ``origins`` that ``origin`` set each key path it writes. A list's items have no key
+    path of their own: they share the list's origin."""
+    for key, value in update.items():
+        path = (*prefix, key)
+        if not isinstance(value, Mapping):  # replaced, with everything below it
+            for old in [p for p in origins if len(p) > len(path) and p[:len(path)] == path]:
+                del origins[old]
+        origins[path] = origin
+        if isinstance(value, Mapping):
+            if not isinstance(config.get(key), dict):
+                config[key] = {}
+            merge_config(config[key], value, origins, origin, path)
+        else:
+            config[key] = value
+
+
+def origin_of(origin: str | Mapping[tuple, str], path: Sequence) -> str:
+    """The file that set key path ``path``, or the nearest key above it that a file set.
+
+    Args:
+        origin: one name for every key, or what :func:`read_config_files` returns beside the config.
+        path: keys and list indices, e.g. ``("experiments", 0, "lr")``.
+    """
+    if isinstance(origin, str):
+        return origin
+    path = tuple(path)
+    while path and path not in origin:
+        path = path[:-1]
+    return origin.get(path, "config")
+
+
+def load_config(source: str | os.PathLike | Sequence[str | os.PathLike] | dict,
+                origin: str | Mapping[tuple, str] | None = None, *, check_files: bool = True) -> dict:
     """Validate a config, fill in its defaults and resolve every experiment.
 
     Args:
-        source: a YAML file path, or an already-parsed config (Snakemake's ``config``).
-        origin: the file name used in error messages (defaults to ``source`` when it is a path).
+        source: a YAML file path; several, merged as Snakemake merges ``--configfile``s; or an
+            already-parsed config (Snakemake's ``config``).
+        origin: what error messages name as the config's file: one name, or which file set each
+            key path (as :func:`read_config_files` returns it). Defaults to the file that set the
+            key when ``source`` is read here, else ``config``.
+        check_files: expand every dataset's globs now and check its local files (a glob that
+            matches nothing, an empty file). False reads only the config itself, for commands
+            that do not read the data.
 
     Returns:
         The config with defaults filled in, ``methods`` including the built-in ``full`` / ``lora`` /
-        ``qlora``, and ``experiments`` turned into a dict ``name -> resolved experiment`` (see
-        :func:`resolve_experiment` for its keys), in config order.
+        ``qlora``, ``experiments`` turned into a dict ``name -> resolved experiment`` (see
+        :func:`resolve_experiment` for its keys), in config order, and with ``check_files``,
+        ``source_files``: dataset name -> its local files, globs expanded (as :func:`expand_sources`).
 
     Raises:
         ConfigError: a value of the wrong type or range, an unknown reference, a duplicate or
-            cyclic experiment; the message names the key.
+            cyclic experiment, a glob that matches nothing, an empty data file; the message starts
+            with the file that set the key, then names the key.
     """
     if isinstance(source, dict):
         raw = copy.deepcopy(source)
         origin = origin or "config"
     else:
-        origin = origin or str(source)
-        raw = read_config_file(source)
+        raw, file_origins = read_config_files([source] if isinstance(source, (str, os.PathLike)) else source)
+        origin = origin or file_origins
+    where = functools.partial(origin_of, origin)
     schema = load_schema()
     fill_defaults(raw, schema, schema)
     validate_against_schema(raw, schema, origin)
@@ -88,12 +209,15 @@ def load_config(source: str | os.PathLike | dict, origin: str | None = None) -> 
             method["gradient_checkpointing"] = method["type"] == "qlora"
     config["methods"] = methods
 
-    for name, fields in config.get("templates", {}).items():
-        get_template(name, config["templates"])  # checks placeholders
+    for name in config.get("templates", {}):
+        try:
+            get_template(name, config["templates"])  # checks placeholders
+        except ConfigError as exc:
+            raise ConfigError(f"{where(('templates', name))}: {exc}") from None
 
     experiments: dict[str, dict] = {}
     for index, exp in enumerate(config["experiments"]):
-        key = f"{origin}: experiments[{index}]"
+        key = f"{where(('experiments', index))}: experiments[{index}]"
         exp = dict(exp)
         exp["datasets"] = [exp["datasets"]] if isinstance(exp["datasets"], str) else list(exp["datasets"])
         exp["_key"] = key
@@ -102,6 +226,9 @@ def load_config(source: str | os.PathLike | dict, origin: str | None = None) -> 
     config["experiments"] = _name_experiments(experiments, config, origin)
     for exp in config["experiments"].values():
         resolve_experiment(exp, config, origin)
+    if check_files:
+        config["source_files"] = {name: expand_sources(dataset, name, where(("datasets", name, "path")))
+                                  for name, dataset in config["datasets"].items()}
     return config
 
 
@@ -138,8 +265,9 @@ def _deref(schema: dict, root: dict) -> dict:
     return schema
 
 
-def validate_against_schema(data: dict, schema: dict, origin: str) -> None:
-    """Raise one ConfigError for the most relevant schema violation, naming its key path."""
+def validate_against_schema(data: dict, schema: dict, origin: str | Mapping[tuple, str]) -> None:
+    """Raise one ConfigError for the most relevant schema violation, naming the file that set
+    the key (``origin``, as :func:`origin_of` reads it) and its key path."""
     import jsonschema
     from jsonschema.exceptions import best_match
 
@@ -151,10 +279,13 @@ def validate_against_schema(data: dict, schema: dict, origin: str) -> None:
     while error.context:
         error = best_match(error.context)
     path = _key_path(error.absolute_path)
+    keys = tuple(error.absolute_path)
     message = error.message
     if error.validator == "additionalProperties":
         message = message.replace("Additional properties are not allowed", "unknown key")
-    raise ConfigError(f"{origin}: {path or '(top level)'}: {message}")
+        unknown = [key for key in error.instance if key not in error.schema.get("properties", {})]
+        keys += tuple(unknown[:1])  # the file that wrote the unknown key, not the one that wrote its parent
+    raise ConfigError(f"{origin_of(origin, keys)}: {path or '(top level)'}: {message}")
 
 
 def _key_path(parts) -> str:
@@ -346,52 +477,40 @@ def recipe_key(recipe: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def expand_sources(dataset: dict, name: str) -> list[str]:
+def expand_sources(dataset: dict, name: str, origin: str | None = None) -> list[str]:
     """The local files a dataset reads, globs expanded (sorted); [] for a hub dataset.
 
     A path without glob characters is returned as is, even if it does not exist yet: another rule
     may build it (the demo's data is a build output).
 
+    Args:
+        dataset: one entry of the config's ``datasets:``.
+        name: its name, for messages.
+        origin: the config file that set its ``path``, which messages start with.
+
     Raises:
-        ConfigError: a glob matches no file.
+        ConfigError: a glob matches no file, or a file there is empty or a directory; the message
+            names the key ``datasets.NAME.path``.
     """
     if "path" not in dataset:
         return []
+    key = f"{origin}: datasets.{name}.path" if origin else f"datasets.{name}.path"
     paths = [dataset["path"]] if isinstance(dataset["path"], str) else dataset["path"]
     files: list[str] = []
     for pattern in paths:
         if GLOB_CHARS & set(pattern):
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
-                raise ConfigError(f"datasets.{name}.path: {pattern!r} matches no file")
+                raise ConfigError(f"{key}: {pattern!r} matches no file")
             files.extend(matches)
         else:
             files.append(pattern)
+    for path in files:
+        if os.path.isdir(path):
+            raise ConfigError(f"{key}: {path} is a directory, not a data file")
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise ConfigError(f"{key}: {path} is empty")
     return files
-
-
-def local_model_dir(path: str | os.PathLike, revision: str | None = None) -> Path | None:
-    """Where a model's files are on this machine: ``path`` itself when it is a directory, else a
-    hub id's snapshot (at ``revision``) in the local Hugging Face cache; None when neither.
-
-    Training downloads a hub model into that cache, so later stages find it there offline.
-    """
-    directory = Path(path)
-    if directory.is_dir():
-        return directory
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(str(path), revision=revision, local_files_only=True))
-        except Exception:
-            return None
-    return None
-
-
-def is_local_model(model: dict) -> bool:
-    """A model is read from disk when it is built by the demo or its path exists locally."""
-    return "demo" in model or os.path.exists(model["path"])
 
 
 #: Experiment keys that change what training computes (the rest only change logging).

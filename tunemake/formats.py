@@ -36,7 +36,8 @@ def read_file(path: str, text_unit: str = "line") -> Iterator[tuple[str, object]
     per line, per blank-line-separated paragraph, or for the whole file (``text_unit``).
 
     Raises:
-        DataError: missing file, unknown suffix, invalid UTF-8 or JSON; the message names file:line.
+        DataError: missing or empty file (no record), unknown suffix, invalid UTF-8 or JSON; the
+            message names file:line.
     """
     p = Path(path)
     if not p.is_file():
@@ -48,6 +49,8 @@ def read_file(path: str, text_unit: str = "line") -> Iterator[tuple[str, object]
     if suffix not in SUFFIXES:
         raise DataError(at(path, f"unsupported file type {suffix!r}; expected one of {', '.join(SUFFIXES)}"))
     text = _decode(path, p.read_bytes())
+    if not text.strip():
+        raise DataError(at(path, "the file is empty: no record to read"))
     lines = _lines(text)
     if suffix == ".jsonl":
         for lineno, line in enumerate(lines, start=1):
@@ -69,6 +72,8 @@ def read_file(path: str, text_unit: str = "line") -> Iterator[tuple[str, object]
             data = lists[0]
         if not isinstance(data, list):
             raise DataError(at(path, "expected a JSON list of records"))
+        if not data:
+            raise DataError(at(path, "the list of records is empty: no record to read"))
         for index, record in enumerate(data):
             yield f"{path}: record {index}", record
     else:  # .txt
@@ -117,16 +122,27 @@ def _read_parquet(path: str) -> Iterator[tuple[str, object]]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise DataError(at(path, f"cannot read parquet: {exc}")) from None
+    if not table.num_rows:
+        raise DataError(at(path, "the table has no rows: no record to read"))
     for index, record in enumerate(table.to_pylist()):
         yield f"{path}: row {index}", record
 
 
 def read_hub(dataset_id: str, subset: str | None, split: str, revision: str | None) -> Iterator[tuple[str, object]]:
-    """Yield ``(location, record)`` from a hub dataset through ``datasets.load_dataset``."""
+    """Yield ``(location, record)`` from a hub dataset: ``datasets.load_dataset`` on its snapshot
+    in the local cache at ``revision`` (a local dataset directory is read as it is).
+
+    Raises:
+        HubError: the dataset is not in the cache.
+        DataError: the split or subset cannot be loaded.
+    """
     import datasets
 
+    from tunemake.hub import dataset_dir
+
+    directory = dataset_dir(dataset_id, revision)
     try:
-        ds = datasets.load_dataset(dataset_id, subset, split=split, revision=revision)
+        ds = datasets.load_dataset(str(directory), subset, split=split)
     except Exception as exc:
         raise DataError(at(f"hub:{dataset_id}", f"cannot load split {split!r}: {exc}")) from None
     for index, record in enumerate(ds):

@@ -144,7 +144,7 @@ def config_file(repo: HubRepo) -> Path | None:
         HubError: offline and not cached, gated or private, missing, an unknown revision.
     """
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     cached = try_to_load_from_cache(repo.repo_id, "config.json", revision=repo.revision)
     if isinstance(cached, str):
@@ -158,7 +158,7 @@ def config_file(repo: HubRepo) -> Path | None:
     with _hub_errors(repo):
         try:
             return Path(hf_hub_download(repo.repo_id, "config.json", revision=repo.revision))
-        except EntryNotFoundError:
+        except RemoteEntryNotFoundError:
             return None
 
 
@@ -277,37 +277,44 @@ def _check_weights(repo: HubRepo, directory: Path) -> None:
                        f"fetch it whole with `{repo.download_command}`")
 
 
-def check_config(config: dict, origin: str = "config") -> None:
+def check_config(config: dict, origin="config") -> None:
     """What the DAG needs from the hub, at parse time: for every model the experiments start from,
     its ``config.json`` (for the resource estimates; fetched now when online, small) and that it
     may run its own code; offline, that every hub dataset is cached.
 
     Args:
         config: a config resolved by :func:`tunemake.config.load_config`.
-        origin: the config file's name, which every message starts with.
+        origin: the config file's name, or the map from key paths to the files that set them
+            (:func:`tunemake.config.read_config_files`); every message starts with the file.
 
     Raises:
-        HubError: the first problem, as ``origin: models.NAME.path: ...``.
+        HubError: the first problem, as ``FILE: models.NAME.path: ...``.
     """
     import json
 
+    from tunemake.config import origin_of
+
     experiments = config["experiments"].values()
-    try:
-        for name in sorted({exp["root_model"] for exp in experiments}):
-            model = config["models"][name]
-            if "demo" in model:
-                continue
-            path = Path(model["path"])
+    for name in sorted({exp["root_model"] for exp in experiments}):
+        model = config["models"][name]
+        if "demo" in model:
+            continue
+        where = origin_of(origin, ("models", name))
+        path = Path(model["path"])
+        try:
             cfg = path / "config.json" if path.is_dir() else config_file(
                 _repo(model["path"], "model", model.get("revision"), f"models.{name}.path"))
-            if cfg is not None and cfg.is_file() and json.loads(cfg.read_text()).get("auto_map") \
-                    and not model["trust_remote_code"]:
-                raise HubError(f"models.{name}.trust_remote_code: {model['path']} ships its own model code "
-                               "(auto_map in its config.json); set `trust_remote_code: true` if you trust it")
-        if offline():
-            for name in sorted({d for exp in experiments for d in exp["datasets"]}):
-                dataset = config["datasets"][name]
-                if "hub" in dataset:
+        except HubError as exc:
+            raise HubError(f"{where}: {exc}") from None
+        if cfg is not None and cfg.is_file() and json.loads(cfg.read_text()).get("auto_map") \
+                and not model["trust_remote_code"]:
+            raise HubError(f"{where}: models.{name}.trust_remote_code: {model['path']} ships its own model code "
+                           "(auto_map in its config.json); set `trust_remote_code: true` if you trust it")
+    if offline():
+        for name in sorted({d for exp in experiments for d in exp["datasets"]}):
+            dataset = config["datasets"][name]
+            if "hub" in dataset:
+                try:
                     dataset_dir(dataset["hub"], dataset.get("revision"), f"datasets.{name}.hub")
-    except HubError as exc:
-        raise HubError(f"{origin}: {exc}") from None
+                except HubError as exc:
+                    raise HubError(f"{origin_of(origin, ('datasets', name))}: {exc}") from None
