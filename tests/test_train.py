@@ -21,6 +21,7 @@ import torch
 from tunemake.config import load_config, train_spec
 from tunemake.data import build_templated_dataset
 from tunemake.demo import build_demo_model, build_demo_tokenizer, generate_demo_data
+from tunemake.errors import TunemakeError
 from tunemake.paths import templated_dataset
 from tunemake.templates import TEMPLATES
 from tunemake.train import (
@@ -422,7 +423,10 @@ def test_qlora_on_cpu_gives_nonzero_lora_gradients_everywhere(project, tmp_path)
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c["models"]["tiny"].update(path="models/nowhere"), "models/nowhere: base model directory does not exist"),
+        (lambda c: c["models"]["tiny"].update(path="models/nowhere/tiny"),
+         "'models/nowhere/tiny' is neither a directory nor a hub id"),
+        (lambda c: c["models"]["tiny"].update(path="org/nowhere"),
+         r"org/nowhere at revision main is not in the Hugging Face cache .*`hf download org/nowhere`"),
         (lambda c: c["experiments"][0].update(batch_size=100000), "fewer than one batch of batch_size 100000"),
         (lambda c: c["experiments"][0].update(gpus=4), "gpus: 4 requested but 0 visible"),
         (lambda c: c["experiments"][0].update(deepspeed="nowhere/ds.json"), "deepspeed: nowhere/ds.json: no such file"),
@@ -444,7 +448,7 @@ def test_bad_input_fails_before_any_compute(project, tmp_path, change, message):
     if Path("models/tiny").exists() and exp["root_model"] == "tiny" and "nowhere" not in config["models"]["tiny"]["path"]:
         build_templated_dataset(exp["data_recipe"], templated_dataset(exp["data_key"]))
     spec = train_spec(exp, 1, resolved)
-    with pytest.raises(TrainError, match=message):
+    with pytest.raises(TunemakeError, match=message):
         launch(spec)
     assert not Path(spec["out"]["pth"]).exists()
     assert not Path(spec["out"]["state"]).exists()
