@@ -1,4 +1,6 @@
 # The config, resolved once by tunemake.config, and every input function the rules use.
+# Every param passes through canonical(): Snakemake reruns a job when a param's repr changes, and a
+# config only reordered or restyled must rerun nothing.
 import functools
 import glob
 import os
@@ -12,8 +14,8 @@ from pathlib import Path
 
 from tunemake import paths
 from tunemake.paths import hub_receipt
-from tunemake.config import (base_model_of, epoch_identity, load_config, merge_config, origin_of, parse_size,
-                             read_config_files)
+from tunemake.config import (base_model_of, canonical, epoch_identity, load_config, merge_config,
+                             normalise_numbers, origin_of, parse_size, read_config_files)
 from tunemake.demo import MODEL_FILES, TOKENIZER_FILES
 from tunemake.errors import TunemakeError
 from tunemake.hub import check_config as check_hub, is_hub_id
@@ -41,6 +43,9 @@ try:
     # and notes which file set each key, so that an error names that file.
     _, ORIGINS = read_config_files(CONFIG_FILES)
     merge_config({}, dict(workflow.config_settings.config), ORIGINS, "--config")
+    # `lr: 2e-4` is a string to YAML 1.1: numbers as the schema types them, in Snakemake's config
+    # too, which validate() and every job read.
+    normalise_numbers(config)
     TM = load_config(config, origin=ORIGINS)
     check_hub(TM, origin=ORIGINS)
 except TunemakeError as exc:
@@ -103,7 +108,7 @@ def hub_receipts(model: dict):
 
 
 def get_hub_repo(wildcards):
-    return HUB_REPOS[paths.HUB_RECEIPT.format(receipt=wildcards.receipt)]
+    return canonical(HUB_REPOS[paths.HUB_RECEIPT.format(receipt=wildcards.receipt)])
 
 
 def tokenizer_files(model: dict):
@@ -131,15 +136,15 @@ def get_templated_dataset_input(wildcards):
 
 
 def get_recipe(wildcards):
-    return DATA_EXPERIMENT[wildcards.data_key]["data_recipe"]
+    return canonical(DATA_EXPERIMENT[wildcards.data_key]["data_recipe"])
 
 
 def get_recipe_files(wildcards):
-    return get_source_files(get_recipe(wildcards))
+    return canonical(get_source_files(get_recipe(wildcards)))
 
 
 def get_demo_model(wildcards):
-    return TM["models"][DEMO_MODELS[wildcards.model_dir]]
+    return canonical(TM["models"][DEMO_MODELS[wildcards.model_dir]])
 
 
 def all_final_checkpoints():
@@ -169,7 +174,7 @@ def get_train_epoch_input(wildcards):
 
 
 def get_epoch_identity(wildcards):
-    return epoch_identity(EXPERIMENTS[wildcards.experiment], int(wildcards.epoch), TM)
+    return canonical(epoch_identity(EXPERIMENTS[wildcards.experiment], int(wildcards.epoch), TM))
 
 
 @functools.cache
@@ -301,7 +306,7 @@ def base_inputs(exp):
 
 
 def all_final_merges():
-    return {name: paths.merge(name, e["epochs"]) for name, e in EXPERIMENTS.items()}
+    return canonical({name: paths.merge(name, e["epochs"]) for name, e in EXPERIMENTS.items()})
 
 
 def get_merge_input(wildcards):
@@ -314,16 +319,17 @@ def get_merge_params(wildcards):
     """What merge_model is called with, besides the adapter and the output."""
     exp = EXPERIMENTS[wildcards.experiment]
     base = base_model_of(exp, TM)
-    return {"base_model": base["path"], "revision": base["revision"], "trust_remote_code": base["trust_remote_code"],
-            # bytes, so that writing the same size another way re-merges nothing
-            "max_shard_size": parse_size(exp["max_shard_size"]),
-            "dtype": exp["merge_dtype"], "tokenizer_path": TM["models"][exp["root_model"]]["path"]}
+    return canonical({"base_model": base["path"], "revision": base["revision"],
+                      "trust_remote_code": base["trust_remote_code"],
+                      # bytes, so that writing the same size another way re-merges nothing
+                      "max_shard_size": parse_size(exp["max_shard_size"]),
+                      "dtype": exp["merge_dtype"], "tokenizer_path": TM["models"][exp["root_model"]]["path"]})
 
 
 def get_model_access(wildcards):
     """How the experiment's starting model is read: hub revision and trust_remote_code."""
     base = base_model_of(EXPERIMENTS[wildcards.experiment], TM)
-    return {"revision": base["revision"], "trust_remote_code": base["trust_remote_code"]}
+    return canonical({"revision": base["revision"], "trust_remote_code": base["trust_remote_code"]})
 
 
 def get_eval_model_path(wildcards):
@@ -343,7 +349,7 @@ def get_eval_input(wildcards):
 
 
 def get_eval_template(wildcards):
-    return template_to_dict(get_template(EXPERIMENTS[wildcards.experiment]["template"], TM.get("templates")))
+    return canonical(template_to_dict(get_template(EXPERIMENTS[wildcards.experiment]["template"], TM.get("templates"))))
 
 
 def all_evals():
@@ -352,8 +358,8 @@ def all_evals():
 
 def train_metric_logs():
     """Per experiment, the training metrics (JSONL) of its epochs, for the loss-curve plot."""
-    return {name: [f"{paths.TRAIN_LOG_DIR.format(experiment=name)}/epoch_{epoch}.metrics.jsonl"
-                   for epoch in range(1, e["epochs"] + 1)] for name, e in EXPERIMENTS.items()}
+    return canonical({name: [f"{paths.TRAIN_LOG_DIR.format(experiment=name)}/epoch_{epoch}.metrics.jsonl"
+                             for epoch in range(1, e["epochs"] + 1)] for name, e in EXPERIMENTS.items()})
 
 
 def get_eval_gpus(wildcards):
@@ -374,7 +380,7 @@ def get_eval_access(wildcards):
     """Epoch 0 reads the starting model as training did; merges are local directories."""
     if int(wildcards.epoch) == 0:
         return get_model_access(wildcards)
-    return {"revision": None, "trust_remote_code": get_model_access(wildcards)["trust_remote_code"]}
+    return canonical({"revision": None, "trust_remote_code": get_model_access(wildcards)["trust_remote_code"]})
 
 
 def get_train_group(wildcards):

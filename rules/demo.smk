@@ -6,7 +6,7 @@ rule demo_data:
         corpus=f"{DEMO_DIR}/corpus.txt",
         tasks=f"{DEMO_DIR}/tasks.jsonl",
     params:
-        demo=TM["demo"],
+        demo=canonical(TM["demo"]),
     threads: 1
     resources:
         mem_mb=1000,
@@ -26,7 +26,7 @@ rule demo_tokenizer:
         [f"{{model_dir}}/{name}" for name in TOKENIZER_FILES],
     params:
         model=get_demo_model,
-        templates=TM["templates"],
+        templates=canonical(TM["templates"]),
     threads: 2
     resources:
         mem_mb=2000,

@@ -12,7 +12,7 @@ rule evaluate_epoch:
     params:
         model=get_eval_model_path,
         template=get_eval_template,
-        settings=TM["evaluation"],
+        settings=canonical(TM["evaluation"]),
         access=get_eval_access,
     threads: stage_resource("evaluate", "threads")
     resources:

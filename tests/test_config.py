@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunemake.config import load_config
+from tunemake.config import canonical, epoch_identity, load_config
 from tunemake.errors import ConfigError
+from tunemake.templates import get_template
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
@@ -488,3 +489,91 @@ def test_directory_as_a_data_file_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "chat.jsonl").mkdir(parents=True)
     assert config_error(config_with()) == "config: datasets.chat.path: data/chat.jsonl is a directory, not a data file"
+
+
+# --- numbers written as strings; one value, one spelling ----------------------------------------
+
+
+def test_numeric_strings_become_the_numbers_the_schema_wants(tmp_path):
+    text = """
+models: {tiny: {path: /models/tiny}}
+datasets: {chat: {path: data/chat.jsonl, heldout_fraction: "0.1"}}
+methods: {big: {type: lora, r: "16", alpha: 3.2e+1, dropout: 0}}
+experiments:
+  - {model: tiny, datasets: chat, method: big, lr: 2e-4, betas: ["0.9", 0.999], epochs: "2",
+     save_steps: 1e3, weight_decay: 0, max_grad_norm: 1}
+"""
+    assert yaml.safe_load(text)["experiments"][0]["lr"] == "2e-4"  # YAML 1.1: no dot, so a string
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    config = load_config(path, check_files=False)
+    e = only(config["experiments"])
+    # a `number` key holds a float, an `integer` key an int, however the config wrote them
+    assert repr([e["lr"], e["betas"], e["weight_decay"], e["max_grad_norm"]]) == "[0.0002, [0.9, 0.999], 0.0, 1.0]"
+    assert repr([e["epochs"], e["save_steps"]]) == "[2, 1000]"
+    assert repr([config["methods"]["big"][key] for key in ("r", "alpha", "dropout")]) == "[16, 32.0, 0.0]"
+    assert repr(config["methods"]["lora"]["alpha"]) == "16.0"  # the built-in methods' defaults too
+    assert repr(config["datasets"]["chat"]["heldout_fraction"]) == "0.1"
+
+
+def test_numeric_strings_stay_strings_where_the_schema_wants_a_string(tmp_path):
+    text = """
+models: {tiny: {path: /models/tiny, template: 1e3}}
+datasets: {chat: {path: data/chat.jsonl}}
+templates: {1e3: {instruction: "<q>{input}</q>"}}
+experiments:
+  - {name: 2e4, model: tiny, datasets: chat, method: lora, max_shard_size: "1000"}
+"""
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    e = only(load_config(path, check_files=False)["experiments"])
+    assert (e["name"], e["template"], e["max_shard_size"]) == ("2e4", "1e3", "1000")
+
+
+@pytest.mark.parametrize(
+    "experiment, message",
+    [
+        (exp(lr="fast"), "experiments[0].lr: 'fast' is not of type 'number'"),
+        (exp(lr="nan"), "experiments[0].lr: 'nan' is not of type 'number'"),
+        (exp(epochs="1.5"), "experiments[0].epochs: '1.5' is not of type 'integer'"),
+        (exp(betas=["0.9", "high"]), "experiments[0].betas[1]: 'high' is not of type 'number'"),
+    ],
+)
+def test_a_string_that_is_no_number_is_still_the_schema_error(experiment, message):
+    assert config_error(config_with(experiments=[experiment])) == f"config: {message}"
+
+
+def reversed_keys(value):
+    """``value`` with every mapping's keys in reverse order."""
+    if isinstance(value, dict):
+        return {key: reversed_keys(value[key]) for key in reversed(list(value))}
+    return [reversed_keys(item) for item in value] if isinstance(value, list) else value
+
+
+def test_a_value_has_one_spelling_in_the_params():
+    """Keys in another order, defaults written out, numbers as ints, floats or strings: the same
+    epoch identity and data recipe, to the repr Snakemake compares."""
+    plain = config_with(experiments=[exp(lr=0.001, epochs=2)])
+    restyled = reversed_keys(config_with(
+        methods={"lora": {"dropout": 0.1, "alpha": 16, "type": "lora"}},
+        experiments=[{**exp(), "lr": "1e-3", "epochs": 2.0, "weight_decay": 0, "max_grad_norm": 1,
+                      "schedule": {"warmup_ratio": "3e-2", "type": "cosine"}, "betas": ["0.9", 0.999]}],
+    ))
+    identities, recipes, unsorted = [], [], []
+    for config in (plain, restyled):
+        loaded = load_config(config, check_files=False)
+        e = loaded["experiments"]["tiny_lora_chat"]
+        identities.append(repr(canonical(epoch_identity(e, 2, loaded))))
+        recipes.append(repr(canonical(e["data_recipe"])))
+        unsorted.append(repr(epoch_identity(e, 2, loaded)))
+    assert identities[0] == identities[1]
+    assert recipes[0] == recipes[1]
+    assert unsorted[0] != unsorted[1]  # without canonical(), how the config was written shows
+
+
+def test_canonical_sorts_keys_all_the_way_down_and_refuses_what_snakemake_would_not_compare():
+    value = {"b": (1, {"z": 1, "y": [2.0]}), "a": {"d": frozenset({"q", "p"}), "c": Path("x/y"), "e": None}}
+    assert repr(canonical(value)) == "{'a': {'c': 'x/y', 'd': ['p', 'q'], 'e': None}, 'b': [1, {'y': [2.0], 'z': 1}]}"
+    assert canonical(canonical(value)) == canonical(value)
+    with pytest.raises(TypeError, match="Template .* cannot be a Snakemake param"):
+        canonical({"template": get_template("default")})  # a dataclass: Snakemake would not compare it

@@ -6,6 +6,7 @@ tokenizer and model built by the workflow, two experiments sharing one templated
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 from smk import REPO, planned_jobs, snakemake, write_config
+
+from tunemake.config import canonical, load_config
 
 SMALL_CONFIG = REPO / "tests" / "configs" / "demo_small.yaml"
 
@@ -240,3 +243,89 @@ def test_the_readme_demo_data_builds(tmp_path):
     stats = [json.loads((d / "stats.json").read_text()) for d in dirs]
     assert all(s["records_out"]["heldout"] > 0 for s in stats)  # corpus and tasks both hold some out
     assert planned_jobs(tmp_path) == {}
+
+
+# tiny_qlora_tasks trained, converted, merged and evaluated; tiny_full_corpus's one epoch trained beside it
+QLORA_EVAL = "evals/tiny_qlora_tasks/epoch_1.json"
+FULL_CHECKPOINT = "checkpoints/tiny_full_corpus/epoch_1.pth"
+
+# tests/configs/demo_small.yaml with every mapping's keys in another order, restyled and respelled
+RESTYLED_SMALL_CONFIG = """\
+experiments:
+  - max_length: 128.0          # an integer written as a float
+    lr: 2.0e-4                 # the default, written out
+    epochs: 1
+    method: "full"
+    datasets: [corpus]
+    model: tiny
+  - weight_decay: 0            # the default 0.0
+    epochs: "2"
+    max_length: 1.28e+2
+    method: lora
+    datasets: tasks
+    model:
+      experiment: tiny_full_corpus
+  - {seed: 3, lr: 1e-3, max_length: 128, epochs: 1, method: qlora, datasets: 'tasks', model: tiny}
+methods:
+  qlora: {double_quant: yes, type: qlora, alpha: 16}   # the built-in qlora, written out
+evaluation: {seed: 0, max_prompts: 200}                # defaults
+datasets:
+  tasks:
+    heldout_fraction: 1e-1     # a string to YAML 1.1
+    path: "data/demo/tasks.jsonl"
+  corpus: {format: pretrain, path: data/demo/corpus.txt}
+models:
+  tiny:
+    demo:
+      intermediate_size: 128
+      num_heads: 2
+      num_layers: 1
+      hidden_size: 64
+      vocab_size: 400
+    template: 'internlm2_chat'
+    path: models/tiny
+demo: {tasks_per_family: "40", corpus_docs: 200, seed: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(built, tmp_path_factory) -> Path:
+    """The built small demo, with QLORA_EVAL and FULL_CHECKPOINT built too (about a minute)."""
+    work = copy_of(built, tmp_path_factory.mktemp("trained"))
+    # one thread a training job, so that the two run side by side on the two cores
+    snakemake(work, FULL_CHECKPOINT, "--set-threads", "train_epoch=1", target=QLORA_EVAL)
+    return work
+
+
+def test_restyled_config_reruns_nothing(trained, tmp_path):
+    """Key order, comments, quoting, flow or block style, 2.0e-4 or 0.0002, defaults written out."""
+    assert load_config(yaml.safe_load(RESTYLED_SMALL_CONFIG), check_files=False) == load_config(
+        small_config(), check_files=False)  # the same values
+    work = copy_of(trained, tmp_path)
+    (work / "config.yaml").write_text(RESTYLED_SMALL_CONFIG)
+    assert planned_jobs(work, target=QLORA_EVAL) == {}
+    assert planned_jobs(work, target=FULL_CHECKPOINT) == {}
+
+
+def test_lr_change_reruns_exactly_that_experiments_training_chain(trained, tmp_path):
+    work = copy_of(trained, tmp_path)
+    config = small_config()
+    config["experiments"][2]["lr"] = "2e-3"  # tiny_qlora_tasks, its lr written as YAML 1.1's string
+    write_config(work, config)
+    # its epoch, adapter, merge and evaluation; not the data, not the other experiment
+    assert planned_jobs(work, target=QLORA_EVAL) == {
+        "train_epoch": 1, "convert_epoch": 1, "merge_epoch": 1, "evaluate_epoch": 1}
+    assert planned_jobs(work, target=FULL_CHECKPOINT) == {}
+
+
+def test_every_recorded_param_is_canonical(trained):
+    """What Snakemake recorded of each job it ran (demo, data, train, convert, merge, evaluate):
+    plain data with sorted keys, which it compares by repr."""
+    records = [json.loads(path.read_text()) for path in (trained / ".snakemake" / "metadata").rglob("*")
+               if path.is_file()]
+    assert {record["rule"] for record in records} == {
+        "demo_data", "demo_tokenizer", "demo_model", "templated_dataset", "train_epoch", "convert_epoch",
+        "merge_epoch", "evaluate_epoch"}
+    for record in records:
+        for param in record["params"]:
+            assert repr(canonical(ast.literal_eval(param))) == param, (record["rule"], param)

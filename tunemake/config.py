@@ -11,6 +11,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -168,6 +169,9 @@ def load_config(source: str | os.PathLike | Sequence[str | os.PathLike] | dict,
                 origin: str | Mapping[tuple, str] | None = None, *, check_files: bool = True) -> dict:
     """Validate a config, fill in its defaults and resolve every experiment.
 
+    Numbers are given the type the schema wants first (:func:`normalise_numbers`): ``lr: 2e-4``,
+    a string to YAML 1.1, is 0.0002; ``weight_decay: 0`` is 0.0.
+
     Args:
         source: a YAML file path; several, merged as Snakemake merges ``--configfile``s; or an
             already-parsed config (Snakemake's ``config``).
@@ -198,6 +202,7 @@ def load_config(source: str | os.PathLike | Sequence[str | os.PathLike] | dict,
     where = functools.partial(origin_of, origin)
     schema = load_schema()
     fill_defaults(raw, schema, schema)
+    normalise_numbers(raw, schema, schema)
     validate_against_schema(raw, schema, origin)
 
     config = raw
@@ -205,6 +210,7 @@ def load_config(source: str | os.PathLike | Sequence[str | os.PathLike] | dict,
     methods.update(config.get("methods", {}))
     for name, method in methods.items():
         fill_defaults(method, schema["$defs"]["method"], schema)
+        normalise_numbers(method, schema["$defs"]["method"], schema)  # the built-in ones' defaults
         if method.get("gradient_checkpointing") is None:
             method["gradient_checkpointing"] = method["type"] == "qlora"
     config["methods"] = methods
@@ -254,6 +260,116 @@ def fill_defaults(data: Any, schema: dict, root: dict) -> None:
     elif isinstance(data, list) and isinstance(schema.get("items"), dict):
         for item in data:
             fill_defaults(item, schema["items"], root)
+
+
+#: A number written as a string: what YAML 1.1 leaves a string (``2e-4``, ``1e3``: no dot, or no
+#: sign in the exponent) and what a user quotes. No ``nan``, ``inf`` or ``1_000``.
+NUMERIC_STRING = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def normalise_numbers(data: Any, schema: dict | None = None, root: dict | None = None) -> Any:
+    """Give every number the type its schema wants, in place, following ``$ref`` and ``oneOf``.
+
+    Where the schema wants a number and not a string, a numeric string becomes the number
+    (``lr: 2e-4``, which YAML 1.1 reads as a string). Then a ``number`` is a float and an
+    ``integer`` an int: ``weight_decay: 0``, ``0.0`` and ``"0"`` are all ``0.0``, ``epochs: 2`` and
+    ``2.0`` both ``2``, so one value has one spelling (Snakemake compares params by their
+    ``repr``). What does not fit is left as it is, for schema validation to name the key.
+
+    Args:
+        data: a config, or a part of one.
+        schema: its schema; default the config's.
+        root: the schema ``$ref`` starts from; default ``schema``.
+
+    Returns:
+        ``data`` with its numbers converted (a mapping or list is converted in place).
+    """
+    if schema is None:
+        schema = load_schema()
+    root = root or schema
+    alternatives = _alternatives(schema, root)
+    if isinstance(data, dict):
+        for key in data:
+            sub = next((a["properties"][key] for a in alternatives if key in a.get("properties", {})), None)
+            if sub is None:
+                sub = next((a["additionalProperties"] for a in alternatives
+                            if isinstance(a.get("additionalProperties"), dict)), None)
+            if sub is not None:
+                data[key] = normalise_numbers(data[key], sub, root)
+        return data
+    if isinstance(data, list):
+        items = next((a["items"] for a in alternatives if isinstance(a.get("items"), dict)), None)
+        if items is not None:
+            data[:] = [normalise_numbers(item, items, root) for item in data]
+        return data
+    types = set()
+    for alternative in alternatives:
+        kind = alternative.get("type", [])
+        types.update([kind] if isinstance(kind, str) else kind)
+    return _schema_number(data, types)
+
+
+def _schema_number(value: Any, types: set[str]) -> Any:
+    """``value`` as the number a schema node of ``types`` wants; else unchanged, for validation
+    to refuse (or accept, where it is no number the node wants)."""
+    if isinstance(value, bool) or not {"number", "integer"} & types:
+        return value
+    number = value
+    if isinstance(value, str):
+        if "string" in types or not NUMERIC_STRING.fullmatch(value):
+            return value
+        number = int(value) if value.lstrip("+-").isdigit() else float(value)
+    if not isinstance(number, (int, float)):
+        return value
+    if "number" in types:
+        try:
+            number = float(number)
+        except OverflowError:  # an int beyond any float
+            return value
+        return number if math.isfinite(number) else value
+    if isinstance(number, float):
+        return int(number) if number.is_integer() else value
+    return number
+
+
+def _alternatives(schema: dict, root: dict) -> list[dict]:
+    """``schema`` and the branches of its ``oneOf`` / ``anyOf`` / ``allOf``, dereferenced."""
+    schema = _deref(schema, root)
+    found = [schema]
+    for keyword in ("oneOf", "anyOf", "allOf"):
+        for branch in schema.get(keyword, []):
+            found.extend(_alternatives(branch, root))
+    return found
+
+
+#: Types a Snakemake param may hold: Snakemake 9 compares the ``repr`` of params of builtin types
+#: and silently leaves any other type out of the comparison.
+_PARAM_SCALARS = (str, int, float, bool, type(None))
+
+
+def canonical(value: Any) -> Any:
+    """``value`` as a Snakemake param: plain builtin data in one spelling.
+
+    Snakemake reruns a job when the ``repr`` of one of its params changes, and a dict's ``repr``
+    follows its insertion order: a config written in another key order, or a default written
+    out, would rerun everything. Here mappings become dicts with sorted keys, tuples lists, sets
+    sorted lists, paths strings, all the way down; numbers keep their type (the config's are
+    settled by :func:`normalise_numbers`).
+
+    Raises:
+        TypeError: a value of another type, which Snakemake would silently not compare.
+    """
+    if isinstance(value, _PARAM_SCALARS):
+        return value
+    if isinstance(value, Mapping):
+        return {key: canonical(value[key]) for key in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return [canonical(item) for item in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((canonical(item) for item in value), key=repr)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} {value!r} cannot be a Snakemake param; use builtin types")
 
 
 def _deref(schema: dict, root: dict) -> dict:
