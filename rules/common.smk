@@ -15,10 +15,11 @@ from pathlib import Path
 from tunemake import paths
 from tunemake.paths import hub_receipt
 from tunemake.config import (base_model_of, canonical, epoch_identity, load_config, merge_config,
-                             normalise_numbers, origin_of, parse_size, read_config_files)
+                             normalise_numbers, origin_of, parse_size, read_config_files, read_revision)
 from tunemake.demo import MODEL_FILES, TOKENIZER_FILES
 from tunemake.errors import TunemakeError
 from tunemake.hub import check_config as check_hub, is_hub_id
+from tunemake.lock import LOCK_FILE, pin, read_lock, resolve as resolve_lock, write_lock
 from tunemake.resources import LARGEST_COMMON_GPU_MB, estimate_resources, model_shape
 from tunemake.templates import get_template, template_to_dict
 
@@ -47,6 +48,11 @@ try:
     # too, which validate() and every job read.
     normalise_numbers(config)
     TM = load_config(config, origin=ORIGINS)
+    # Hub revisions pinned by tunemake.lock: what it lacks is resolved here, in the main process
+    # (rules/hub.smk writes it when the run starts); a job re-parsing the workflow only reads it.
+    LOCKED = read_lock(LOCK_FILE)
+    PINNED = resolve_lock(TM, LOCKED, may_resolve=workflow.is_main_process, origin=ORIGINS)
+    pin(TM, PINNED)
     check_hub(TM, origin=ORIGINS)
 except TunemakeError as exc:
     sys.exit(f"error: {exc}")  # one line: a WorkflowError would print traceback frames after it
@@ -66,11 +72,11 @@ def _hub_repos():
     for exp in EXPERIMENTS.values():
         model = TM["models"][exp["root_model"]]
         if "demo" not in model and is_hub_id(model["path"]):
-            repos[hub_receipt("model", model["path"], model.get("revision"))] = ("model", model["path"], model.get("revision"))
+            repos[hub_receipt("model", model["path"], read_revision(model))] = ("model", model["path"], read_revision(model))
         for dataset in exp["data_recipe"]["datasets"]:
             if "hub" in dataset and is_hub_id(dataset["hub"]):
-                repos[hub_receipt("dataset", dataset["hub"], dataset.get("revision"))] = (
-                    "dataset", dataset["hub"], dataset.get("revision"))
+                repos[hub_receipt("dataset", dataset["hub"], read_revision(dataset))] = (
+                    "dataset", dataset["hub"], read_revision(dataset))
     return {path: dict(zip(("repo_type", "repo_id", "revision"), repo)) for path, repo in repos.items()}
 
 
@@ -104,7 +110,7 @@ def hub_receipts(model: dict):
     """A hub model's download receipt, [] for a local or demo model."""
     if "demo" in model or not is_hub_id(model["path"]):
         return []
-    return [hub_receipt("model", model["path"], model.get("revision"))]
+    return [hub_receipt("model", model["path"], read_revision(model))]
 
 
 def get_hub_repo(wildcards):
@@ -130,7 +136,7 @@ def get_source_files(recipe):
 def get_templated_dataset_input(wildcards):
     exp = DATA_EXPERIMENT[wildcards.data_key]
     sources = [f for files in get_source_files(exp["data_recipe"]).values() for f in files]
-    hub = [hub_receipt("dataset", d["hub"], d.get("revision")) for d in exp["data_recipe"]["datasets"]
+    hub = [hub_receipt("dataset", d["hub"], read_revision(d)) for d in exp["data_recipe"]["datasets"]
            if "hub" in d and is_hub_id(d["hub"])]
     return {"sources": sources, "hub": hub, "tokenizer": tokenizer_files(TM["models"][exp["root_model"]])}
 

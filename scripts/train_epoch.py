@@ -1,13 +1,19 @@
 """Rule train_epoch (rules/train.smk): one epoch, in-process or across processes with torchrun."""
 import sys
 
-from tunemake.config import load_config, train_spec
+from tunemake.config import train_spec
+from tunemake.lock import load_pinned
 from tunemake.rule_entry import run
 from tunemake.train import launch
 
-config = load_config(snakemake.config, check_files=False)
-spec = train_spec(config["experiments"][snakemake.wildcards.experiment], int(snakemake.wildcards.epoch),
-                  config, threads=snakemake.threads)
-status = run(snakemake, launch, spec=spec)
+
+def train(config: dict, experiment: str, epoch: int, threads: int) -> int:
+    # the main process wrote tunemake.lock before any job started: its commits are the DAG's
+    config = load_pinned(config, may_resolve=False, check_files=False)
+    return launch(train_spec(config["experiments"][experiment], epoch, config, threads=threads))
+
+
+status = run(snakemake, train, config=snakemake.config, experiment=snakemake.wildcards.experiment,
+             epoch=int(snakemake.wildcards.epoch), threads=snakemake.threads)
 if status:
     sys.exit(status)

@@ -14,10 +14,11 @@ from tunemake.errors import ConfigError, TunemakeError
 
 
 def _load(args, check_files: bool = True):
-    """The ``--config`` file, resolved; ``check_files=False`` for commands that read no data."""
-    from tunemake.config import load_config
+    """The ``--config`` file, resolved, its hub revisions pinned by ``tunemake.lock`` (what it lacks
+    is resolved, not written); ``check_files=False`` for commands that read no data."""
+    from tunemake.lock import load_pinned
 
-    return load_config(args.config, check_files=check_files)
+    return load_pinned(args.config, may_resolve=True, check_files=check_files)
 
 
 def cmd_list_templates(args) -> None:
@@ -78,7 +79,9 @@ def cmd_check_dataset(args) -> None:
         template_name = args.template or exp["template"]
         max_length = args.max_length or exp["max_length"]
     template = get_template(template_name, config.get("templates"))
-    tokenizer = load_tokenizer({"path": model["path"], "revision": model.get("revision"),
+    from tunemake.config import read_revision
+
+    tokenizer = load_tokenizer({"path": model["path"], "revision": read_revision(model),
                                 "trust_remote_code": model.get("trust_remote_code", False)})
     paths = None if "hub" in dataset else config["source_files"][args.dataset]
     print(check_dataset(dataset, paths, tokenizer, template, max_length, args.count,
@@ -115,6 +118,26 @@ def cmd_prune_state(args) -> None:
                 print(f"{train_state(name, epoch)}: pruned {freed / 2**20:.1f} MiB")
             total += freed
     print(f"freed {total / 2**20:.1f} MiB")
+
+
+def cmd_lock(args) -> None:
+    from tunemake.lock import LOCK_FILE, entries, read_lock, resolve, write_lock
+
+    from tunemake.config import load_config
+
+    config = load_config(args.config, check_files=False)
+    locked = read_lock(LOCK_FILE)
+    if args.update is not None:
+        wanted = set(args.update) or {key for entry in entries(config) for key in entry.keys}
+        updated = resolve(config, locked, may_resolve=True, update=wanted)
+        write_lock(updated, LOCK_FILE)
+        for (kind, name), sha in sorted(updated.items()):
+            if locked.get((kind, name)) != sha:
+                print(f"{name}: {locked.get((kind, name), 'not locked')} -> {sha}")
+        locked = updated
+    for entry in entries(config):
+        sha = locked.get((entry.repo_type, entry.name), "not locked yet: resolved at the next run")
+        print(f"{', '.join(entry.keys):30} {entry.name}  {sha}")
 
 
 def cmd_convert(args) -> None:
@@ -175,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: where the workflow puts it)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(fn=cmd_build_data)
+
+    p = with_config(sub.add_parser("lock", help="the hub commits tunemake.lock pins; --update moves them"))
+    p.add_argument("--update", nargs="*", metavar="KEY",
+                   help="resolve these entries again (models.NAME, datasets.NAME; none named: all) "
+                        "from the hub, or offline from the cache, and write the lock")
+    p.set_defaults(fn=cmd_lock)
 
     p = sub.add_parser("convert", help="an epoch .pth -> PEFT adapter (LoRA/QLoRA) or HF model (full)")
     p.add_argument("checkpoint", help="an epoch_N.pth written by tunemake")

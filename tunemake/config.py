@@ -576,7 +576,7 @@ def data_recipe(exp: dict, config: dict) -> dict:
     return {
         "code_version": DATA_CODE_VERSION,
         "tokenizer": {
-            "path": root["path"], "revision": root.get("revision"),
+            "path": root["path"], "revision": root.get("revision"), **({"commit": root["commit"]} if "commit" in root else {}),
             "trust_remote_code": root.get("trust_remote_code", False),
         },
         "template": template_recipe,
@@ -654,6 +654,12 @@ def epoch_identity(exp: dict, epoch: int, config: dict) -> dict:
     }
 
 
+def read_revision(source: dict) -> str | None:
+    """The revision a hub model, dataset or tokenizer is read at: the commit ``tunemake.lock``
+    pinned (:func:`tunemake.lock.pin`), else the revision the config asks for."""
+    return source.get("commit") or source.get("revision")
+
+
 def base_model_of(exp: dict, config: dict) -> dict:
     """The model an experiment trains on: a config model, or (chained) its upstream's final merge."""
     if exp["upstream"]:
@@ -664,7 +670,7 @@ def base_model_of(exp: dict, config: dict) -> dict:
         return {"path": final_merge(upstream["name"], upstream["epochs"]), "revision": None,
                 "dtype": root["dtype"], "trust_remote_code": root["trust_remote_code"]}
     model = config["models"][exp["model"]]
-    return {"path": model["path"], "revision": model.get("revision"), "dtype": model["dtype"],
+    return {"path": model["path"], "revision": read_revision(model), "dtype": model["dtype"],
             "trust_remote_code": model["trust_remote_code"]}
 
 
@@ -687,7 +693,7 @@ def train_spec(exp: dict, epoch: int, config: dict, threads: int = 1) -> dict:
                   "save_steps": exp["save_steps"], "evaluation_inputs": exp["evaluation_inputs"]},
         "base_model": base_model_of(exp, config),
         "tokenizer_path": root["path"],
-        "tokenizer_revision": root.get("revision"),
+        "tokenizer_revision": read_revision(root),
         "template": template_to_dict(template),
         "data_dir": paths.templated_dataset(exp["data_key"]),
         "previous": previous,

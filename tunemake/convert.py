@@ -85,7 +85,8 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
         raise ConvertError(f"{exc} (is {base} the base model it was trained from?)") from None
     metadata = {
         "experiment": ckpt["experiment"], "epoch": ckpt["epoch"], "method": method,
-        "base_model": named, "template": ckpt.get("template"), "fingerprint": ckpt["fingerprint"],
+        "base_model": named, **({"base_commit": local.name} if is_hub_id(named) else {}),
+        "template": ckpt.get("template"), "fingerprint": ckpt["fingerprint"],
         "versions": ckpt["versions"], "dtype": dtype,
     }
     with atomic_dir(out_dir) as tmp:

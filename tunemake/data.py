@@ -18,7 +18,7 @@ import os
 import time
 
 from tunemake.atomic import atomic_dir, write_json
-from tunemake.config import expand_sources
+from tunemake.config import expand_sources, read_revision
 from tunemake.encode import IGNORE_INDEX, Encoded, encode_record, encode_records, pack
 from tunemake.errors import DataError
 from tunemake.formats import read_dataset
@@ -48,7 +48,7 @@ def load_tokenizer(tokenizer: dict):
     from tunemake.hub import HubError, load_pretrained, model_dir
 
     path = tokenizer["path"]
-    directory = model_dir(path, tokenizer.get("revision"))
+    directory = model_dir(path, read_revision(tokenizer))
     try:
         return load_pretrained(AutoTokenizer, directory, path, trust_remote_code=tokenizer.get("trust_remote_code", False))
     except HubError:
@@ -125,6 +125,7 @@ def build_templated_dataset(
     packed = pack(train, max_length, seed=recipe["data_seed"], packing=recipe["packing"])
     tokens = int(len(packed.input_ids))
     stats.update({
+        "digest": _digest(packed, heldout),
         "records_in": sum(s["records_in"] for s in stats["datasets"].values()),
         "records_out": {"train": len(train), "heldout": len(heldout)},
         "dropped": _sum_dicts(s["dropped"] for s in stats["datasets"].values()),
@@ -209,6 +210,20 @@ def _encode_dataset(dataset: dict, paths, tokenizer, template, max_length: int):
         "dropped": dropped, "truncated": truncated,
     }
     return ds_stats, train, heldout, heldout_records
+
+
+def _digest(packed, heldout: list[Encoded]) -> str:
+    """sha256 of every token, label and position the dataset holds: what training reads, named once
+    here so that each epoch's fingerprint need not hash the dataset again."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in (packed.input_ids, packed.labels, packed.position_ids, packed.offsets):
+        digest.update(array.astype("int64").tobytes())
+    for enc in heldout:
+        for values in (enc.input_ids, enc.labels):
+            digest.update(np.asarray(values, dtype=np.int64).tobytes() + b"|")
+    return digest.hexdigest()
 
 
 def _sum_dicts(dicts) -> dict:

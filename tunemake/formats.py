@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
+from tunemake.config import read_revision
 from tunemake.errors import DataError, at
 
 #: What each format reads; shown by ``tunemake list-formats``.
@@ -284,7 +285,7 @@ def read_dataset(dataset: dict, files: list[str] | None = None) -> Iterator[tupl
         raise DataError(f"unknown format {fmt!r}; known formats: {', '.join(MAP_FUNCTIONS)}")
     map_fn = MAP_FUNCTIONS[fmt]
     if files is None:
-        records = read_hub(dataset["hub"], dataset.get("subset"), dataset.get("split", "train"), dataset.get("revision"))
+        records = read_hub(dataset["hub"], dataset.get("subset"), dataset.get("split", "train"), read_revision(dataset))
     else:
         records = (item for path in files for item in read_file(path, dataset.get("text_unit", "line")))
     for location, record in records:

@@ -25,6 +25,7 @@ log = logging.getLogger("tunemake.hub")
 
 #: ORG/NAME as the hub spells repository ids.
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_SHA = re.compile(r"[0-9a-f]{40}")
 
 
 class HubError(TunemakeError):
@@ -117,6 +118,28 @@ def _not_cached(repo: HubRepo) -> str:
 
     return (f"{repo.label} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}); fetch it with "
             f"`{repo.download_command}`, or run snakemake where there is internet (its fetch_hub job downloads it)")
+
+
+def resolve_commit(repo: HubRepo) -> str:
+    """The commit ``repo.revision`` points to now: asked of the hub (metadata only) when it can be
+    reached, else read from the cache's ``refs/``; a revision that is a commit sha is itself.
+
+    Raises:
+        HubError: gated or private, missing, an unknown revision; unreachable and not cached.
+    """
+    from huggingface_hub import HfApi
+
+    if _SHA.fullmatch(repo.revision or ""):
+        return repo.revision
+    if not offline():
+        try:
+            with _hub_errors(repo):
+                return HfApi().repo_info(repo.repo_id, repo_type=repo.repo_type, revision=repo.revision).sha
+        except HubError:
+            raise
+        except Exception as exc:  # the network, not the repository: the cache may know
+            log.warning("%s: cannot reach the hub (%s); reading the commit from the cache", repo.label, exc)
+    return snapshot(repo).name
 
 
 def fetch(repo: HubRepo) -> Path:
@@ -292,7 +315,7 @@ def check_config(config: dict, origin="config") -> None:
     """
     import json
 
-    from tunemake.config import origin_of
+    from tunemake.config import origin_of, read_revision
 
     experiments = config["experiments"].values()
     for name in sorted({exp["root_model"] for exp in experiments}):
@@ -303,7 +326,7 @@ def check_config(config: dict, origin="config") -> None:
         path = Path(model["path"])
         try:
             cfg = path / "config.json" if path.is_dir() else config_file(
-                _repo(model["path"], "model", model.get("revision"), f"models.{name}.path"))
+                _repo(model["path"], "model", read_revision(model), f"models.{name}.path"))
         except HubError as exc:
             raise HubError(f"{where}: {exc}") from None
         if cfg is not None and cfg.is_file() and json.loads(cfg.read_text()).get("auto_map") \
@@ -315,6 +338,6 @@ def check_config(config: dict, origin="config") -> None:
             dataset = config["datasets"][name]
             if "hub" in dataset:
                 try:
-                    dataset_dir(dataset["hub"], dataset.get("revision"), f"datasets.{name}.hub")
+                    dataset_dir(dataset["hub"], read_revision(dataset), f"datasets.{name}.hub")
                 except HubError as exc:
                     raise HubError(f"{origin_of(origin, ('datasets', name))}: {exc}") from None

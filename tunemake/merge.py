@@ -43,7 +43,7 @@ from tunemake.atomic import atomic_dir, write_json
 from tunemake.convert import METADATA_FILE, config_dtype, read_metadata
 from tunemake.errors import TunemakeError
 from tunemake.config import parse_size
-from tunemake.hub import load_pretrained, model_dir, own_code_failed, remote_code_error
+from tunemake.hub import is_hub_id, load_pretrained, model_dir, own_code_failed, remote_code_error
 from tunemake.shards import (
     DTYPE_NAMES,
     DTYPES as STORED_DTYPES,
@@ -183,7 +183,7 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
     generation = _generation_config(base, base_config, tokenizer, template, tokenizer_dir)
     merge_metadata = {
         **metadata, "kind": "merge", "source": str(source), "dtype": dtype, "max_shard_size": max_shard_size,
-        "base_model": base_name,
+        "base_model": base_name, **({"base_commit": base.name} if is_adapter and is_hub_id(base_name) else {}),
         "template": template_to_dict(template),
     }
     if "dtype" in metadata:

@@ -42,7 +42,7 @@ import torch
 
 from tunemake.atomic import atomic_file, write_json
 from tunemake.errors import TunemakeError
-from tunemake.hub import load_pretrained, model_dir
+from tunemake.hub import is_hub_id, load_pretrained, model_dir
 from tunemake.schedule import lr_factor
 from tunemake.versions import TRAIN_CODE_VERSION
 
@@ -625,6 +625,31 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def model_identity(name: str, directory: Path) -> str:
+    """A hub model's ``id@commit`` (its cached snapshot directory is named by the commit); for a
+    local directory, a digest of its JSON files and of its weights' safetensors headers and sizes."""
+    if is_hub_id(name):
+        return f"{name}@{directory.name}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin")):
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        if path.suffix == ".json":
+            digest.update(path.read_bytes())
+        elif path.suffix == ".safetensors":
+            with open(path, "rb") as handle:
+                digest.update(handle.read(8 + int.from_bytes(handle.read(8), "little")))
+    return digest.hexdigest()
+
+
+def data_identity(data_dir: Path) -> str:
+    """A templated dataset's recipe and statistics, which hold the digest of its tokens that the data
+    stage recorded; a dataset built before it recorded one is hashed whole."""
+    stats = data_dir / "stats.json"
+    if stats.is_file() and "digest" in json.loads(stats.read_text()):
+        return _hash_files([data_dir / "recipe.json", stats])
+    return _hash_files([p for p in data_dir.rglob("*") if p.is_file()])
+
+
 def _hash_files(paths) -> str:
     digest = hashlib.sha256()
     for path in sorted(paths):
@@ -636,15 +661,16 @@ def _hash_files(paths) -> str:
 
 
 def fingerprint(spec: dict, previous: str | None) -> dict:
-    """What this epoch's result is a function of: config, data, base model, code, previous epoch."""
-    data_files = [p for p in Path(spec["data_dir"]).rglob("*") if p.is_file()]
-    base = Path(spec["base_model"]["dir"])
-    base_files = [p for p in base.iterdir() if p.is_file() and p.name.endswith((".json", ".safetensors", ".bin"))]
+    """What this epoch's result is a function of: config, data, base model, code, previous epoch.
+
+    Cheap on every rank: no weight is read, and a templated dataset is named by the digest its
+    data stage recorded (see :func:`model_identity`, :func:`data_identity`).
+    """
     parts = {
         "config": hashlib.sha256(json.dumps(
             {k: spec[k] for k in ("experiment", "epoch", "method", "train")}, sort_keys=True).encode()).hexdigest(),
-        "data": _hash_files(data_files),
-        "base_model": _hash_files(base_files),
+        "data": data_identity(Path(spec["data_dir"])),
+        "base_model": model_identity(spec["base_model"]["path"], Path(spec["base_model"]["dir"])),
         "code": f"train/{TRAIN_CODE_VERSION}",
         "previous": previous or "",
     }
