@@ -7,13 +7,14 @@ from tunemake.rule_entry import run
 from tunemake.train import launch
 
 
-def train(config: dict, experiment: str, epoch: int, threads: int) -> int:
+def train(config: dict, experiment: str, epoch: int, data_dir: str, threads: int) -> int:
     # the main process wrote tunemake.lock before any job started: its commits are the DAG's
     config = load_pinned(config, may_resolve=False, check_files=False)
-    return launch(train_spec(config["experiments"][experiment], epoch, config, threads=threads))
+    spec = train_spec(config["experiments"][experiment], epoch, config, threads=threads)
+    return launch({**spec, "data_dir": data_dir})  # the input the DAG gave this job, whatever changed since
 
 
 status = run(snakemake, train, config=snakemake.config, experiment=snakemake.wildcards.experiment,
-             epoch=int(snakemake.wildcards.epoch), threads=snakemake.threads)
+             epoch=int(snakemake.wildcards.epoch), data_dir=snakemake.input.data, threads=snakemake.threads)
 if status:
     sys.exit(status)

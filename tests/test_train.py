@@ -466,3 +466,28 @@ def test_not_a_causal_lm(project, tmp_path):
     spec = train_spec(next(iter(resolved["experiments"].values())), 1, resolved)
     with pytest.raises(TrainError, match="not a causal language model"):
         launch(spec)
+
+
+def test_the_fingerprint_names_model_and_data_without_reading_their_bytes(project, tmp_path):
+    """What the fingerprint tells apart: a base model's config or tensor layout, the data's tokens;
+    the weights' bytes are never read (a 70B model would be read on every rank every epoch)."""
+    from tunemake.train import data_identity, model_identity
+
+    base = tmp_path / "base"
+    shutil.copytree(project / "models" / "tiny", base)
+    identity = model_identity(str(base), base)
+    weights = bytearray((base / "model.safetensors").read_bytes())
+    weights[-64:] = bytes(64)  # other weights, same layout
+    (base / "model.safetensors").write_bytes(bytes(weights))
+    assert model_identity(str(base), base) == identity  # the weights' bytes were not read
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    assert model_identity(str(base), base) != identity
+
+    spec = prepare(project, tmp_path / "w", base_config(epochs=1))
+    data_dir = Path(spec["data_dir"])
+    identity = data_identity(data_dir)
+    stats = json.loads((data_dir / "stats.json").read_text())
+    assert len(stats["digest"]) == 64
+    (data_dir / "stats.json").write_text(json.dumps({**stats, "digest": "0" * 64}))
+    assert data_identity(data_dir) != identity
