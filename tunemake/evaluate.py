@@ -24,7 +24,7 @@ import torch
 from tunemake.atomic import atomic_file, write_json
 from tunemake.hub import is_hub_id, load_pretrained, model_dir as hub_model_dir
 from tunemake.demo import TASK_FAMILIES
-from tunemake.encode import prompt_ids
+from tunemake.encode import IGNORE_INDEX, prompt_ids
 from tunemake.errors import TunemakeError, at
 from tunemake.templates import HF, Template, get_template
 
@@ -220,7 +220,7 @@ def _load(model_dir: Path, trust_remote_code: bool = False):
 
 def _heldout_loss(model, data_dir: Path, rows: int, tokenizer, batch_size: int) -> tuple[float | None, int]:
     """Training's held-out loss on these weights, and the number of tokens it averages over."""
-    from tunemake.train import IGNORE_INDEX, Dist, Rows, evaluate_heldout
+    from tunemake.train import Dist, Rows, evaluate_heldout
 
     if rows == 0:
         return None, 0

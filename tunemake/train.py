@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from tunemake.atomic import atomic_file, write_json
+from tunemake.encode import IGNORE_INDEX
 from tunemake.errors import TunemakeError
 from tunemake.hub import is_hub_id, load_pretrained, model_dir
 from tunemake.schedule import lr_factor
@@ -48,7 +49,6 @@ from tunemake.versions import TRAIN_CODE_VERSION
 
 log = logging.getLogger("tunemake.train")
 
-IGNORE_INDEX = -100
 CHECKPOINT_FORMAT = "tunemake.epoch/1"
 PRUNED_MARKER = "PRUNED"
 RESUME_EXIT_CODE = 75  # EX_TEMPFAIL: interrupted with a resume point written; rerun to continue
