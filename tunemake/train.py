@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from tunemake.atomic import atomic_file, write_json
+from tunemake.config import DEEPSPEED_PRESETS
 from tunemake.encode import IGNORE_INDEX
 from tunemake.errors import TunemakeError
 from tunemake.hub import is_hub_id, load_pretrained, model_dir
@@ -275,20 +276,6 @@ def load_tokenizer(spec: dict):
 
 
 # --- DeepSpeed ---------------------------------------------------------------------------------
-
-#: XTuner's shipped ZeRO configs (REFERENCE §3), with the batch fields left "auto".
-DEEPSPEED_PRESETS = {
-    "zero1": {"zero_optimization": {"stage": 1}},
-    "zero2": {"zero_optimization": {"stage": 2, "overlap_comm": True}},
-    "zero2_offload": {"zero_optimization": {"stage": 2, "overlap_comm": True,
-                                            "offload_optimizer": {"device": "cpu", "pin_memory": True}}},
-    "zero3": {"zero_optimization": {"stage": 3, "overlap_comm": True,
-                                    "stage3_gather_16bit_weights_on_model_save": True}},
-    "zero3_offload": {"zero_optimization": {"stage": 3, "overlap_comm": True,
-                                            "offload_optimizer": {"device": "cpu", "pin_memory": True},
-                                            "offload_param": {"device": "cpu", "pin_memory": True},
-                                            "stage3_gather_16bit_weights_on_model_save": True}},
-}
 
 
 def deepspeed_config(spec: dict, world: int) -> dict | None:
