@@ -42,7 +42,7 @@ import torch
 from tunemake.atomic import atomic_dir, write_json
 from tunemake.convert import METADATA_FILE, config_dtype, read_metadata
 from tunemake.errors import TunemakeError
-from tunemake.config import parse_size
+from tunemake.config import DTYPE_BYTES, parse_size
 from tunemake.hub import is_hub_id, load_pretrained, model_dir, own_code_failed, remote_code_error
 from tunemake.shards import (
     DTYPE_NAMES,
@@ -63,7 +63,6 @@ from tunemake.templates import HF, Template, encoding_problem, get_template, tem
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
@@ -156,9 +155,9 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
         raise MergeError(f"{base}: a {method} checkpoint; merging needs the unquantized base model "
                          "the adapter was trained from (QLoRA adapters merge into the float weights)")
     dtype = dtype or config_dtype(base_config)
-    if dtype not in DTYPES:
-        raise MergeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    out_dtype = DTYPE_NAMES[DTYPES[dtype]]
+    if dtype not in DTYPE_BYTES:
+        raise MergeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    out_dtype = DTYPE_NAMES[getattr(torch, dtype)]
 
     base_tensors = _model_tensors(base)
     if adapter_config is not None:

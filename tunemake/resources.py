@@ -44,7 +44,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunemake.config import DEEPSPEED_PRESETS
+from tunemake.config import DEEPSPEED_PRESETS, DTYPE_BYTES
 from tunemake.errors import ConfigError
 from tunemake.hub import HubError, model_dir
 
@@ -296,7 +296,7 @@ def _estimates(exp: dict, config: dict, shape: Shape) -> dict[str, dict]:
     processes = gpus if on_gpu else exp["nproc"]
     world = processes * exp["nodes"]
     model_dtype = config["models"][exp["root_model"]]["dtype"]
-    weight_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(model_dtype, 2 if on_gpu else 4)
+    weight_bytes = DTYPE_BYTES.get(model_dtype, 2 if on_gpu else 4)
     precision = exp["precision"]
     mixed = precision in ("bf16", "fp16") or (precision == "auto" and on_gpu)
     stage, offload_optimizer, offload_params = _zero(exp)

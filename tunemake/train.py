@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from tunemake.atomic import atomic_file, write_json
-from tunemake.config import DEEPSPEED_PRESETS
+from tunemake.config import DEEPSPEED_PRESETS, DTYPE_BYTES
 from tunemake.encode import IGNORE_INDEX
 from tunemake.errors import TunemakeError
 from tunemake.hub import is_hub_id, load_pretrained, model_dir
@@ -418,7 +418,9 @@ def torch_dtype(name: str, device: torch.device):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if name not in DTYPE_BYTES:
+        raise TrainError(f"dtype: {name!r} is not one of auto, {', '.join(DTYPE_BYTES)}")
+    return getattr(torch, name)
 
 
 def autocast_dtype(precision: str, device: torch.device):
