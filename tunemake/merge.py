@@ -59,7 +59,7 @@ from tunemake.shards import (
     shard_names,
     write_index,
 )
-from tunemake.templates import HF, Template, encoding_problem, get_template, template_from_dict, template_to_dict
+from tunemake.templates import HF, Template, check_encodable, get_template, template_from_dict, template_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -525,9 +525,7 @@ def _load_tokenizer(path: Path, template: Template | str, trust_remote_code: boo
     if template == HF:
         return tokenizer
     tokenizer.chat_template = template.chat_template()
-    problem = encoding_problem(template, tokenizer)
-    if problem:
-        raise MergeError(f"{problem}, in the tokenizer {path}: a template the tokenizer can't encode")
+    check_encodable(template, tokenizer, path, MergeError)
     for token in template.special_tokens():
         ids = tokenizer.encode(token, add_special_tokens=False)
         if len(ids) != 1:

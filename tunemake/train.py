@@ -254,17 +254,13 @@ def check_spec(spec: dict) -> None:
 
 def _check_template_tokens(spec: dict) -> None:
     """A stop word the tokenizer splits would leave the merged model unable to stop: say so now."""
-    from tunemake.templates import HF, encoding_problem, template_from_dict
+    from tunemake.templates import HF, check_encodable, template_from_dict
 
     template = template_from_dict(spec["template"])
     if template == HF or not template.stop_words:
         return
     root = spec.get("tokenizer_path") or spec["base_model"]["path"]
-    tokenizer = load_tokenizer(spec)
-    problem = encoding_problem(template, tokenizer)
-    if problem:
-        raise TrainError(f"{problem}, in the tokenizer {root}: a template the tokenizer can't encode; "
-                         "add the token to the tokenizer or pick another template")
+    check_encodable(template, load_tokenizer(spec), root, TrainError)
 
 
 def load_tokenizer(spec: dict):
