@@ -491,3 +491,47 @@ def test_the_fingerprint_names_model_and_data_without_reading_their_bytes(projec
     assert len(stats["digest"]) == 64
     (data_dir / "stats.json").write_text(json.dumps({**stats, "digest": "0" * 64}))
     assert data_identity(data_dir) != identity
+
+
+def test_sample_generations_stop_at_a_stop_word_of_several_tokens(project):
+    """The end-of-epoch samples stop as evaluate and chat do: eos and one-token stop words as ids, a
+    stop word of several tokens cut from the text (``convert_tokens_to_ids`` gave no id for it)."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunemake.encode import prompt_ids
+    from tunemake.templates import template_to_dict
+    from tunemake.train import Dist, sample_generations
+
+    tiny = project / "models" / "tiny"
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    template = TEMPLATES["internlm2_chat"]
+    words = [tokenizer.encode(w, add_special_tokens=False) for w in (" the", " capital", " of", " is")]
+    assert all(len(w) == 1 for w in words)
+    the, capital, of, is_ = (w[0] for w in words)
+    assert tokenizer.encode(" capital of", add_special_tokens=False) == [capital, of]
+    last_prompt_token = prompt_ids([{"system": "", "input": "Tell me", "output": ""}], template, tokenizer)[1][-1]
+    order = [last_prompt_token, the, capital, of, is_, tokenizer.eos_token_id]
+    assert len(set(order)) == len(order)
+    # the greedy answer to the prompt is " the capital of is" then eos: each token's successor by
+    # a one-hot embedding the output head maps on (the layers' output projections zeroed)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        head.zero_()
+        for i, token in enumerate(order):
+            embed[token] = torch.nn.functional.one_hot(torch.tensor(i), embed.shape[1]).float()
+            if i + 1 < len(order):
+                head[order[i + 1]] = 10.0 * embed[token]
+
+    def samples(stop_words):
+        spec = {"train": {"evaluation_inputs": ["Tell me"]}, "tokenizer_dir": str(tiny), "base_model": {},
+                "template": template_to_dict(replace(template, stop_words=stop_words))}
+        return [s["output"] for s in sample_generations(model, spec, Dist())]
+
+    assert samples(("<|im_end|>",)) == [" the capital of is"]
+    assert samples(("<|im_end|>", " capital of")) == [" the"]

@@ -43,6 +43,7 @@ from tunemake.atomic import atomic_dir, write_json
 from tunemake.convert import METADATA_FILE, config_dtype, read_metadata
 from tunemake.errors import TunemakeError
 from tunemake.config import DTYPE_BYTES, parse_size
+from tunemake.encode import generation_stops
 from tunemake.hub import is_hub_id, load_pretrained, model_dir, own_code_failed, remote_code_error
 from tunemake.shards import (
     DTYPE_NAMES,
@@ -549,10 +550,7 @@ def _generation_config(base: Path, base_config: dict, tokenizer, template: Templ
     generation.pop("_from_model_config", None)
     base_eos = generation.get("eos_token_id")
     base_eos = [] if base_eos is None else base_eos if isinstance(base_eos, list) else [base_eos]
-    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if template != HF:
-        stops += [tokenizer.encode(word, add_special_tokens=False)[0] for word in template.stop_words]
-    eos = list(dict.fromkeys([*stops, *base_eos]))
+    eos = list(dict.fromkeys([*generation_stops(tokenizer, template).ids, *base_eos]))
     if not eos:
         raise MergeError(f"{tokenizer_dir}: the tokenizer has no eos token and the template no stop words; "
                          "generation would never stop")

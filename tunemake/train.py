@@ -1030,31 +1030,31 @@ def evaluate_heldout(model, spec: dict, dist: Dist, pad_id: int, amp_dtype) -> f
 
 @torch.no_grad()
 def sample_generations(model, spec: dict, dist: Dist, max_new_tokens: int = 48) -> list[dict]:
-    """Greedy answers to the experiment's ``evaluation_inputs`` (XTuner's sample generations)."""
+    """Greedy answers to the experiment's ``evaluation_inputs`` (XTuner's sample generations).
+
+    Prompts and stops are evaluate's and chat's (:func:`tunemake.encode.prompt_ids`,
+    :func:`tunemake.encode.generation_stops`): the answer ends at eos or a one-token stop word and
+    is cut at a stop word of several tokens.
+    """
     prompts = spec["train"].get("evaluation_inputs") or []
     if not prompts:
         return []
-    from tunemake.encode import BOS, plan
+    from tunemake.encode import answer_text, generation_stops, prompt_ids
     from tunemake.templates import HF, Template
 
     tokenizer = load_tokenizer(spec)
     template = spec["template"]
     template = HF if template["name"] == HF else Template(**template)
     inner = unwrap(model)
+    stops = generation_stops(tokenizer, template, getattr(inner.generation_config, "eos_token_id", None))
     inner.eval()
     samples = []
     for prompt in prompts:
-        if template == HF:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        else:
-            pieces = plan([{"system": "", "input": prompt, "output": ""}], template, False)
-            ids = [tokenizer.bos_token_id] if pieces[0] is BOS and tokenizer.bos_token_id is not None else []
-            ids += tokenizer.encode(template.render_input(prompt, None, 1), add_special_tokens=False)
+        _, ids = prompt_ids([{"system": "", "input": prompt, "output": ""}], template, tokenizer)
         input_ids = torch.tensor([ids], device=dist.device)
-        stop = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(w) for w in template.stop_words] if template != HF else None
         out = inner.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id or 0)
-        samples.append({"prompt": prompt, "output": tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)})
+                             do_sample=False, eos_token_id=stops.ids or None, pad_token_id=tokenizer.pad_token_id or 0)
+        samples.append({"prompt": prompt, "output": answer_text(out[0, len(ids):].tolist(), tokenizer, stops)})
     inner.train()
     return samples
 
