@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chain_model import make_chain
 from tunemake.config import load_config, train_spec
 from tunemake.data import build_templated_dataset
 from tunemake.demo import build_demo_model, build_demo_tokenizer, generate_demo_data
@@ -512,21 +513,9 @@ def test_sample_generations_stop_at_a_stop_word_of_several_tokens(project):
     the, capital, of, is_ = (w[0] for w in words)
     assert tokenizer.encode(" capital of", add_special_tokens=False) == [capital, of]
     last_prompt_token = prompt_ids([{"system": "", "input": "Tell me", "output": ""}], template, tokenizer)[1][-1]
-    order = [last_prompt_token, the, capital, of, is_, tokenizer.eos_token_id]
-    assert len(set(order)) == len(order)
-    # the greedy answer to the prompt is " the capital of is" then eos: each token's successor by
-    # a one-hot embedding the output head maps on (the layers' output projections zeroed)
     model = AutoModelForCausalLM.from_pretrained(tiny)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-        head.zero_()
-        for i, token in enumerate(order):
-            embed[token] = torch.nn.functional.one_hot(torch.tensor(i), embed.shape[1]).float()
-            if i + 1 < len(order):
-                head[order[i + 1]] = 10.0 * embed[token]
+    # the greedy answer to the prompt: " the capital of is", then eos
+    make_chain(model, [last_prompt_token, the, capital, of, is_, tokenizer.eos_token_id])
 
     def samples(stop_words):
         spec = {"train": {"evaluation_inputs": ["Tell me"]}, "tokenizer_dir": str(tiny), "base_model": {},
