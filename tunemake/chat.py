@@ -253,12 +253,12 @@ class ChatSession:
                  stop_words: Iterable[str] = (), seed: int = 0):
         from transformers import set_seed
 
+        from tunemake.encode import generation_stops
+
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.system = system or ""
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.repetition_penalty, self.max_new_tokens = repetition_penalty, max_new_tokens
-        from tunemake.encode import generation_stops
-
         model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.stops = generation_stops(tokenizer, template, model_eos, stop_words)
         self.history: list[dict] = []
