@@ -88,8 +88,12 @@ def test_gated_or_private_repos_say_how_to_log_in(monkeypatch, status):
     def refuse(*args, **kwargs):
         raise error
 
+    class Api:
+        list_repo_files = repo_info = refuse
+
     monkeypatch.setattr(hub, "offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
     with pytest.raises(HubError, match=r"org/x at revision main.*`hf auth login` or set HF_TOKEN"):
         hub.fetch(HubRepo("org/x"))
 
@@ -101,20 +105,30 @@ def _fill_cache_instead_of_downloading(monkeypatch, offline_hub, files: dict[str
     """huggingface_hub's download, stood in for: writes the repo into the cache as it would."""
     import huggingface_hub
 
-    def download(repo_id, repo_type=None, revision=None, **kwargs):
+    def download(repo_id, repo_type=None, revision=None, ignore_patterns=None, **kwargs):
+        asked.append(ignore_patterns)
         shas = write_repo(offline_hub.cache_dir, repo_type or "model", repo_id, [(revision or "main", files)])
         folder = "--".join([f"{repo_type or 'model'}s", *repo_id.split("/")])
         return str(offline_hub.cache_dir / folder / "snapshots" / shas[revision or "main"])
 
+    class Api:  # the repository's listing, as the hub would answer it
+        def list_repo_files(self, repo_id, revision=None, **kwargs):
+            return [*files, "original/consolidated.00.pth", "pytorch_model.bin"]
+
+    asked = []
     monkeypatch.setattr(hub, "offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    return asked
 
 
 def test_fetch_downloads_into_the_cache_and_writes_a_receipt(monkeypatch, offline_hub, tmp_path):
     files = {name: path.read_bytes() for name in ("config.json", "model.safetensors")
              for path in [offline_hub.snapshots[LLAMA3]["main"] / name]}
-    _fill_cache_instead_of_downloading(monkeypatch, offline_hub, files)
+    asked = _fill_cache_instead_of_downloading(monkeypatch, offline_hub, files)
     receipt = hub.fetch_receipt("fetch-test/model", "model", "dev", tmp_path / "fetched" / "r.json")
+    # what transformers loads, not the copies in other formats, nor .bin beside safetensors
+    assert "original/*" in asked[0] and "*.bin" in asked[0]
     assert json.loads((tmp_path / "fetched" / "r.json").read_text()) == receipt
     assert receipt["revision"] == "dev" and len(receipt["commit"]) == 40
     monkeypatch.undo()  # offline again: the stages find it in the cache

@@ -27,6 +27,10 @@ log = logging.getLogger("tunemake.hub")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _SHA = re.compile(r"[0-9a-f]{40}")
 
+#: Files of a model repository that no stage reads: weights in other frameworks' formats.
+OTHER_FORMATS = ("original/*", "*.pth", "*.pt", "*.gguf", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.tflite",
+                 "*.mlmodel")
+
 
 class HubError(TunemakeError):
     """A hub repository that cannot be read: not cached, gated, missing, or not a hub id at all."""
@@ -145,17 +149,25 @@ def resolve_commit(repo: HubRepo) -> str:
 def fetch(repo: HubRepo) -> Path:
     """Download ``repo`` into the standard cache (progress bars on stderr) and return its snapshot.
 
-    Offline (``HF_HUB_OFFLINE=1``), a cached snapshot is returned as it is.
+    A model's files are those transformers loads: its safetensors weights (``*.bin`` only where it
+    has none), configs, tokenizer and code, not copies in other formats (Llama's ``original/``
+    holds a second set of weights). A dataset is downloaded whole. Offline (``HF_HUB_OFFLINE=1``),
+    a cached snapshot is returned as it is.
 
     Raises:
         HubError: gated or private, missing, an unknown revision, or offline and not cached.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
     if offline():
         return snapshot(repo)
     with _hub_errors(repo):
-        return Path(snapshot_download(repo.repo_id, repo_type=repo.repo_type, revision=repo.revision))
+        ignore = None
+        if repo.repo_type == "model":
+            files = HfApi().list_repo_files(repo.repo_id, revision=repo.revision)
+            ignore = list(OTHER_FORMATS) + (["*.bin"] if any(f.endswith(".safetensors") for f in files) else [])
+        return Path(snapshot_download(repo.repo_id, repo_type=repo.repo_type, revision=repo.revision,
+                                      ignore_patterns=ignore))
 
 
 def config_file(repo: HubRepo) -> Path | None:
