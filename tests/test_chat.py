@@ -16,8 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
+from chain_model import make_chain
 from tunemake.atomic import write_json
 from tunemake.chat import ChatError, ChatSession, load_chat_model, resolve_template
 from tunemake.cli import main
@@ -108,11 +108,8 @@ def test_history_keeps_previous_answers(loaded):
 
 @pytest.fixture(scope="module")
 def chain(tiny):
-    """A copy of ``tiny`` whose greedy answer to any prompt is `` the capital of France<|im_end|> you``.
-
-    Every layer's output projections are zeroed, so the last hidden state is the embedding of the
-    last token; the chain's embeddings are one-hot and the output head maps each to its successor.
-    """
+    """A copy of ``tiny`` whose greedy answer to any prompt is `` the capital of France<|im_end|> you``
+    (:func:`chain_model.make_chain`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny)
@@ -121,20 +118,8 @@ def chain(tiny):
     the, capital, of, france, you = (w[0] for w in words)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     last_prompt_token = ChatSession(None, tokenizer, TEMPLATE).render("anything")[1][-1]
-    order = [last_prompt_token, the, capital, of, france, im_end, you]
-    assert len(set(order)) == len(order)
-
     model = AutoModelForCausalLM.from_pretrained(tiny)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-        head.zero_()
-        for i, token in enumerate(order):
-            embed[token] = torch.nn.functional.one_hot(torch.tensor(i), embed.shape[1]).float()
-            if i + 1 < len(order):
-                head[order[i + 1]] = 10.0 * embed[token]
+    make_chain(model, [last_prompt_token, the, capital, of, france, im_end, you])
     out = tiny.parent / "chain"
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tunemake.json"):

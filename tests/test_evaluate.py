@@ -20,9 +20,9 @@ from tunemake.atomic import write_json
 from tunemake.config import load_config
 from tunemake.data import build_templated_dataset
 from tunemake.demo import build_demo_model, build_demo_tokenizer, generate_demo_data
-from tunemake.encode import IGNORE_INDEX, prompt_ids
+from tunemake.encode import IGNORE_INDEX, generation_stops, prompt_ids
 from tunemake.evaluate import (METRICS_PLOT, TRAINING_PLOT, EvaluateError, evaluate_model, generate_answers,
-                               stop_ids, summarize)
+                               summarize)
 from tunemake.templates import TEMPLATES
 
 TEMPLATE = TEMPLATES["internlm2_chat"]
@@ -161,7 +161,8 @@ def test_batched_generation_equals_one_by_one(heldout, model_and_tokenizer):
 def test_generation_stops_at_the_templates_end_of_turn(heldout, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert end_of_turn in stop_ids(tokenizer, TEMPLATE) and tokenizer.eos_token_id in stop_ids(tokenizer, TEMPLATE)
+    stop_ids = generation_stops(tokenizer, TEMPLATE).ids
+    assert end_of_turn in stop_ids and tokenizer.eos_token_id in stop_ids
     words = [tokenizer.encode(w, add_special_tokens=False)[0] for w in ("The", " capital")]
     script = [*words, end_of_turn, words[0]]  # the last token must never be generated
     calls = []

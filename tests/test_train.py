@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chain_model import make_chain
 from tunemake.config import load_config, train_spec
 from tunemake.data import build_templated_dataset
 from tunemake.demo import build_demo_model, build_demo_tokenizer, generate_demo_data
@@ -491,3 +492,35 @@ def test_the_fingerprint_names_model_and_data_without_reading_their_bytes(projec
     assert len(stats["digest"]) == 64
     (data_dir / "stats.json").write_text(json.dumps({**stats, "digest": "0" * 64}))
     assert data_identity(data_dir) != identity
+
+
+def test_sample_generations_stop_at_a_stop_word_of_several_tokens(project):
+    """The end-of-epoch samples stop as evaluate and chat do: eos and one-token stop words as ids, a
+    stop word of several tokens cut from the text (``convert_tokens_to_ids`` gave no id for it)."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunemake.encode import prompt_ids
+    from tunemake.templates import template_to_dict
+    from tunemake.train import Dist, sample_generations
+
+    tiny = project / "models" / "tiny"
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    template = TEMPLATES["internlm2_chat"]
+    words = [tokenizer.encode(w, add_special_tokens=False) for w in (" the", " capital", " of", " is")]
+    assert all(len(w) == 1 for w in words)
+    the, capital, of, is_ = (w[0] for w in words)
+    assert tokenizer.encode(" capital of", add_special_tokens=False) == [capital, of]
+    last_prompt_token = prompt_ids([{"system": "", "input": "Tell me", "output": ""}], template, tokenizer)[1][-1]
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    # the greedy answer to the prompt: " the capital of is", then eos
+    make_chain(model, [last_prompt_token, the, capital, of, is_, tokenizer.eos_token_id])
+
+    def samples(stop_words):
+        spec = {"train": {"evaluation_inputs": ["Tell me"]}, "tokenizer_dir": str(tiny), "base_model": {},
+                "template": template_to_dict(replace(template, stop_words=stop_words))}
+        return [s["output"] for s in sample_generations(model, spec, Dist())]
+
+    assert samples(("<|im_end|>",)) == [" the capital of is"]
+    assert samples(("<|im_end|>", " capital of")) == [" the"]

@@ -229,40 +229,6 @@ def resolve_template(model_dir: str | os.PathLike, adapter: str | os.PathLike | 
 # The conversation
 
 
-@dataclass
-class _Stops:
-    """Where generation stops: single-token words as ids, longer ones as strings."""
-
-    ids: list[int]
-    strings: list[str]
-    words: list[str]  # every stop word, to cut the answer at
-    visible: list[str]  # their text without special tokens, what a streamer sees
-
-
-def _stops(tokenizer, template, extra: Iterable[str], model=None) -> _Stops:
-    ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for eos in model_eos if isinstance(model_eos, list) else [model_eos]:
-        if eos is not None and eos not in ids:
-            ids.append(eos)
-    words = [*(template.stop_words if isinstance(template, Template) else ()), *extra]
-    strings, kept = [], []
-    for word in words:
-        encoded = tokenizer.encode(word, add_special_tokens=False) if word else []
-        if not encoded or word in kept:
-            continue
-        kept.append(word)
-        if len(encoded) == 1:
-            if encoded[0] not in ids:
-                ids.append(encoded[0])
-        else:
-            strings.append(word)
-    visible = [tokenizer.decode(tokenizer.encode(w, add_special_tokens=False), skip_special_tokens=True) for w in kept]
-    return _Stops(ids, strings, kept, [v for v in visible if v])
-
-
 class ChatSession:
     """One conversation with a loaded model: :meth:`ask` answers and remembers, :meth:`reset` forgets.
 
@@ -287,11 +253,14 @@ class ChatSession:
                  stop_words: Iterable[str] = (), seed: int = 0):
         from transformers import set_seed
 
+        from tunemake.encode import generation_stops
+
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.system = system or ""
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.repetition_penalty, self.max_new_tokens = repetition_penalty, max_new_tokens
-        self.stops = _stops(tokenizer, template, stop_words, model)
+        model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.stops = generation_stops(tokenizer, template, model_eos, stop_words)
         self.history: list[dict] = []
         set_seed(seed)
 
@@ -351,7 +320,7 @@ class ChatSession:
             stop_strings=self.stops.strings or None,
             **({"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p} if sample else {}),
         )
-        streamer = _streamer_class()(self.tokenizer, self.stops.visible, stream) if stream is not None else None
+        streamer = _streamer_class()(self.tokenizer, self._visible_stops(), stream) if stream is not None else None
         input_ids = torch.tensor([ids], device=self.model.device)
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -361,6 +330,12 @@ class ChatSession:
             streamer.finish(answer)
         self.history.append({**turn, "output": answer})
         return answer
+
+    def _visible_stops(self) -> list[str]:
+        """The stop words' text without special tokens: what a streamer sees."""
+        encode, decode = self.tokenizer.encode, self.tokenizer.decode
+        visible = [decode(encode(word, add_special_tokens=False), skip_special_tokens=True) for word in self.stops.words]
+        return [text for text in visible if text]
 
     def _answer(self, new_ids: list[int]) -> str:
         """The generated text up to the first stop word, without special tokens (eos among them)."""

@@ -168,6 +168,8 @@ def cmd_chat(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tunemake.config import DTYPE_BYTES
+
     parser = argparse.ArgumentParser(prog="tunemake", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -210,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the directory to write")
     p.add_argument("--base", help="base model directory or hub id (default: the one recorded in the checkpoint)")
     with_hub(p)
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+    p.add_argument("--dtype", choices=list(DTYPE_BYTES),
                    help="weights' dtype (default: float16 for adapters, as XTuner's pth_to_hf; the base's for full)")
     p.set_defaults(fn=cmd_convert)
 
@@ -220,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model directory or hub id (default: the one recorded with the adapter)")
     with_hub(p)
     p.add_argument("--max-shard-size", default="2GB", help="largest shard file, e.g. 2GB, 500MB, 1GiB (default 2GB)")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+    p.add_argument("--dtype", choices=list(DTYPE_BYTES),
                    help="weights' dtype (default: the base's, else float16)")
     p.add_argument("--template", help="prompt template (default: the one recorded with the adapter)")
     p.set_defaults(fn=cmd_merge)

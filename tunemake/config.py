@@ -29,8 +29,24 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 #: Methods usable by name without a ``methods:`` entry, with XTuner's defaults.
 BUILTIN_METHODS = {"full": {"type": "full"}, "lora": {"type": "lora"}, "qlora": {"type": "qlora"}}
 
-#: DeepSpeed configs tunemake ships, by XTuner's names without the ``deepspeed_`` prefix.
-DEEPSPEED_CONFIGS = ("zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
+#: The dtypes a model is loaded, converted or merged in, by the name a config and torch give them
+#: (``getattr(torch, name)``), with their bytes per value.
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+#: DeepSpeed configs tunemake ships, by XTuner's names without the ``deepspeed_`` prefix: XTuner's
+#: ZeRO configs (REFERENCE §3), with the batch fields left to ``tunemake.train`` to fill.
+DEEPSPEED_PRESETS = {
+    "zero1": {"zero_optimization": {"stage": 1}},
+    "zero2": {"zero_optimization": {"stage": 2, "overlap_comm": True}},
+    "zero2_offload": {"zero_optimization": {"stage": 2, "overlap_comm": True,
+                                            "offload_optimizer": {"device": "cpu", "pin_memory": True}}},
+    "zero3": {"zero_optimization": {"stage": 3, "overlap_comm": True,
+                                    "stage3_gather_16bit_weights_on_model_save": True}},
+    "zero3_offload": {"zero_optimization": {"stage": 3, "overlap_comm": True,
+                                            "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                            "offload_param": {"device": "cpu", "pin_memory": True},
+                                            "stage3_gather_16bit_weights_on_model_save": True}},
+}
 
 GLOB_CHARS = set("*?[")
 
@@ -521,10 +537,10 @@ def resolve_experiment(exp: dict, config: dict, origin: str) -> None:
     except TunemakeError as exc:
         raise ConfigError(f"{key}.{exc}") from None
     deepspeed = exp.get("deepspeed")
-    if deepspeed and deepspeed not in DEEPSPEED_CONFIGS and not deepspeed.endswith(".json"):
+    if deepspeed and deepspeed not in DEEPSPEED_PRESETS and not deepspeed.endswith(".json"):
         raise ConfigError(
             f"{key}.deepspeed: {deepspeed!r} is neither a ZeRO config name "
-            f"({', '.join(DEEPSPEED_CONFIGS)}) nor a .json file"
+            f"({', '.join(DEEPSPEED_PRESETS)}) nor a .json file"
         )
     for name in exp["datasets"]:
         dataset = config["datasets"][name]

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from tunemake.atomic import atomic_dir, write_json
+from tunemake.config import DTYPE_BYTES
 from tunemake.hub import is_hub_id, load_pretrained, model_dir
 from tunemake.errors import TunemakeError
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 METADATA_FILE = "tunemake.json"
 
 
@@ -93,12 +93,12 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
         if method["type"] == "full":
             from transformers import AutoTokenizer
 
-            model.to(DTYPES[dtype]).save_pretrained(tmp)
+            model.to(getattr(torch, dtype)).save_pretrained(tmp)
             tokenizer_dir = model_dir(tokenizer_path, revision) if tokenizer_path else base
             load_pretrained(AutoTokenizer, tokenizer_dir, tokenizer_path or named,
                             trust_remote_code=trust_remote_code).save_pretrained(tmp)
         else:
-            model.to(DTYPES[dtype]).save_pretrained(tmp)
+            model.to(getattr(torch, dtype)).save_pretrained(tmp)
             # a hub id, not this machine's cache directory, so that PEFT finds the base anywhere
             _canonical_adapter_config(Path(tmp) / "adapter_config.json", base=named if is_hub_id(named) else None)
         write_json(Path(tmp) / METADATA_FILE, metadata)
@@ -111,9 +111,9 @@ def stored_dtype(model_dir: str | os.PathLike) -> str:
 
 
 def config_dtype(config: dict) -> str:
-    """The dtype a model config records, as one of :data:`DTYPES` (float16 when none of them)."""
+    """The dtype a model config records, as one of :data:`~tunemake.config.DTYPE_BYTES` (float16 when none of them)."""
     name = str(config.get("dtype") or config.get("torch_dtype") or "float16").replace("torch.", "")
-    return name if name in DTYPES else "float16"
+    return name if name in DTYPE_BYTES else "float16"
 
 
 def _canonical_adapter_config(path: Path, base: str | None = None) -> None:

@@ -22,7 +22,7 @@ from tunemake.config import expand_sources, read_revision
 from tunemake.encode import IGNORE_INDEX, Encoded, encode_record, encode_records, pack
 from tunemake.errors import DataError
 from tunemake.formats import read_dataset
-from tunemake.templates import HF, Template, encoding_problem
+from tunemake.templates import HF, Template, check_encodable
 
 log = logging.getLogger("tunemake.data")
 
@@ -102,11 +102,8 @@ def build_templated_dataset(
     started = time.perf_counter()
     tokenizer = load_tokenizer(recipe["tokenizer"])
     template = template_from_recipe(recipe["template"])
-    problem = encoding_problem(template, tokenizer)
-    if problem:
-        # found here, before training, rather than by the merge after it
-        raise DataError(f"{problem}, in the tokenizer {recipe['tokenizer']['path']}: a template the tokenizer "
-                        "can't encode; add the token to the tokenizer or pick another template")
+    # found here, before training, rather than by the merge after it
+    check_encodable(template, tokenizer, recipe["tokenizer"]["path"], DataError)
     max_length = recipe["max_length"]
 
     train: list[Encoded] = []

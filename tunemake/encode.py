@@ -131,6 +131,63 @@ def prompt_ids(turns: Sequence[dict], template: Template | str, tokenizer) -> tu
     return text, ids
 
 
+@dataclass
+class Stops:
+    """Where the generation of an answer stops.
+
+    ``ids`` end it: the tokenizer's eos, the model's, and each stop word that is one token.
+    ``strings`` are the stop words of several tokens, which no id can end at (``generate``'s
+    ``stop_strings``); ``words`` is every stop word, in order, to cut the answer's text at.
+    """
+
+    ids: list[int]
+    strings: list[str]
+    words: list[str]
+
+
+def generation_stops(tokenizer, template: Template | str, model_eos: int | list[int] | None = None,
+                     extra_words: Iterable[str] = ()) -> Stops:
+    """Where generation stops for ``template`` (its stop words and ``extra_words``) and ``tokenizer``.
+
+    The one rule for the training samples, evaluate, chat and a merged model's
+    ``generation_config.json``. A stop word is encoded as text (``convert_tokens_to_ids`` would
+    give the unknown id for a word that is not spelled as a vocabulary entry).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        template: a :class:`Template`, or ``"hf"`` (no stop words of its own).
+        model_eos: the model's ``generation_config.eos_token_id`` (an id or a list), if any.
+        extra_words: stop words besides the template's. Default none.
+    """
+    ids: list[int] = []
+    model_eos = model_eos if isinstance(model_eos, list) else [model_eos]
+    for eos in [tokenizer.eos_token_id, *model_eos]:
+        if eos is not None and eos not in ids:
+            ids.append(eos)
+    strings: list[str] = []
+    words: list[str] = []
+    for word in [*(() if template == HF else template.stop_words), *extra_words]:
+        encoded = tokenizer.encode(word, add_special_tokens=False) if word else []
+        if not encoded or word in words:
+            continue
+        words.append(word)
+        if len(encoded) > 1:
+            strings.append(word)
+        elif encoded[0] not in ids:
+            ids.append(encoded[0])
+    return Stops(ids, strings, words)
+
+
+def answer_text(new_ids: Sequence[int], tokenizer, stops: Stops) -> str:
+    """The text of generated ids: up to the first stop id, special tokens skipped, cut at the first
+    stop word (one of several tokens is not among the ids)."""
+    end = next((k for k, token in enumerate(new_ids) if token in stops.ids), len(new_ids))
+    text = tokenizer.decode(new_ids[:end], skip_special_tokens=True)
+    for word in stops.words:
+        text = text.split(word, 1)[0]
+    return text
+
+
 def encode_record(turns, tokenizer, template, max_length: int, pretrain: bool = False) -> Encoded:
     """Encode one record, piece by piece, exactly as XTuner's ``encode_fn``."""
     bos, eos = special_ids(tokenizer)

@@ -24,7 +24,7 @@ import torch
 from tunemake.atomic import atomic_file, write_json
 from tunemake.hub import is_hub_id, load_pretrained, model_dir as hub_model_dir
 from tunemake.demo import TASK_FAMILIES
-from tunemake.encode import prompt_ids
+from tunemake.encode import IGNORE_INDEX, answer_text, generation_stops, prompt_ids
 from tunemake.errors import TunemakeError, at
 from tunemake.templates import HF, Template, get_template
 
@@ -220,7 +220,7 @@ def _load(model_dir: Path, trust_remote_code: bool = False):
 
 def _heldout_loss(model, data_dir: Path, rows: int, tokenizer, batch_size: int) -> tuple[float | None, int]:
     """Training's held-out loss on these weights, and the number of tokens it averages over."""
-    from tunemake.train import IGNORE_INDEX, Dist, Rows, evaluate_heldout
+    from tunemake.train import Dist, Rows, evaluate_heldout
 
     if rows == 0:
         return None, 0
@@ -234,18 +234,6 @@ def _heldout_loss(model, data_dir: Path, rows: int, tokenizer, batch_size: int) 
     return loss, tokens
 
 
-def stop_ids(tokenizer, template, generation_config=None) -> list[int]:
-    """Token ids that end an answer: eos (tokenizer's and model's) and one-token stop words."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    model_eos = getattr(generation_config, "eos_token_id", None)
-    ids += model_eos if isinstance(model_eos, list) else [model_eos] if model_eos is not None else []
-    for word in [] if template == HF else template.stop_words:
-        encoded = tokenizer.encode(word, add_special_tokens=False)
-        if len(encoded) == 1:
-            ids += encoded
-    return sorted(set(ids))
-
-
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[list[int]], template, *, max_new_tokens: int = 64,
                      batch_size: int = 16, progress: bool = True) -> list[str]:
@@ -257,11 +245,10 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], template, *, ma
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
-    stops = stop_ids(tokenizer, template, model.generation_config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+    stops = generation_stops(tokenizer, template, getattr(model.generation_config, "eos_token_id", None))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops.ids, default=0)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=stops or None, pad_token_id=pad_id)
-    stop_words = [] if template == HF else [word for word in template.stop_words if word]
+                              eos_token_id=sorted(stops.ids) or None, pad_token_id=pad_id)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     answers: list[str] = [""] * len(prompts)
@@ -279,12 +266,7 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], template, *, ma
             output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                                     generation_config=config)
             for row, i in enumerate(batch):
-                new = output[row, length:].tolist()
-                end = next((k for k, token in enumerate(new) if token in stops), len(new))
-                text = tokenizer.decode(new[:end], skip_special_tokens=True)
-                for word in stop_words:
-                    text = text.split(word, 1)[0]
-                answers[i] = text
+                answers[i] = answer_text(output[row, length:].tolist(), tokenizer, stops)
     finally:
         model.generation_config = model_config
     return answers

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutput
 
+from tunemake.encode import IGNORE_INDEX
 from tunemake.nf4 import NF4, dequantize_plan, plan
 
 try:
@@ -60,7 +61,6 @@ try:
 except Exception:  # no Triton (the CPU): torch's foreach copy serves
     triton = None
 
-IGNORE_INDEX = -100
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 #: rows are padded to a multiple of this, so a run compiles for a few lengths only
 LENGTH_MULTIPLE = 128

@@ -42,7 +42,8 @@ import torch
 from tunemake.atomic import atomic_dir, write_json
 from tunemake.convert import METADATA_FILE, config_dtype, read_metadata
 from tunemake.errors import TunemakeError
-from tunemake.config import parse_size
+from tunemake.config import DTYPE_BYTES, parse_size
+from tunemake.encode import generation_stops
 from tunemake.hub import is_hub_id, load_pretrained, model_dir, own_code_failed, remote_code_error
 from tunemake.shards import (
     DTYPE_NAMES,
@@ -59,11 +60,10 @@ from tunemake.shards import (
     shard_names,
     write_index,
 )
-from tunemake.templates import HF, Template, encoding_problem, get_template, template_from_dict, template_to_dict
+from tunemake.templates import HF, Template, check_encodable, get_template, template_from_dict, template_to_dict
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
@@ -156,9 +156,9 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
         raise MergeError(f"{base}: a {method} checkpoint; merging needs the unquantized base model "
                          "the adapter was trained from (QLoRA adapters merge into the float weights)")
     dtype = dtype or config_dtype(base_config)
-    if dtype not in DTYPES:
-        raise MergeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    out_dtype = DTYPE_NAMES[DTYPES[dtype]]
+    if dtype not in DTYPE_BYTES:
+        raise MergeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    out_dtype = DTYPE_NAMES[getattr(torch, dtype)]
 
     base_tensors = _model_tensors(base)
     if adapter_config is not None:
@@ -526,9 +526,7 @@ def _load_tokenizer(path: Path, template: Template | str, trust_remote_code: boo
     if template == HF:
         return tokenizer
     tokenizer.chat_template = template.chat_template()
-    problem = encoding_problem(template, tokenizer)
-    if problem:
-        raise MergeError(f"{problem}, in the tokenizer {path}: a template the tokenizer can't encode")
+    check_encodable(template, tokenizer, path, MergeError)
     for token in template.special_tokens():
         ids = tokenizer.encode(token, add_special_tokens=False)
         if len(ids) != 1:
@@ -552,10 +550,7 @@ def _generation_config(base: Path, base_config: dict, tokenizer, template: Templ
     generation.pop("_from_model_config", None)
     base_eos = generation.get("eos_token_id")
     base_eos = [] if base_eos is None else base_eos if isinstance(base_eos, list) else [base_eos]
-    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if template != HF:
-        stops += [tokenizer.encode(word, add_special_tokens=False)[0] for word in template.stop_words]
-    eos = list(dict.fromkeys([*stops, *base_eos]))
+    eos = list(dict.fromkeys([*generation_stops(tokenizer, template).ids, *base_eos]))
     if not eos:
         raise MergeError(f"{tokenizer_dir}: the tokenizer has no eos token and the template no stop words; "
                          "generation would never stop")

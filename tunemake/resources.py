@@ -44,6 +44,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunemake.config import DEEPSPEED_PRESETS, DTYPE_BYTES
 from tunemake.errors import ConfigError
 from tunemake.hub import HubError, model_dir
 
@@ -67,12 +68,6 @@ CUDA_MB = 1500
 HOST_MARGIN = 1.2
 #: CPU threads a training job asks for per GPU (data loading, the optimizer step of an offload).
 THREADS_PER_GPU = 4
-
-#: ZeRO stage and offloads of the DeepSpeed configs tunemake ships (tunemake.train's presets).
-ZERO_PRESETS = {
-    "zero1": (1, False, False), "zero2": (2, False, False), "zero2_offload": (2, True, False),
-    "zero3": (3, False, False), "zero3_offload": (3, True, True),
-}
 
 #: Per layer (input, output) width of the linear modules LoRA targets, by module name, as
 #: functions of the shape. Unknown names count as hidden -> hidden.
@@ -250,12 +245,13 @@ def _zero(exp: dict) -> tuple[int, bool, bool]:
     name = exp.get("deepspeed")
     if not name:
         return 0, False, False
-    if name in ZERO_PRESETS:
-        return ZERO_PRESETS[name]
-    try:
-        zero = json.loads(Path(name).read_text()).get("zero_optimization", {})
-    except (OSError, ValueError):
-        return 2, False, False  # read when training starts, which reports a bad file
+    if name in DEEPSPEED_PRESETS:
+        zero = DEEPSPEED_PRESETS[name]["zero_optimization"]
+    else:
+        try:
+            zero = json.loads(Path(name).read_text()).get("zero_optimization", {})
+        except (OSError, ValueError):
+            return 2, False, False  # read when training starts, which reports a bad file
     offloaded = [(zero.get(key) or {}).get("device") in ("cpu", "nvme")
                  for key in ("offload_optimizer", "offload_param")]
     return int(zero.get("stage", 0)), *offloaded
@@ -300,7 +296,7 @@ def _estimates(exp: dict, config: dict, shape: Shape) -> dict[str, dict]:
     processes = gpus if on_gpu else exp["nproc"]
     world = processes * exp["nodes"]
     model_dtype = config["models"][exp["root_model"]]["dtype"]
-    weight_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(model_dtype, 2 if on_gpu else 4)
+    weight_bytes = DTYPE_BYTES.get(model_dtype, 2 if on_gpu else 4)
     precision = exp["precision"]
     mixed = precision in ("bf16", "fp16") or (precision == "auto" and on_gpu)
     stage, offload_optimizer, offload_params = _zero(exp)

@@ -248,6 +248,15 @@ def encoding_problem(template: Template | str, tokenizer) -> str | None:
     return None
 
 
+def check_encodable(template: Template | str, tokenizer, tokenizer_name, error: type[Exception]) -> None:
+    """Raise ``error`` when ``tokenizer`` (named ``tokenizer_name`` in the message) cannot serve
+    ``template`` (:func:`encoding_problem`): the data stage, training and the merge check it."""
+    problem = encoding_problem(template, tokenizer)
+    if problem:
+        raise error(f"{problem}, in the tokenizer {tokenizer_name}: a template the tokenizer can't encode; "
+                    "add the token to the tokenizer or pick another template")
+
+
 def _jinja_literal(text: str) -> str:
     """Quote ``text`` as a Jinja string literal."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r") + "'"

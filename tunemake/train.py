@@ -41,6 +41,8 @@ import numpy as np
 import torch
 
 from tunemake.atomic import atomic_file, write_json
+from tunemake.config import DEEPSPEED_PRESETS, DTYPE_BYTES
+from tunemake.encode import IGNORE_INDEX
 from tunemake.errors import TunemakeError
 from tunemake.hub import is_hub_id, load_pretrained, model_dir
 from tunemake.schedule import lr_factor
@@ -48,7 +50,6 @@ from tunemake.versions import TRAIN_CODE_VERSION
 
 log = logging.getLogger("tunemake.train")
 
-IGNORE_INDEX = -100
 CHECKPOINT_FORMAT = "tunemake.epoch/1"
 PRUNED_MARKER = "PRUNED"
 RESUME_EXIT_CODE = 75  # EX_TEMPFAIL: interrupted with a resume point written; rerun to continue
@@ -253,17 +254,13 @@ def check_spec(spec: dict) -> None:
 
 def _check_template_tokens(spec: dict) -> None:
     """A stop word the tokenizer splits would leave the merged model unable to stop: say so now."""
-    from tunemake.templates import HF, encoding_problem, template_from_dict
+    from tunemake.templates import HF, check_encodable, template_from_dict
 
     template = template_from_dict(spec["template"])
     if template == HF or not template.stop_words:
         return
     root = spec.get("tokenizer_path") or spec["base_model"]["path"]
-    tokenizer = load_tokenizer(spec)
-    problem = encoding_problem(template, tokenizer)
-    if problem:
-        raise TrainError(f"{problem}, in the tokenizer {root}: a template the tokenizer can't encode; "
-                         "add the token to the tokenizer or pick another template")
+    check_encodable(template, load_tokenizer(spec), root, TrainError)
 
 
 def load_tokenizer(spec: dict):
@@ -275,20 +272,6 @@ def load_tokenizer(spec: dict):
 
 
 # --- DeepSpeed ---------------------------------------------------------------------------------
-
-#: XTuner's shipped ZeRO configs (REFERENCE §3), with the batch fields left "auto".
-DEEPSPEED_PRESETS = {
-    "zero1": {"zero_optimization": {"stage": 1}},
-    "zero2": {"zero_optimization": {"stage": 2, "overlap_comm": True}},
-    "zero2_offload": {"zero_optimization": {"stage": 2, "overlap_comm": True,
-                                            "offload_optimizer": {"device": "cpu", "pin_memory": True}}},
-    "zero3": {"zero_optimization": {"stage": 3, "overlap_comm": True,
-                                    "stage3_gather_16bit_weights_on_model_save": True}},
-    "zero3_offload": {"zero_optimization": {"stage": 3, "overlap_comm": True,
-                                            "offload_optimizer": {"device": "cpu", "pin_memory": True},
-                                            "offload_param": {"device": "cpu", "pin_memory": True},
-                                            "stage3_gather_16bit_weights_on_model_save": True}},
-}
 
 
 def deepspeed_config(spec: dict, world: int) -> dict | None:
@@ -431,7 +414,9 @@ def torch_dtype(name: str, device: torch.device):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if name not in DTYPE_BYTES:
+        raise TrainError(f"dtype: {name!r} is not one of auto, {', '.join(DTYPE_BYTES)}")
+    return getattr(torch, name)
 
 
 def autocast_dtype(precision: str, device: torch.device):
@@ -1045,31 +1030,31 @@ def evaluate_heldout(model, spec: dict, dist: Dist, pad_id: int, amp_dtype) -> f
 
 @torch.no_grad()
 def sample_generations(model, spec: dict, dist: Dist, max_new_tokens: int = 48) -> list[dict]:
-    """Greedy answers to the experiment's ``evaluation_inputs`` (XTuner's sample generations)."""
+    """Greedy answers to the experiment's ``evaluation_inputs`` (XTuner's sample generations).
+
+    Prompts and stops are evaluate's and chat's (:func:`tunemake.encode.prompt_ids`,
+    :func:`tunemake.encode.generation_stops`): the answer ends at eos or a one-token stop word and
+    is cut at a stop word of several tokens.
+    """
     prompts = spec["train"].get("evaluation_inputs") or []
     if not prompts:
         return []
-    from tunemake.encode import BOS, plan
+    from tunemake.encode import answer_text, generation_stops, prompt_ids
     from tunemake.templates import HF, Template
 
     tokenizer = load_tokenizer(spec)
     template = spec["template"]
     template = HF if template["name"] == HF else Template(**template)
     inner = unwrap(model)
+    stops = generation_stops(tokenizer, template, getattr(inner.generation_config, "eos_token_id", None))
     inner.eval()
     samples = []
     for prompt in prompts:
-        if template == HF:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        else:
-            pieces = plan([{"system": "", "input": prompt, "output": ""}], template, False)
-            ids = [tokenizer.bos_token_id] if pieces[0] is BOS and tokenizer.bos_token_id is not None else []
-            ids += tokenizer.encode(template.render_input(prompt, None, 1), add_special_tokens=False)
+        _, ids = prompt_ids([{"system": "", "input": prompt, "output": ""}], template, tokenizer)
         input_ids = torch.tensor([ids], device=dist.device)
-        stop = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(w) for w in template.stop_words] if template != HF else None
         out = inner.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id or 0)
-        samples.append({"prompt": prompt, "output": tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)})
+                             do_sample=False, eos_token_id=stops.ids or None, pad_token_id=tokenizer.pad_token_id or 0)
+        samples.append({"prompt": prompt, "output": answer_text(out[0, len(ids):].tolist(), tokenizer, stops)})
     inner.train()
     return samples
 
