@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 
 from tunemake.cli import main as tunemake_main
-from tunemake.config import load_config, train_spec
+from tunemake.config import load_config
 from tunemake.convert import convert_checkpoint
 from tunemake.data import build_templated_dataset
 from tunemake.demo import build_demo_model, build_demo_tokenizer, generate_demo_data
 from tunemake.merge import merge_model
 from tunemake.paths import templated_dataset
 from tunemake.templates import TEMPLATES
-from tunemake.train import launch
+from tunemake.train import EpochSpec, launch
 
 MODEL = {"hidden_size": 1024, "num_layers": 8, "num_heads": 16, "intermediate_size": 2816, "max_position_embeddings": 2048}
 
@@ -80,13 +80,13 @@ def main() -> int:
     build_templated_dataset(exp["data_recipe"], data_dir, threads=8)
     started = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
-        spec = train_spec(exp, epoch, resolved, threads=8)
+        spec = EpochSpec.from_config(exp, epoch, resolved, threads=8)
         if launch(spec) != 0:
             print(f"training epoch {epoch} failed")
             return 1
     train_seconds = time.perf_counter() - started
     adapter_dir, merge_dir = f"adapters/qlora/epoch_{args.epochs}", f"merges/qlora/epoch_{args.epochs}"
-    convert_checkpoint(spec["out"]["pth"], adapter_dir, base_model="models/small")
+    convert_checkpoint(spec.out.pth, adapter_dir, base_model="models/small")
     started = time.perf_counter()
     merge_model(adapter_dir, merge_dir, max_shard_size="100MB")
     merge_seconds = time.perf_counter() - started

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from tunemake.config import load_config, train_spec
+from tunemake.config import load_config
 from tunemake.data import build_templated_dataset
 from tunemake.demo import build_demo_model, build_demo_tokenizer, generate_demo_data
 from tunemake.paths import templated_dataset
 from tunemake.templates import TEMPLATES
-from tunemake.train import launch
+from tunemake.train import EpochSpec, launch
 
 MODEL = {"hidden_size": 1024, "num_layers": 8, "num_heads": 16, "intermediate_size": 2816, "max_position_embeddings": 2048}
 
@@ -70,7 +70,7 @@ def main() -> int:
         data_dir = templated_dataset(exp["data_key"])
         if not Path(data_dir).exists():
             build_templated_dataset(exp["data_recipe"], data_dir, threads=8)
-        spec = train_spec(exp, 1, resolved, threads=8)
+        spec = EpochSpec.from_config(exp, 1, resolved, threads=8)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
@@ -80,8 +80,8 @@ def main() -> int:
             print(f"{name}: FAILED with status {status}", flush=True)
             results.append({"setting": name, "status": status})
             continue
-        ckpt = torch.load(spec["out"]["pth"], map_location="cpu", weights_only=True)
-        records = [json.loads(line) for line in Path(spec["log_dir"], "epoch_1.metrics.jsonl").read_text().splitlines()]
+        ckpt = torch.load(spec.out.pth, map_location="cpu", weights_only=True)
+        records = [json.loads(line) for line in Path(spec.log_dir, "epoch_1.metrics.jsonl").read_text().splitlines()]
         steps = [r for r in records if not r.get("end_of_epoch")]  # the last record sums up the epoch
         warm = steps[len(steps) // 5:] or steps
         results.append({

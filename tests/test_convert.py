@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from test_train import MODEL, base_config, checkpoint, prepare
 from tunemake.convert import ConvertError, convert_checkpoint, read_metadata
 from tunemake.demo import build_demo_model, build_demo_tokenizer, generate_demo_data
 from tunemake.templates import TEMPLATES
-from tunemake.train import build_model, load_trainable, train_epoch
+from tunemake.train import EpochSpec, train_epoch
+from tunemake.train.model import build_model, load_trainable
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +53,8 @@ def vanilla_logits(base: str, adapter: str, out: Path) -> torch.Tensor:
     return torch.load(out, weights_only=True)
 
 
-def trained_logits(spec: dict) -> torch.Tensor:
-    model = build_model({**spec, "method": {**spec["method"], "gradient_checkpointing": False}}, torch.device("cpu"))
+def trained_logits(spec: EpochSpec) -> torch.Tensor:
+    model = build_model(replace(spec.method, gradient_checkpointing=False), spec.base_model, torch.device("cpu"))
     load_trainable(model, checkpoint(spec)["trainable"], "test")
     with torch.no_grad():
         return model.eval()(input_ids=torch.tensor([list(range(3, 40))])).logits
@@ -66,7 +68,7 @@ def test_converted_artefact_loads_in_vanilla_transformers_and_peft(project, tmp_
     spec = prepare(project, tmp_path / "w", config)
     assert train_epoch(spec) == 0
     out = tmp_path / "w" / "adapters" / "epoch_1"
-    convert_checkpoint(spec["out"]["pth"], out, dtype="float32")
+    convert_checkpoint(spec.out.pth, out, dtype="float32")
     base = str(tmp_path / "w" / "models" / "tiny")
     if method == "full":
         assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
@@ -90,7 +92,7 @@ def test_adapter_and_base_that_do_not_match(project, tmp_path):
     build_demo_model(tmp_path / "w" / "models" / "tiny", other, hidden_size=128, num_layers=1, num_heads=2,
                      intermediate_size=128)
     with pytest.raises(ConvertError, match="do not fit"):
-        convert_checkpoint(spec["out"]["pth"], tmp_path / "out", base_model=str(other))
+        convert_checkpoint(spec.out.pth, tmp_path / "out", base_model=str(other))
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConvertError, match="not a readable tunemake checkpoint"):
         (tmp_path / "junk.pth").write_text("junk")

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from tunemake.fast import FastCausalLM, unsupported
-from tunemake.train import Dist, Rows, fast_path, make_batch, step_model
+from tunemake.train.batches import Rows, make_batch
+from tunemake.train.engine import step_model
+from tunemake.train.launch import Dist
+from tunemake.train.model import fast_path
 
 CONFIG = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
@@ -327,8 +330,7 @@ def test_lora_dropout_keeps_first_loss():
 
 def test_cpu_falls_back_to_the_models_forward():
     model = with_lora(tiny_llama())
-    spec = {"method": {"gradient_checkpointing": False}}
-    stepped = step_model(model, spec, Dist(), torch.bfloat16)
+    stepped = step_model(model, Dist(), torch.bfloat16)
     assert stepped is model and fast_path(stepped) is None
 
 
@@ -637,7 +639,7 @@ def qlora_tiny(device: str):
     import bitsandbytes as bnb
     from peft import prepare_model_for_kbit_training
 
-    from tunemake.train import _disable_bnb_cpu_repacking
+    from tunemake.train.model import _disable_bnb_cpu_repacking
 
     # bitsandbytes' CPU kernels want in_features a multiple of 64
     model = tiny_llama(dtype=torch.bfloat16, intermediate_size=128).to(device)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from hub_fixture import GUANACO, GUANACO_TRAIN_ROWS, GUANACO_TRAIN_ROWS_V1, INTERNLM, INTERNLM2, LLAMA3, write_repo
 from tunemake import hub
-from tunemake.config import load_config, train_spec
+from tunemake.config import load_config
 from tunemake.data import build_templated_dataset
 from tunemake.errors import DataError, TunemakeError
 from tunemake.hub import HubError, HubRepo
@@ -217,10 +217,11 @@ def test_data_reads_the_dataset_and_tokenizer_at_their_revisions(offline_hub, tm
 
 
 def test_the_train_stage_builds_the_base_at_its_revision(offline_hub):
-    from tunemake.train import build_model
+    from tunemake.train import EpochSpec
+    from tunemake.train.model import build_model
 
-    spec = train_spec(only(config({"path": LLAMA3, "revision": "v1"})), 1, config({"path": LLAMA3, "revision": "v1"}))
-    model = build_model(spec, torch.device("cpu"))
+    spec = EpochSpec.from_config(only(config({"path": LLAMA3, "revision": "v1"})), 1, config({"path": LLAMA3, "revision": "v1"}))
+    model = build_model(spec.method, spec.base_model, torch.device("cpu"))
     weight = model.get_input_embeddings().weight.detach()
     assert torch.equal(weight, embeddings(offline_hub.snapshots[LLAMA3]["v1"]))
 
@@ -229,7 +230,7 @@ def test_the_train_stage_builds_the_base_at_its_revision(offline_hub):
 def trained_at_v1(offline_hub, tmp_path_factory):
     """One LoRA epoch of the llama stand-in at revision v1, in two processes under ZeRO-2."""
     from tunemake.paths import templated_dataset
-    from tunemake.train import launch
+    from tunemake.train import EpochSpec, launch
 
     work = tmp_path_factory.mktemp("hub_train")
     cwd = os.getcwd()
@@ -238,11 +239,11 @@ def trained_at_v1(offline_hub, tmp_path_factory):
         resolved = config({"path": LLAMA3, "revision": "v1"}, deepspeed="zero2", nproc=2)
         exp = only(resolved)
         build_templated_dataset(exp["data_recipe"], templated_dataset(exp["data_key"]))
-        spec = train_spec(exp, 1, resolved)
+        spec = EpochSpec.from_config(exp, 1, resolved)
         assert launch(spec) == 0
     finally:
         os.chdir(cwd)
-    return work / spec["out"]["pth"], work / templated_dataset(exp["data_key"])
+    return work / spec.out.pth, work / templated_dataset(exp["data_key"])
 
 
 def test_two_processes_under_zero2_train_from_a_hub_id(trained_at_v1):

@@ -76,10 +76,11 @@ def test_a_pinned_commit_reaches_the_data_and_the_stages(offline_hub):
     pin(config, locked)
     llama, internlm = config["experiments"]["llama_lora8_oasst1"], config["experiments"]["internlm_lora8_oasst1"]
     assert llama["data_recipe"]["tokenizer"]["commit"] == v1 and llama["data_key"] != before["llama_lora8_oasst1"]
-    from tunemake.config import base_model_of, train_spec
+    from tunemake.config import base_model_of
+    from tunemake.train import EpochSpec
 
     assert base_model_of(llama, config)["revision"] == v1
-    assert train_spec(llama, 1, config)["tokenizer_revision"] == v1
+    assert EpochSpec.from_config(llama, 1, config).tokenizer.revision == v1
     assert internlm["data_recipe"]["datasets"][0]["commit"] == offline_hub.commits[GUANACO]["main"]
 
 

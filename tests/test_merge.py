@@ -399,7 +399,7 @@ def test_trained_and_converted_adapter_merges(method, tmp_path):
     try:
         spec = prepare(project, work, base_config(method=method, epochs=1, lr=0.01))
         assert train_epoch(spec) == 0
-        adapter = convert_checkpoint(spec["out"]["pth"], work / "adapters" / "epoch_1", dtype="float32")
+        adapter = convert_checkpoint(spec.out.pth, work / "adapters" / "epoch_1", dtype="float32")
     finally:
         os.chdir(cwd)
     out = merge_model(adapter, tmp_path / "merged", base_model=str(work / "models" / "tiny"))

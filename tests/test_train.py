@@ -19,23 +19,17 @@ import pytest
 import torch
 
 from chain_model import make_chain
-from tunemake.config import load_config, train_spec
+from tunemake.config import load_config
 from tunemake.data import build_templated_dataset
 from tunemake.demo import build_demo_model, build_demo_tokenizer, generate_demo_data
 from tunemake.errors import TunemakeError
 from tunemake.paths import templated_dataset
 from tunemake.templates import TEMPLATES
-from tunemake.train import (
-    RESUME_EXIT_CODE,
-    Rows,
-    TrainError,
-    build_model,
-    evaluate_heldout,
-    launch,
-    make_batch,
-    setup_processes,
-    train_epoch,
-)
+from tunemake.train import RESUME_EXIT_CODE, EpochSpec, TrainError, launch, train_epoch
+from tunemake.train.batches import Rows, make_batch
+from tunemake.train.evaluation import heldout_loss
+from tunemake.train.launch import setup_processes
+from tunemake.train.model import build_model
 
 MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "max_position_embeddings": 256}
 
@@ -65,7 +59,7 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
-def prepare(project: Path, workdir: Path, config: dict, epoch: int = 1) -> dict:
+def prepare(project: Path, workdir: Path, config: dict, epoch: int = 1) -> EpochSpec:
     """Copy the project into ``workdir``, build the experiment's data there, return its spec."""
     if not workdir.exists():
         shutil.copytree(project, workdir)
@@ -75,11 +69,11 @@ def prepare(project: Path, workdir: Path, config: dict, epoch: int = 1) -> dict:
     data_dir = Path(templated_dataset(exp["data_key"]))
     if not data_dir.exists():
         build_templated_dataset(exp["data_recipe"], data_dir)
-    return train_spec(exp, epoch, resolved, threads=1)
+    return EpochSpec.from_config(exp, epoch, resolved, threads=1)
 
 
-def checkpoint(spec: dict) -> dict:
-    return torch.load(spec["out"]["pth"], map_location="cpu", weights_only=True)
+def checkpoint(spec: EpochSpec) -> dict:
+    return torch.load(spec.out.pth, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +87,8 @@ def test_full_fine_tune_lowers_heldout_loss(project, tmp_path):
     spec = prepare(project, tmp_path / "w", base_config(datasets="corpus", epochs=1, lr=0.005))
     dist = setup_processes(0)
     torch.manual_seed(0)
-    before = evaluate_heldout(build_model(spec, dist.device), spec, dist, pad_id=0, amp_dtype=None)
+    before = heldout_loss(build_model(spec.method, spec.base_model, dist.device), spec.data_dir, spec.train.batch_size,
+                          dist, pad_id=0, amp_dtype=None)
     assert train_epoch(spec) == 0
     ckpt = checkpoint(spec)
     after = ckpt["metrics"]["heldout_loss"]
@@ -104,11 +99,11 @@ def test_full_fine_tune_lowers_heldout_loss(project, tmp_path):
     assert ckpt["counters"]["global_step"] == ckpt["counters"]["steps_per_epoch"] > 0
     assert set(ckpt["versions"]) >= {"torch", "transformers", "tunemake"}
     assert len(ckpt["fingerprint"]) == 32
-    metrics = [json.loads(line) for line in Path(spec["log_dir"], "epoch_1.metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in Path(spec.log_dir, "epoch_1.metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == ckpt["counters"]["steps_per_epoch"] + 1
     assert metrics[-1]["end_of_epoch"] and metrics[-1]["heldout_loss"] == after
     assert {"loss", "lr", "tokens_per_s", "memory_mb", "grad_norm"} <= set(metrics[0])
-    assert list(Path(spec["log_dir"], "tensorboard").iterdir()), "no TensorBoard events written"
+    assert list(Path(spec.log_dir, "tensorboard").iterdir()), "no TensorBoard events written"
 
 
 def test_lora_trains_only_the_adapter(project, tmp_path):
@@ -125,8 +120,8 @@ def test_lora_trains_only_the_adapter(project, tmp_path):
     # a few real optimizer steps on the LoRA model leave every base weight bit-identical
     from safetensors.torch import load_file
 
-    model = build_model(spec, torch.device("cpu"))
-    rows = Rows(spec["data_dir"], "train")
+    model = build_model(spec.method, spec.base_model, torch.device("cpu"))
+    rows = Rows(spec.data_dir, "train")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
     for step in range(3):
         model(**make_batch(rows, [step], pad_id=0)).loss.backward()
@@ -153,8 +148,8 @@ def test_lora_modules_to_save_trains_embeddings_and_head_in_full(project, tmp_pa
 
 def test_packed_document_logits_equal_its_logits_alone(project, tmp_path):
     spec = prepare(project, tmp_path / "w", base_config(max_length=64))
-    rows = Rows(spec["data_dir"], "train")
-    model = build_model(spec, torch.device("cpu")).eval()
+    rows = Rows(spec.data_dir, "train")
+    model = build_model(spec.method, spec.base_model, torch.device("cpu")).eval()
     # a row that holds at least two whole documents
     for index in range(rows.num_rows):
         positions = rows.row("position_ids", index)
@@ -197,19 +192,19 @@ def test_epoch_two_starts_from_epoch_one(project, tmp_path):
     one, two = checkpoint(spec1), checkpoint(spec2)
     assert two["counters"]["global_step"] == 2 * one["counters"]["global_step"]
     assert two["fingerprint_parts"]["previous"] == one["fingerprint"]
-    assert Path(spec2["out"]["state"], "optimizer.rank0.pt").exists()
+    assert Path(spec2.out.state, "optimizer.rank0.pt").exists()
     assert two["metrics"]["train_loss"] < one["metrics"]["train_loss"]
 
 
 def _run_subprocess(spec: dict, workdir: Path) -> subprocess.Popen:
     spec_file = workdir / "spec.json"
-    spec_file.write_text(json.dumps(spec))
+    spec_file.write_text(json.dumps(spec.to_json()))
     return subprocess.Popen([sys.executable, "-m", "tunemake.train", str(spec_file)], cwd=workdir,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for_resume_point(spec: dict, workdir: Path, proc, min_step: int, timeout: float = 120) -> None:
-    meta = workdir / spec["out"]["resume"] / "meta.json"
+    meta = workdir / spec.out.resume / "meta.json"
     deadline = time.time() + timeout
     while time.time() < deadline:
         if meta.exists() and json.loads(meta.read_text())["epoch_step"] >= min_step:
@@ -233,11 +228,11 @@ def test_sigkill_then_rerun_gives_identical_tensors(project, tmp_path):
     _wait_for_resume_point(spec, work, proc, min_step=2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (work / spec["out"]["pth"]).exists()
+    assert not (work / spec.out.pth).exists()
     os.chdir(work)
     assert train_epoch(spec) == 0
     resumed = checkpoint(spec)
-    assert not (work / spec["out"]["resume"]).exists(), "resume point not cleaned up"
+    assert not (work / spec.out.resume).exists(), "resume point not cleaned up"
     for name, tensor in expected["trainable"].items():
         assert torch.equal(resumed["trainable"][name], tensor), name
     assert resumed["counters"] == expected["counters"]
@@ -248,16 +243,16 @@ def test_sigterm_writes_a_resume_point_and_exits_for_requeue(project, tmp_path):
     work = tmp_path / "w"
     spec = prepare(project, work, config)
     proc = _run_subprocess(spec, work)
-    metrics = work / spec["log_dir"] / "epoch_1.metrics.jsonl"
+    metrics = work / spec.log_dir / "epoch_1.metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
         assert time.time() < deadline and proc.poll() is None, "training did not start"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == RESUME_EXIT_CODE
-    meta = json.loads((work / spec["out"]["resume"] / "meta.json").read_text())
+    meta = json.loads((work / spec.out.resume / "meta.json").read_text())
     assert meta["epoch_step"] >= 1
-    assert not (work / spec["out"]["pth"]).exists()
+    assert not (work / spec.out.pth).exists()
 
 
 def test_resume_point_from_another_config_is_ignored(project, tmp_path, caplog):
@@ -285,8 +280,8 @@ def test_two_processes_over_gloo_match_one(project, tmp_path):
     one_config = base_config(method="lora8", epochs=1, batch_size=4, grad_accumulation=2, nproc=1, lr=0.002)
     one = prepare(project, tmp_path / "one", one_config)
     assert launch(one) == 0
-    loss_two = checkpoint({"out": {"pth": str(tmp_path / "two" / two["out"]["pth"])}})["metrics"]
-    loss_one = checkpoint({"out": {"pth": str(tmp_path / "one" / one["out"]["pth"])}})["metrics"]
+    loss_two = torch.load(tmp_path / "two" / two.out.pth, map_location="cpu", weights_only=True)["metrics"]
+    loss_one = torch.load(tmp_path / "one" / one.out.pth, map_location="cpu", weights_only=True)["metrics"]
     # same global batch (2 x 2 rows vs 4 rows), same rows per step in another grouping:
     # the losses agree to within 2% relative
     assert abs(loss_two["train_loss"] - loss_one["train_loss"]) / loss_one["train_loss"] < 0.02, (loss_two, loss_one)
@@ -300,17 +295,17 @@ def test_deepspeed_zero2_two_processes_match_one_and_chain(project, tmp_path):
     assert launch(zero) == 0
     one = prepare(project, tmp_path / "one", base_config(method="lora8", epochs=2, batch_size=8, grad_accumulation=2, lr=0.002))
     assert launch(one) == 0
-    ds_ckpt = checkpoint({"out": {"pth": str(tmp_path / "zero2" / zero["out"]["pth"])}})
-    one_ckpt = checkpoint({"out": {"pth": str(tmp_path / "one" / one["out"]["pth"])}})
+    ds_ckpt = torch.load(tmp_path / "zero2" / zero.out.pth, map_location="cpu", weights_only=True)
+    one_ckpt = torch.load(tmp_path / "one" / one.out.pth, map_location="cpu", weights_only=True)
     assert ds_ckpt["trainable"].keys() == one_ckpt["trainable"].keys()
     rel = abs(ds_ckpt["metrics"]["train_loss"] - one_ckpt["metrics"]["train_loss"]) / one_ckpt["metrics"]["train_loss"]
     assert rel < 0.02, (ds_ckpt["metrics"], one_ckpt["metrics"])
     # one shard of optimizer state per rank, and epoch 2 resumes from them
-    shards = sorted(p.name for p in (tmp_path / "zero2" / zero["out"]["state"] / "deepspeed").iterdir())
+    shards = sorted(p.name for p in (tmp_path / "zero2" / zero.out.state / "deepspeed").iterdir())
     assert sum("optim_states" in name for name in shards) == 2, shards
     zero2 = prepare(project, tmp_path / "zero2", config, epoch=2)
     assert launch(zero2) == 0
-    two = checkpoint({"out": {"pth": str(tmp_path / "zero2" / zero2["out"]["pth"])}})
+    two = torch.load(tmp_path / "zero2" / zero2.out.pth, map_location="cpu", weights_only=True)
     assert two["counters"]["global_step"] == 2 * ds_ckpt["counters"]["global_step"]
     assert two["metrics"]["train_loss"] < ds_ckpt["metrics"]["train_loss"]
 
@@ -332,7 +327,7 @@ def ddp_reference(project, tmp_path_factory):
     work = tmp_path_factory.mktemp("ddp_reference")
     spec = prepare(project, work / "w", config)
     assert launch(spec) == 0
-    return checkpoint({"out": {"pth": str(work / "w" / spec["out"]["pth"])}})
+    return torch.load(work / "w" / spec.out.pth, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("stage", ["zero1", "zero3", "zero2_offload", "zero3_offload"])
@@ -360,24 +355,24 @@ def test_deepspeed_sigterm_then_rerun_gives_identical_tensors(project, tmp_path)
                          deepspeed="zero2", save_steps=1000)
     reference = prepare(project, tmp_path / "ref", config)
     assert launch(reference) == 0
-    expected = checkpoint({"out": {"pth": str(tmp_path / "ref" / reference["out"]["pth"])}})
+    expected = torch.load(tmp_path / "ref" / reference.out.pth, map_location="cpu", weights_only=True)
 
     work = tmp_path / "interrupted"
     spec = prepare(project, work, config)
-    (work / "spec.json").write_text(json.dumps(spec))
+    (work / "spec.json").write_text(json.dumps(spec.to_json()))
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                              "-m", "tunemake.train", "spec.json"], cwd=work,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = work / spec["log_dir"] / "epoch_1.metrics.jsonl"
+    metrics = work / spec.log_dir / "epoch_1.metrics.jsonl"
     deadline = time.time() + 180
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else "slow"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
-    meta = json.loads((work / spec["out"]["resume"] / "meta.json").read_text())
+    meta = json.loads((work / spec.out.resume / "meta.json").read_text())
     assert meta["epoch_step"] >= 2
-    assert sorted(p.name for p in (work / spec["out"]["resume"] / "deepspeed").iterdir() if "optim" in p.name)
+    assert sorted(p.name for p in (work / spec.out.resume / "deepspeed").iterdir() if "optim" in p.name)
     os.chdir(work)
     assert launch(spec) == 0
     resumed = checkpoint(spec)
@@ -395,16 +390,16 @@ def test_nonfinite_loss_stops_naming_the_step(project, tmp_path):
     save_file(weights, "models/tiny/model.safetensors", metadata={"format": "pt"})
     with pytest.raises(TrainError, match=r"epoch 1, step 1 \(global step 1\): loss is nan"):
         train_epoch(spec)
-    assert not Path(spec["out"]["pth"]).exists()
+    assert not Path(spec.out.pth).exists()
 
 
 def test_qlora_on_cpu_gives_nonzero_lora_gradients_everywhere(project, tmp_path):
     spec = prepare(project, tmp_path / "w", base_config(method="qlora8", epochs=1))
-    model = build_model(spec, torch.device("cpu"))
+    model = build_model(spec.method, spec.base_model, torch.device("cpu"))
     import bitsandbytes as bnb
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    rows = Rows(spec["data_dir"], "train")
+    rows = Rows(spec.data_dir, "train")
     model.train()
     with torch.no_grad():  # the no-grad forward that triggers bitsandbytes' CPU repacking
         model(**make_batch(rows, [0], pad_id=0))
@@ -448,11 +443,11 @@ def test_bad_input_fails_before_any_compute(project, tmp_path, change, message):
     exp = next(iter(resolved["experiments"].values()))
     if Path("models/tiny").exists() and exp["root_model"] == "tiny" and "nowhere" not in config["models"]["tiny"]["path"]:
         build_templated_dataset(exp["data_recipe"], templated_dataset(exp["data_key"]))
-    spec = train_spec(exp, 1, resolved)
+    spec = EpochSpec.from_config(exp, 1, resolved)
     with pytest.raises(TunemakeError, match=message):
         launch(spec)
-    assert not Path(spec["out"]["pth"]).exists()
-    assert not Path(spec["out"]["state"]).exists()
+    assert not Path(spec.out.pth).exists()
+    assert not Path(spec.out.state).exists()
 
 
 def test_not_a_causal_lm(project, tmp_path):
@@ -464,7 +459,7 @@ def test_not_a_causal_lm(project, tmp_path):
     config["architectures"] = ["BertForSequenceClassification"]
     config_file.write_text(json.dumps(config))
     resolved = load_config(base_config(epochs=1))
-    spec = train_spec(next(iter(resolved["experiments"].values())), 1, resolved)
+    spec = EpochSpec.from_config(next(iter(resolved["experiments"].values())), 1, resolved)
     with pytest.raises(TrainError, match="not a causal language model"):
         launch(spec)
 
@@ -472,7 +467,7 @@ def test_not_a_causal_lm(project, tmp_path):
 def test_the_fingerprint_names_model_and_data_without_reading_their_bytes(project, tmp_path):
     """What the fingerprint tells apart: a base model's config or tensor layout, the data's tokens;
     the weights' bytes are never read (a 70B model would be read on every rank every epoch)."""
-    from tunemake.train import data_identity, model_identity
+    from tunemake.train.checkpoint import data_identity, model_identity
 
     base = tmp_path / "base"
     shutil.copytree(project / "models" / "tiny", base)
@@ -486,7 +481,7 @@ def test_the_fingerprint_names_model_and_data_without_reading_their_bytes(projec
     assert model_identity(str(base), base) != identity
 
     spec = prepare(project, tmp_path / "w", base_config(epochs=1))
-    data_dir = Path(spec["data_dir"])
+    data_dir = Path(spec.data_dir)
     identity = data_identity(data_dir)
     stats = json.loads((data_dir / "stats.json").read_text())
     assert len(stats["digest"]) == 64
@@ -502,8 +497,7 @@ def test_sample_generations_stop_at_a_stop_word_of_several_tokens(project):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunemake.encode import prompt_ids
-    from tunemake.templates import template_to_dict
-    from tunemake.train import Dist, sample_generations
+    from tunemake.train.evaluation import sample_generations
 
     tiny = project / "models" / "tiny"
     tokenizer = AutoTokenizer.from_pretrained(tiny)
@@ -518,9 +512,8 @@ def test_sample_generations_stop_at_a_stop_word_of_several_tokens(project):
     make_chain(model, [last_prompt_token, the, capital, of, is_, tokenizer.eos_token_id])
 
     def samples(stop_words):
-        spec = {"train": {"evaluation_inputs": ["Tell me"]}, "tokenizer_dir": str(tiny), "base_model": {},
-                "template": template_to_dict(replace(template, stop_words=stop_words))}
-        return [s["output"] for s in sample_generations(model, spec, Dist())]
+        answers = sample_generations(model, ["Tell me"], tokenizer, replace(template, stop_words=stop_words))
+        return [s["output"] for s in answers]
 
     assert samples(("<|im_end|>",)) == [" the capital of is"]
     assert samples(("<|im_end|>", " capital of")) == [" the"]

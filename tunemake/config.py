@@ -688,33 +688,3 @@ def base_model_of(exp: dict, config: dict) -> dict:
     model = config["models"][exp["model"]]
     return {"path": model["path"], "revision": read_revision(model), "dtype": model["dtype"],
             "trust_remote_code": model["trust_remote_code"]}
-
-
-def train_spec(exp: dict, epoch: int, config: dict, threads: int = 1) -> dict:
-    """The full specification ``tunemake.train.train_epoch`` runs (paths included)."""
-    from tunemake import paths
-    from tunemake.templates import get_template, template_to_dict
-
-    template = get_template(exp["template"], config.get("templates"))
-    root = config["models"][exp["root_model"]]
-    fmt = dict(experiment=exp["name"], epoch=epoch)
-    previous = None
-    if epoch > 1:
-        previous = {"pth": paths.checkpoint(exp["name"], epoch - 1), "state": paths.train_state(exp["name"], epoch - 1)}
-    return {
-        "experiment": exp["name"],
-        "epoch": epoch,
-        "method": exp["method_config"],
-        "train": {**{key: exp[key] for key in TRAIN_KEYS}, "epochs": exp["epochs"], "schedule": exp["schedule"],
-                  "save_steps": exp["save_steps"], "evaluation_inputs": exp["evaluation_inputs"]},
-        "base_model": base_model_of(exp, config),
-        "tokenizer_path": root["path"],
-        "tokenizer_revision": read_revision(root),
-        "template": template_to_dict(template),
-        "data_dir": paths.templated_dataset(exp["data_key"]),
-        "previous": previous,
-        "out": {"pth": paths.CHECKPOINT.format(**fmt), "state": paths.TRAIN_STATE.format(**fmt),
-                "resume": paths.RESUME_POINT.format(**fmt)},
-        "log_dir": paths.TRAIN_LOG_DIR.format(experiment=exp["name"]),
-        "threads": threads,
-    }

@@ -61,7 +61,8 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     Raises:
         ConvertError: unreadable checkpoint, or weights that do not fit the base model.
     """
-    from tunemake.train import build_model, load_trainable
+    from tunemake.train.model import build_model, load_trainable
+    from tunemake.train.spec import BaseModel, Method
 
     ckpt = read_checkpoint(checkpoint)
     named = base_model or ckpt["base_model"]
@@ -69,28 +70,23 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     if not (local / "config.json").exists():
         raise ConvertError(f"{named}: not a model directory (no config.json)")
     base = str(local)
-    method = ckpt["method"]
+    method = Method.from_dict(ckpt["method"])
     if dtype is None:
-        dtype = stored_dtype(base) if method["type"] == "full" else "float16"
-    # Built on the CPU in fp32 with the method's structure but no quantization: a QLoRA adapter
-    # is saved for (and merges into) the unquantized base.
-    spec = {"method": {**method, "type": "lora" if method["type"] == "qlora" else method["type"],
-                       "gradient_checkpointing": False},
-            "base_model": {"path": base, "dtype": "float32", "trust_remote_code": trust_remote_code},
-            "train": {"precision": "fp32"}}
-    model = build_model(spec, torch.device("cpu"))
+        dtype = stored_dtype(base) if method.type == "full" else "float16"
+    model = build_model(method.for_export(), BaseModel(base, dtype="float32", trust_remote_code=trust_remote_code,
+                                                       dir=base), torch.device("cpu"))
     try:
         load_trainable(model, ckpt["trainable"], str(checkpoint))
     except TunemakeError as exc:
         raise ConvertError(f"{exc} (is {base} the base model it was trained from?)") from None
     metadata = {
-        "experiment": ckpt["experiment"], "epoch": ckpt["epoch"], "method": method,
+        "experiment": ckpt["experiment"], "epoch": ckpt["epoch"], "method": ckpt["method"],
         "base_model": named, **({"base_commit": local.name} if is_hub_id(named) else {}),
         "template": ckpt.get("template"), "fingerprint": ckpt["fingerprint"],
         "versions": ckpt["versions"], "dtype": dtype,
     }
     with atomic_dir(out_dir) as tmp:
-        if method["type"] == "full":
+        if method.type == "full":
             from transformers import AutoTokenizer
 
             model.to(getattr(torch, dtype)).save_pretrained(tmp)

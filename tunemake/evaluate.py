@@ -2,7 +2,7 @@
 
 Entry points, called by ``rules/evaluate.smk``, the CLI and the tests: :func:`evaluate_model` scores
 one model on one templated dataset's held-out split: loss and perplexity exactly as training
-measures them (``tunemake.train.evaluate_heldout`` on the same ids), and exact match of greedy
+measures them (``tunemake.train.evaluation.heldout_loss`` on the same ids), and exact match of greedy
 answers to the held-out conversations, per task family. :func:`summarize` gathers those files into
 a table and the report's plots. Supported: any plain HF causal LM directory (a base model or a
 merged epoch), every template; the first GPU in bfloat16 when there is one, else the CPU in
@@ -220,16 +220,16 @@ def _load(model_dir: Path, trust_remote_code: bool = False):
 
 def _heldout_loss(model, data_dir: Path, rows: int, tokenizer, batch_size: int) -> tuple[float | None, int]:
     """Training's held-out loss on these weights, and the number of tokens it averages over."""
-    from tunemake.train import Dist, Rows, evaluate_heldout
+    from tunemake.train.batches import Rows
+    from tunemake.train.evaluation import heldout_loss
+    from tunemake.train.launch import Dist
 
     if rows == 0:
         return None, 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loss = evaluate_heldout(model, {"data_dir": str(data_dir), "train": {"batch_size": batch_size}},
-                            Dist(device=model.device), pad_id, amp_dtype=None)
-    model.eval()  # evaluate_heldout hands the model back in train mode
+    loss = heldout_loss(model, str(data_dir), batch_size, Dist(device=model.device), pad_id, amp_dtype=None)
     heldout = Rows(str(data_dir), "heldout")
-    # The first token of a row is never a target (see tunemake.train.make_batch).
+    # The first token of a row is never a target (see tunemake.train.batches.make_batch).
     tokens = sum(int((heldout.row("labels", i)[1:] != IGNORE_INDEX).sum()) for i in range(heldout.num_rows))
     return loss, tokens
 

@@ -1,0 +1,251 @@
+"""The distributed engine: how a training process steps its model, behind one small interface.
+
+:class:`TorchEngine` is torch's AdamW, inside DDP when there are several processes, through the
+CUDA fast path (``tunemake.fast``) where it supports the model; :class:`DeepSpeedEngine` is a
+DeepSpeed engine with ZeRO 1/2/3 (+ offload), by preset name or JSON file, "auto" fields filled
+from the experiment (the torch AdamW is handed to DeepSpeed, so no optimizer is compiled). Both
+answer :class:`Engine`: forward and backward of a micro-batch, an optimizer step, its state saved
+and loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from tunemake.config import DEEPSPEED_PRESETS
+from tunemake.train.launch import Dist
+from tunemake.train.model import fast_path
+from tunemake.train.spec import Method, Settings, TrainError
+
+log = logging.getLogger("tunemake.train")
+
+
+class Engine(Protocol):
+    """What the epoch loop steps."""
+
+    #: what forwards a batch: the model, inside DDP, a DeepSpeed engine or the fast path
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def fast(self) -> bool:
+        """Whether the step runs through the fast path (batches need no dense mask)."""
+
+    def forward_backward(self, batch: dict, micro_batches: int, boundary: bool) -> torch.Tensor:
+        """Add one micro-batch's gradients (of ``micro_batches`` in this step; ``boundary``: the
+        last); returns its mean loss, detached."""
+
+    def step(self) -> torch.Tensor | float:
+        """The optimizer step at the end of an accumulation; returns the gradient norm before clipping."""
+
+    def save_state(self, directory: Path, rank: int) -> None: ...
+
+    def load_state(self, directory: Path, rank: int) -> None: ...
+
+
+def make_engine(model, method: Method, train: Settings, dist: Dist, amp_dtype, state_dir: Path | None = None) -> Engine:
+    """The engine the experiment asks for around ``model`` (built by
+    :func:`tunemake.train.model.build_model`, trainable weights loaded), with its optimizer state
+    loaded from ``state_dir`` when given."""
+    ds_config = deepspeed_config(train, dist.world)
+    if ds_config:
+        engine = DeepSpeedEngine(model, train, dist, ds_config)
+    else:
+        engine = TorchEngine(model, method, train, dist, amp_dtype)
+    if state_dir is not None:
+        engine.load_state(state_dir, dist.rank)
+    return engine
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class TorchEngine:
+    """torch's AdamW (fused on CUDA), DDP across processes, the fast path where it serves."""
+
+    def __init__(self, model, method: Method, train: Settings, dist: Dist, amp_dtype):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, train, dist.device)
+        self.model = step_model(model, dist, amp_dtype, checkpoint=method.gradient_checkpointing)
+        self.dist, self.amp_dtype, self.max_grad_norm = dist, amp_dtype, train.max_grad_norm
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    @property
+    def fast(self) -> bool:
+        return fast_path(self.model) is not None
+
+    def forward_backward(self, batch: dict, micro_batches: int, boundary: bool) -> torch.Tensor:
+        sync = boundary or self.dist.world == 1
+        with nullcontext() if sync else self.model.no_sync():
+            return micro_step(self.model, batch, self.amp_dtype, micro_batches, self.scaler)
+
+    def step(self) -> torch.Tensor:
+        return optimizer_step(self.optimizer, self.params, self.max_grad_norm, self.scaler)
+
+    def save_state(self, directory: Path, rank: int) -> None:
+        torch.save(self.optimizer.state_dict(), directory / f"optimizer.rank{rank}.pt")
+
+    def load_state(self, directory: Path, rank: int) -> None:
+        self.optimizer.load_state_dict(torch.load(directory / f"optimizer.rank{rank}.pt", map_location="cpu",
+                                                  weights_only=True))
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed engine; its checkpoints (one shard per rank) hold the trainable weights too."""
+
+    TAG = "deepspeed"
+    fast = False
+
+    def __init__(self, model, train: Settings, dist: Dist, ds_config: dict):
+        _init_deepspeed_comm(dist)
+        import deepspeed
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+        if offload:
+            # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own Adam (compiled on
+            # first use, then cached in ~/.cache/torch_extensions); same AdamW maths
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay,
+                                         eps=1e-8, adamw_mode=True)
+        else:
+            optimizer = make_optimizer(params, train, dist.device)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    def forward_backward(self, batch: dict, micro_batches: int, boundary: bool) -> torch.Tensor:
+        # tunemake, not DeepSpeed, decides where an accumulation ends (the last optimizer step of
+        # an epoch may have fewer micro-batches)
+        self.model.set_gradient_accumulation_boundary(boundary)
+        loss = self.model(**batch, use_cache=False).loss
+        self.model.backward(loss / micro_batches, scale_wrt_gas=False)
+        self.model.step()  # steps the optimizer at the boundary only
+        return loss.detach()
+
+    def step(self) -> float:
+        return self.model.get_global_grad_norm() or 0.0
+
+    def save_state(self, directory: Path, rank: int) -> None:
+        self.model.save_checkpoint(str(directory), tag=self.TAG, exclude_frozen_parameters=True)
+
+    def load_state(self, directory: Path, rank: int) -> None:
+        self.model.load_checkpoint(str(directory), tag=self.TAG, load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+
+
+def deepspeed_config(train: Settings, world: int) -> dict | None:
+    """The experiment's DeepSpeed config with every "auto" field filled, or None without DeepSpeed."""
+    name = train.deepspeed
+    if not name:
+        return None
+    if name in DEEPSPEED_PRESETS:
+        config = json.loads(json.dumps(DEEPSPEED_PRESETS[name]))
+    else:
+        try:
+            config = json.loads(Path(name).read_text())
+        except FileNotFoundError:
+            raise TrainError(f"deepspeed: {name}: no such file") from None
+        except json.JSONDecodeError as exc:
+            raise TrainError(f"deepspeed: {name}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    filled = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accumulation,
+        "train_batch_size": train.batch_size * train.grad_accumulation * world,
+        "gradient_clipping": train.max_grad_norm or 0.0,
+    }
+    for key, value in filled.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    precision = train.precision
+    for key, wanted in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        section = config.setdefault(key, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = wanted
+    config.setdefault("steps_per_print", 10**9)
+    config.setdefault("wall_clock_breakdown", False)
+    return config
+
+
+def _init_deepspeed_comm(dist: Dist) -> None:
+    # DeepSpeed looks for an MPI launcher unless the torchrun variables are set; one process
+    # without torchrun gets them here.
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
+        os.environ.setdefault(key, value)
+    if dist.device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if dist.device.type == "cuda" else "gloo")
+
+
+def make_optimizer(params, train: Settings, device: torch.device):
+    """AdamW over the trainable parameters; torch's fused kernel on CUDA (one launch per step)."""
+    return torch.optim.AdamW(params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay,
+                             eps=1e-8, fused=device.type == "cuda" or None)
+
+
+def step_model(model, dist: Dist, amp_dtype, checkpoint: bool = False):
+    """What the training loop calls: on CUDA the fast path (``tunemake.fast``) where it supports
+    the model, else the model's own forward; inside DDP when there are several processes.
+
+    ``TUNEMAKE_FAST=0`` in the environment turns the fast path off.
+    """
+    if dist.device.type == "cuda" and os.environ.get("TUNEMAKE_FAST", "1") != "0":
+        from tunemake import fast
+
+        reason = fast.unsupported(model, amp_dtype)
+        if reason is None:
+            model = fast.FastCausalLM(model, amp_dtype, checkpoint=checkpoint)
+            if dist.main:
+                log.info("training through the fast path (attention: %s)", model.attention)
+        elif dist.main:
+            log.info("fast path not used: %s; training through the model's own forward", reason)
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # gradients as views into DDP's buckets: no copy into the buckets and no second copy of the
+        # gradients (faster on 2x H200 in every run, docs/performance.md)
+        model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                                        gradient_as_bucket_view=True)
+    return model
+
+
+def micro_step(model, batch: dict, amp_dtype, accumulated: int = 1, scaler=None) -> torch.Tensor:
+    """Forward and backward of one micro-batch (gradients add up); returns its mean loss.
+
+    The training step both paths share (the benchmark times this function).
+    """
+    with torch.autocast(batch["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = model(**batch, use_cache=False).loss
+    scaled = loss / accumulated
+    (scaler.scale(scaled) if scaler else scaled).backward()
+    return loss.detach()
+
+
+def optimizer_step(optimizer, params, max_grad_norm: float | None, scaler=None) -> torch.Tensor:
+    """Clip (when ``max_grad_norm``), step and zero the gradients; returns the norm before clipping."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else _grad_norm(params)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _grad_norm(params) -> torch.Tensor:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
