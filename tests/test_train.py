@@ -464,6 +464,16 @@ def test_not_a_causal_lm(project, tmp_path):
         launch(spec)
 
 
+def test_the_spec_reaches_torchrun_processes_whole(project, tmp_path):
+    """What each torchrun process reads back is the spec the job built (typed, not a dict)."""
+    config = base_config(method="lora8", epochs=2, evaluation_inputs=["Add 2 and 3."], betas=[0.9, 0.95])
+    spec = prepare(project, tmp_path / "w", config, epoch=2)
+    again = EpochSpec.from_json(json.loads(json.dumps(spec.to_json())))
+    assert again == spec
+    assert again.method.r == 8 and again.train.betas == (0.9, 0.95) and again.previous.pth.endswith("epoch_1.pth")
+    assert again.template == TEMPLATES["internlm2_chat"]
+
+
 def test_the_fingerprint_names_model_and_data_without_reading_their_bytes(project, tmp_path):
     """What the fingerprint tells apart: a base model's config or tensor layout, the data's tokens;
     the weights' bytes are never read (a 70B model would be read on every rank every epoch)."""

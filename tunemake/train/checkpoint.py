@@ -150,12 +150,7 @@ def find_start(spec: EpochSpec, dist: Dist) -> Start:
 
 def save_resume_point(resume_dir: Path, engine: Engine, dist: Dist, fp: dict, step: int, counters: dict, metrics: dict) -> None:
     """Every rank writes its optimizer shard into a shared temporary dir; rank 0 publishes it."""
-    tmp = resume_dir.with_name(resume_dir.name + ".tmp")
-    if dist.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    engine.save_state(tmp, dist.rank)
+    tmp = _engine_states(resume_dir, engine, dist)
     dist.barrier()
     trainable = trainable_state(engine.model)  # collective under ZeRO-3
     if dist.main:
@@ -172,12 +167,7 @@ def write_epoch(spec: EpochSpec, engine: Engine, dist: Dist, fp: dict, counters:
     written whole or not at all; every rank must call (its optimizer shard, ZeRO-3's gather)."""
     state = trainable_state(engine.model)
     out_pth, out_state = Path(spec.out.pth), Path(spec.out.state)
-    tmp_state = out_state.with_name(out_state.name + ".tmp")
-    if dist.main:
-        shutil.rmtree(tmp_state, ignore_errors=True)
-        tmp_state.mkdir(parents=True)
-    dist.barrier()
-    engine.save_state(tmp_state, dist.rank)
+    tmp_state = _engine_states(out_state, engine, dist)
     torch.save({"torch": torch.get_rng_state()}, tmp_state / f"rng.rank{dist.rank}.pt")
     dist.barrier()
     if not dist.main:
@@ -202,6 +192,18 @@ def write_epoch(spec: EpochSpec, engine: Engine, dist: Dist, fp: dict, counters:
     if out_state.exists():
         shutil.rmtree(out_state)
     os.replace(tmp_state, out_state)
+
+
+def _engine_states(final: Path, engine: Engine, dist: Dist) -> Path:
+    """A fresh temporary directory beside ``final`` into which every rank has written its engine
+    state (every rank must call)."""
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_state(tmp, dist.rank)
+    return tmp
 
 
 def prune_state(state_dir: str | os.PathLike) -> int:
