@@ -393,6 +393,35 @@ def test_nonfinite_loss_stops_naming_the_step(project, tmp_path):
     assert not Path(spec.out.pth).exists()
 
 
+def test_a_loss_turning_nonfinite_between_read_backs_is_caught_before_a_resume_point(project, tmp_path):
+    """Losses come back from the device every log_steps steps; a resume point is never written
+    past a non-finite loss: the steps before it are read back first, and the first bad one named."""
+    from safetensors.torch import load_file, save_file
+
+    spec = prepare(project, tmp_path / "w", base_config(epochs=1, save_steps=3, log_steps=100))
+    weights = load_file("models/tiny/model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, "models/tiny/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(TrainError, match=r"epoch 1, step 1 \(global step 1\): loss is nan"):
+        train_epoch(spec)
+    assert not Path(spec.out.resume).exists() and not Path(spec.out.pth).exists()
+
+
+def test_log_steps_changes_nothing_trained_and_keeps_a_line_per_step(project, tmp_path):
+    runs = {}
+    for log_steps in (1, 7):
+        spec = prepare(project, tmp_path / f"log{log_steps}", base_config(method="lora8", epochs=1, log_steps=log_steps))
+        assert train_epoch(spec) == 0
+        lines = [json.loads(line) for line in Path(spec.log_dir, "epoch_1.metrics.jsonl").read_text().splitlines()]
+        runs[log_steps] = checkpoint(spec), lines
+    (every, every_lines), (seventh, seventh_lines) = runs[1], runs[7]
+    assert every["fingerprint"] == seventh["fingerprint"]
+    assert all(torch.equal(every["trainable"][k], seventh["trainable"][k]) for k in every["trainable"])
+    assert len(seventh_lines) == len(every_lines) == every["counters"]["steps_per_epoch"] + 1
+    assert [r["step"] for r in seventh_lines[:-1]] == list(range(1, len(seventh_lines)))
+    assert [r["loss"] for r in seventh_lines[:-1]] == [r["loss"] for r in every_lines[:-1]]
+
+
 def test_qlora_on_cpu_gives_nonzero_lora_gradients_everywhere(project, tmp_path):
     spec = prepare(project, tmp_path / "w", base_config(method="qlora8", epochs=1))
     model = build_model(spec.method, spec.base_model, torch.device("cpu"))

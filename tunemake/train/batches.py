@@ -98,6 +98,14 @@ class EpochBatches:
         """The micro-batches of optimizer step ``step`` (0-based)."""
         return range(step * self.accumulation, min((step + 1) * self.accumulation, self.micro_per_epoch))
 
-    def batch(self, micro: int, pad_id: int, dense_mask: bool, device: torch.device) -> dict[str, torch.Tensor]:
-        indices = self.mine[micro * self.batch_size:(micro + 1) * self.batch_size]
-        return {k: v.to(device) for k, v in make_batch(self.rows, indices, pad_id, dense_mask=dense_mask).items()}
+    def stream(self, first_step: int, pad_id: int, dense_mask: bool, device: torch.device):
+        """The micro-batches from optimizer step ``first_step`` to the epoch's end, in order, each
+        ``(batch on the device, tokens, labelled tokens)``. A batch is built when the loop asks for
+        it, after launching the previous one's work, so on CUDA the CPU builds it while the GPU
+        runs; it is copied from pinned memory without blocking."""
+        pin = device.type == "cuda"
+        for micro in range(first_step * self.accumulation, self.micro_per_epoch):
+            indices = self.mine[micro * self.batch_size:(micro + 1) * self.batch_size]
+            batch = make_batch(self.rows, indices, pad_id, dense_mask=dense_mask)
+            counts = batch["input_ids"].numel(), int((batch["labels"] != IGNORE_INDEX).sum())
+            yield {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}, *counts

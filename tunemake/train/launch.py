@@ -27,20 +27,32 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    cpu_group: object = None  # a gloo group beside NCCL's, for agreeing without waiting for the GPU
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
-        """Sum (by default) a small CPU tensor over all processes, in place."""
+        """Sum (by default) a small tensor over all processes, in place."""
         if self.world > 1:
             import torch.distributed as td
 
             on_device = tensor.to(self.device)  # NCCL reduces device tensors only
             td.all_reduce(on_device, op=op or td.ReduceOp.SUM)
-            tensor.copy_(on_device.cpu())
+            if on_device is not tensor:
+                tensor.copy_(on_device)
         return tensor
+
+    def any(self, flag: bool) -> bool:
+        """Whether any process passes True; summed on the CPU, so no process waits for its GPU."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as td
+
+        votes = torch.tensor([float(flag)])
+        td.all_reduce(votes, group=self.cpu_group)
+        return votes.item() > 0
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -58,12 +70,15 @@ def setup_processes(gpus: int) -> Dist:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    cpu_group = None
     if world > 1:
         import torch.distributed as td
 
         if not td.is_initialized():
             td.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return Dist(rank, world, local_rank, device)
+        if use_cuda:
+            cpu_group = td.new_group(backend="gloo")
+    return Dist(rank, world, local_rank, device, cpu_group)
 
 
 def processes_per_node(train: Settings) -> int:

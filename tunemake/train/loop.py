@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tunemake.encode import IGNORE_INDEX
 from tunemake.schedule import lr_factor
 from tunemake.train.batches import EpochBatches, Rows, step_seed
 from tunemake.train.checkpoint import find_start, save_resume_point, write_epoch
@@ -71,38 +72,32 @@ def train_epoch(spec: EpochSpec) -> int:
     counters, metrics, pad_id = start.counters, start.metrics, spec.pad_id()
 
     reports = EpochLog(spec.log_dir, spec.experiment, epoch, batches.steps, start.step, dist.main)
+    stream = batches.stream(start.step, pad_id, dense_mask=not engine.fast, device=dist.device)
+    pending: list[Step] = []  # steps whose loss and grad norm are still on the device
     engine.model.train()
     lr = 0.0
     try:
         for step in range(start.step, batches.steps):
-            t0 = time.perf_counter()
             global_step = (epoch - 1) * batches.steps + step
             lr = train.lr * lr_factor(global_step, train.schedule, batches.steps, train.epochs)
             set_lr(engine.optimizer, lr)
             micro_batches = batches.micro_batches(step)
-            loss_sum, tokens, trained = torch.zeros(()), 0, 0
+            current = Step(step + 1, global_step + 1, lr, len(micro_batches), torch.zeros((), device=dist.device))
             for micro in micro_batches:
+                batch, tokens, trained = next(stream)
                 torch.manual_seed(step_seed(train.seed, epoch, micro * dist.world + dist.rank))
-                batch = batches.batch(micro, pad_id, dense_mask=not engine.fast, device=dist.device)
-                loss = engine.forward_backward(batch, len(micro_batches), boundary=micro == micro_batches[-1])
-                _check_finite(loss, epoch, step, global_step)
-                loss_sum += loss.item()
-                tokens += int(batch["input_ids"].numel())
-                trained += int((batch["labels"] != IGNORE_INDEX).sum())
-            grad_norm = engine.step()
-            totals = dist.all_reduce(torch.tensor([loss_sum.item(), len(micro_batches), tokens, trained,
-                                                   float(interrupt.requested)], dtype=torch.float64))
-            loss_mean = totals[0].item() / max(1.0, totals[1].item())
-            counters["global_step"] += 1
-            counters["tokens"] += int(totals[2].item())
-            counters["trained_tokens"] += int(totals[3].item())
-            metrics["loss_sum"] += loss_mean
-            metrics["loss_count"] += 1
-            reports.step({"step": step + 1, "global_step": counters["global_step"], "loss": loss_mean, "lr": lr,
-                          "grad_norm": float(grad_norm), "tokens_per_s": totals[2].item() / (time.perf_counter() - t0),
-                          "memory_mb": memory_mb(dist.device)})
-            stop = totals[4].item() > 0
-            if step + 1 < batches.steps and (stop or (step + 1) % train.save_steps == 0):
+                current.loss_sum += engine.forward_backward(batch, len(micro_batches), boundary=micro == micro_batches[-1])
+                current.tokens, current.trained = current.tokens + tokens, current.trained + trained
+            current.grad_norm = engine.step()
+            pending.append(current)
+            last = step + 1 == batches.steps
+            save = not last and (step + 1) % train.save_steps == 0
+            stop = dist.any(interrupt.requested)
+            if not (last or save or stop or (step + 1) % train.log_steps == 0):
+                continue
+            read_back(pending, dist, epoch, counters, metrics, reports)
+            pending = []
+            if not last and (stop or save):
                 save_resume_point(Path(spec.out.resume), engine, dist, start.fingerprint, step + 1, counters, metrics)
                 if stop:
                     if dist.main:
@@ -124,6 +119,42 @@ def train_epoch(spec: EpochSpec) -> int:
     return 0
 
 
+@dataclass
+class Step:
+    """One optimizer step, as the loop left it: its loss still on the device until :func:`read_back`."""
+
+    number: int  # 1-based, within the epoch
+    global_step: int
+    lr: float
+    micro_batches: int
+    loss_sum: torch.Tensor  # over this rank's micro-batches
+    tokens: int = 0
+    trained: int = 0
+    grad_norm: torch.Tensor | float = 0.0
+
+
+def read_back(steps: list[Step], dist: Dist, epoch: int, counters: dict, metrics: dict, reports: EpochLog) -> None:
+    """Bring the steps' losses from the device in one transfer, summed over the processes; refuse a
+    non-finite one; count and report each step."""
+    ints = torch.tensor([[s.micro_batches, s.tokens, s.trained] for s in steps], dtype=torch.float64)
+    totals = torch.cat([torch.stack([s.loss_sum for s in steps]).double()[:, None], ints.to(dist.device)], dim=1)
+    totals = dist.all_reduce(totals).cpu()  # the one wait for the device in these steps
+    seconds = reports.lap() / len(steps)
+    for s, (loss_sum, micro_batches, tokens, trained) in zip(steps, totals.tolist()):
+        loss = loss_sum / max(1.0, micro_batches)
+        if not math.isfinite(loss):
+            raise TrainError(f"epoch {epoch}, step {s.number} (global step {s.global_step}): loss is {loss}; lower lr, "
+                             "check the data, or use fp32/bf16 instead of fp16")
+        counters["global_step"] += 1
+        counters["tokens"] += int(tokens)
+        counters["trained_tokens"] += int(trained)
+        metrics["loss_sum"] += loss
+        metrics["loss_count"] += 1
+        reports.step({"step": s.number, "global_step": counters["global_step"], "loss": loss, "lr": s.lr,
+                      "grad_norm": float(s.grad_norm), "tokens_per_s": tokens / seconds,
+                      "memory_mb": memory_mb(dist.device)})
+
+
 def _end_of_epoch(spec: EpochSpec, engine, dist: Dist, pad_id: int, amp_dtype, metrics: dict, lr: float, steps: int,
                   started: float) -> dict:
     """The epoch's metrics: mean train loss, held-out loss, sample generations (main rank)."""
@@ -135,7 +166,3 @@ def _end_of_epoch(spec: EpochSpec, engine, dist: Dist, pad_id: int, amp_dtype, m
             "lr_last": lr, "steps": steps, "seconds": time.perf_counter() - started, "samples": samples}
 
 
-def _check_finite(loss: torch.Tensor, epoch: int, step: int, global_step: int) -> None:
-    if not torch.isfinite(loss):
-        raise TrainError(f"epoch {epoch}, step {step + 1} (global step {global_step + 1}): loss is {loss.item()}; "
-                         "lower lr, check the data, or use fp32/bf16 instead of fp16")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +30,13 @@ class EpochLog:
 
         self.bar = tqdm(total=steps, initial=start_step, desc=f"{experiment} epoch {epoch}", unit="step",
                         disable=not main, mininterval=1.0)
+        self._lap = time.perf_counter()
+
+    def lap(self) -> float:
+        """Seconds since the last call (or since the log was opened)."""
+        now = time.perf_counter()
+        seconds, self._lap = now - self._lap, now
+        return seconds
 
     def step(self, record: dict) -> None:
         """One optimizer step's record (``global_step`` and the :data:`SCALARS`)."""

@@ -92,6 +92,7 @@ class Settings:
     epochs: int
     schedule: dict
     save_steps: int
+    log_steps: int = 10
     evaluation_inputs: tuple[str, ...] = ()
 
     @classmethod
@@ -180,6 +181,7 @@ class EpochSpec:
             method=Method.from_dict(exp["method_config"]),
             train=Settings.from_dict({**{key: exp[key] for key in TRAIN_KEYS}, "epochs": exp["epochs"],
                                       "schedule": exp["schedule"], "save_steps": exp["save_steps"],
+                                      "log_steps": exp["log_steps"],
                                       "evaluation_inputs": exp["evaluation_inputs"]}),
             base_model=BaseModel(**base_model_of(exp, config)),
             tokenizer=BaseModel(root["path"], read_revision(root), trust_remote_code=root["trust_remote_code"]),
@@ -206,9 +208,11 @@ class EpochSpec:
                       "out": Outputs(**data["out"])})
 
     def identity(self) -> dict:
-        """The settings an epoch's fingerprint names (see ``tunemake.train.checkpoint.fingerprint``)."""
-        return {"experiment": self.experiment, "epoch": self.epoch, "method": self.method.to_dict(),
-                "train": asdict(self.train)}
+        """The settings an epoch's fingerprint names (see ``tunemake.train.checkpoint.fingerprint``);
+        not ``log_steps``, which changes nothing trained, so a resume point outlives a change of it."""
+        train = asdict(self.train)
+        del train["log_steps"]
+        return {"experiment": self.experiment, "epoch": self.epoch, "method": self.method.to_dict(), "train": train}
 
     def resolved(self) -> EpochSpec:
         """With the base model's and tokenizer's local directories (see :meth:`BaseModel.resolved`)."""
