@@ -8,13 +8,15 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_train import MODEL, base_config, checkpoint, prepare
 
+from tunemake import convert
 from tunemake.convert import ConvertError, _canonical_adapter_config, convert_checkpoint, read_metadata
 from tunemake.demo import build_demo_model, build_demo_tokenizer, generate_demo_data
 from tunemake.hub import model_dir
@@ -139,7 +141,7 @@ def in_project(pth: Path) -> Path:
     return pth
 
 
-def convert_with_the_whole_model(pth: Path, out: Path, dtype: str) -> None:
+def convert_with_the_whole_model(pth: Path, out: Path, dtype: str, max_shard_size: str = "50GB") -> None:
     """What convert wrote before it stopped loading the base model: the whole model built in float32,
     the checkpoint loaded into it, cast and saved by PEFT or transformers (the reference)."""
     ckpt = torch.load(pth, weights_only=True)
@@ -147,7 +149,7 @@ def convert_with_the_whole_model(pth: Path, out: Path, dtype: str) -> None:
     method = Method.from_dict(ckpt["method"])
     model = build_model(method.for_export(), BaseModel(base, dtype="float32", dir=base), torch.device("cpu"))
     load_trainable(model, ckpt["trainable"], str(pth))
-    model.to(getattr(torch, dtype)).save_pretrained(out)
+    model.to(getattr(torch, dtype)).save_pretrained(out, max_shard_size=max_shard_size)
     if method.adapter:
         _canonical_adapter_config(out / "adapter_config.json")
     else:
@@ -184,6 +186,32 @@ def test_the_artefact_is_what_building_the_whole_model_wrote(trained, tmp_path, 
     if method == "lora_save":
         assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= set(
             read_header(got / "adapter_model.safetensors"))
+
+
+def test_a_full_fine_tune_over_several_shards_is_what_transformers_wrote(trained, tmp_path, monkeypatch):
+    pth = in_project(trained["full"])
+    monkeypatch.setattr(convert, "_write_model", partial(convert._write_model, max_shard_size="200KB"))
+    got = convert_checkpoint(pth, tmp_path / "new")
+    convert_with_the_whole_model(pth, tmp_path / "old", read_metadata(got)["dtype"], max_shard_size="200KB")
+    assert (got / "model.safetensors.index.json").is_file() and not (got / "model.safetensors").exists()
+    assert_same_artefact(got, tmp_path / "old")
+
+
+def test_a_full_fine_tune_of_tied_embeddings_is_what_transformers_wrote(project, tmp_path):
+    """The output head is the input embedding: stored once, under the embedding's name."""
+    shutil.copytree(project, tmp_path / "w")
+    tiny = tmp_path / "w" / "models" / "tiny"
+    weights = load_file(tiny / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, tiny / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tiny / "config.json").read_text())
+    (tiny / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    spec = prepare(project, tmp_path / "w", base_config(method="full", epochs=1, lr=0.01))
+    assert train_epoch(spec) == 0
+    got = convert_checkpoint(spec.out.pth, tmp_path / "new", dtype="bfloat16")
+    convert_with_the_whole_model(Path(spec.out.pth), tmp_path / "old", "bfloat16")
+    assert "lm_head.weight" not in read_header(got / "model.safetensors")
+    assert_same_artefact(got, tmp_path / "old")
 
 
 def copy_base(pth: Path, out: Path) -> Path:

@@ -139,14 +139,22 @@ def _write_adapter(model, trainable: dict[str, torch.Tensor], base: Path, dtype:
     model.save_pretrained(str(out), state_dict=state)
 
 
-def _write_model(model, trainable: dict[str, torch.Tensor], base: Path, out: Path) -> None:
+def _write_model(model, trainable: dict[str, torch.Tensor], base: Path, out: Path,
+                 max_shard_size: int | str | None = None) -> None:
     """transformers' ``save_pretrained`` of ``model`` (built on the meta device, in the output
     dtype), its tensors streamed one at a time into transformers' shards from the checkpoint, or
-    from the base's files for the few the checkpoint lacks (buffers): never a whole model in memory."""
+    from the base's files for the few the checkpoint lacks (buffers): never a whole model in memory.
+    ``max_shard_size``: default, transformers' default."""
     from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
+    if get_model_conversion_mapping(model, add_legacy=False):
+        raise ConvertError(f"{base}: the model class rewrites its weights on saving (transformers' weight "
+                           "conversion); exporting a full fine-tune of it is not supported")
+    # as from_pretrained leaves a model whose weights needed no conversion (it then saves them in key order)
+    model._weight_conversions = []
     # config.json, generation_config.json and the model's own code, as transformers writes them
     model.save_pretrained(str(out), state_dict={})
     # a checkpoint names each tensor as the model's parameter; a tied alias, by its first name
@@ -155,10 +163,8 @@ def _write_model(model, trainable: dict[str, torch.Tensor], base: Path, out: Pat
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
     key_of = {id(tensor): key for key, tensor in state.items()}
     saved = revert_weight_conversion(model, state)
-    if any(id(tensor) not in key_of for tensor in saved.values()):
-        raise ConvertError(f"{base}: the model class rewrites its weights on saving (transformers' weight conversion); "
-                           "exporting a full fine-tune of it is not supported")
-    max_shard_size = inspect.signature(type(model).save_pretrained).parameters["max_shard_size"].default
+    if max_shard_size is None:
+        max_shard_size = inspect.signature(type(model).save_pretrained).parameters["max_shard_size"].default
     split = split_torch_state_dict_into_shards(saved, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
     values = {name: trainable.get(param_name.get(key_of[id(tensor)], "")) for name, tensor in saved.items()}
