@@ -124,11 +124,15 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
 
 def _write_adapter(model, trainable: dict[str, torch.Tensor], base: Path, dtype: str, out: Path) -> None:
     """PEFT's ``save_pretrained`` of ``model`` (built on the meta device) with the checkpoint's
-    tensors, cast to ``dtype``, as its weights: the files PEFT writes for the trained model."""
+    tensors, cast to ``dtype``, as its weights: the files PEFT writes for the trained model.
+    ``trainable`` is emptied, each float32 tensor let go once cast, so they are not held twice."""
     from peft import get_peft_model_state_dict
 
     state = model.state_dict()
-    state.update({name: _cast(tensor, getattr(torch, dtype)) for name, tensor in trainable.items()})
+    while trainable:
+        name, tensor = trainable.popitem()
+        state[name] = _cast(tensor, getattr(torch, dtype))
+        del tensor
     # LoRA on an embedding also saves the base embedding (peft's save_embedding_layers), the one
     # base weight an adapter holds: read it from the base's file.
     key_of = {id(tensor): key for key, tensor in state.items()}
