@@ -138,8 +138,9 @@ def main() -> int:
             root = Path(tmp)
             start = time.perf_counter()
             sizes = build(root, layers, args.rank)
-            print(f"{layers} layers: built in {time.perf_counter() - start:.0f} s, base {sizes['base_bytes'] / MB:,.0f} MB "
-                  f"float16, checkpoint {sizes['checkpoint_bytes'] / MB:,.1f} MB", flush=True)
+            print(f"{layers} layers: built in {time.perf_counter() - start:.0f} s, base "
+                  f"{sizes['base_bytes'] / MB:,.0f} MB float16, checkpoint {sizes['checkpoint_bytes'] / MB:,.1f} MB",
+                  flush=True)
             results = {way: measure(way, root) for way in ways}
             if "baseline" in results:
                 same = same and all((root / "out_tunemake" / name).read_bytes() == (root / "out_baseline" / name)
@@ -157,8 +158,9 @@ def main() -> int:
     added_adapter = last["results"]["tunemake"]["adapter_bytes"] - first["results"]["tunemake"]["adapter_bytes"]
     target = added_adapter + TARGET_SLACK
     passed = growth["tunemake"] <= target
-    print(f"{first['layers']} -> {last['layers']} layers: base grows by {(last['base_bytes'] - first['base_bytes']) / MB:,.0f} MB "
-          f"(float16), the adapter by {added_adapter / MB:.1f} MB")
+    added_base = last["base_bytes"] - first["base_bytes"]
+    print(f"{first['layers']} -> {last['layers']} layers: base grows by {added_base / MB:,.0f} MB (float16), "
+          f"the adapter by {added_adapter / MB:.1f} MB")
     for way in ways:
         print(f"  {way:9} peak grows by {growth[way] / MB:8,.1f} MB")
     print(f"{'PASS' if passed else 'FAIL'}: tunemake grows by {growth['tunemake'] / MB:.1f} MB "

@@ -115,6 +115,9 @@ METHODS = {
     # the embeddings and output head trained in full beside LoRA on two named modules
     "lora_save": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "down_proj"],
                   "modules_to_save": ["embed_tokens", "lm_head"]},
+    # LoRA on the input embedding: PEFT saves the base embedding beside it, the one base weight read
+    "lora_embedding": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0,
+                       "target_modules": ["embed_tokens", "v_proj"]},
     "full": {"type": "full"},
 }
 
@@ -177,15 +180,17 @@ def assert_same_artefact(got: Path, expected: Path) -> None:
 
 
 @pytest.mark.parametrize("method, dtype", [("lora8", None), ("qlora8", None), ("lora_save", "bfloat16"),
-                                           ("full", None), ("full", "float16")])
+                                           ("lora_embedding", None), ("full", None), ("full", "float16")])
 def test_the_artefact_is_what_building_the_whole_model_wrote(trained, tmp_path, method, dtype):
     pth = in_project(trained[method])
     got = convert_checkpoint(pth, tmp_path / "new", dtype=dtype)
     convert_with_the_whole_model(pth, tmp_path / "old", read_metadata(got)["dtype"])
     assert_same_artefact(got, tmp_path / "old")
+    saved = set(read_header(got / "adapter_model.safetensors")) if method != "full" else set()
     if method == "lora_save":
-        assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= set(
-            read_header(got / "adapter_model.safetensors"))
+        assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= saved
+    if method == "lora_embedding":
+        assert "base_model.model.model.embed_tokens.base_layer.weight" in saved
 
 
 def test_a_full_fine_tune_over_several_shards_is_what_transformers_wrote(trained, tmp_path, monkeypatch):
@@ -235,6 +240,14 @@ def test_the_base_models_weights_are_never_read(trained, tmp_path, method):
     assert_same_artefact(convert_checkpoint(tmp_path / "epoch_1.pth", tmp_path / "garbage"), expected)
     weights.unlink()
     assert_same_artefact(convert_checkpoint(tmp_path / "epoch_1.pth", tmp_path / "removed"), expected)
+
+
+def test_lora_on_an_embedding_reads_the_base_embedding_and_says_where_it_is_missing(trained, tmp_path):
+    base = copy_base(in_project(trained["lora_embedding"]), tmp_path)
+    (base / "model.safetensors").unlink()
+    with pytest.raises(ConvertError, match=r"/base: no safetensors weights \(model\.safetensors or "):
+        convert_checkpoint(tmp_path / "epoch_1.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_base_of_other_shapes_is_refused_from_its_config(trained, tmp_path):

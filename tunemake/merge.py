@@ -307,8 +307,8 @@ def _check_adapter_config(adapter: Path, config: dict) -> None:
                          "(peft's path_initial_model_for_weight_conversion)")
 
 
-def _plan_merge(adapter: Path, config: dict, base: Path, base_config: dict,
-                base_tensors: dict[str, StoredTensor], trust_remote_code: bool = False) -> tuple[list[OutputTensor], bool]:
+def _plan_merge(adapter: Path, config: dict, base: Path, base_config: dict, base_tensors: dict[str, StoredTensor],
+                trust_remote_code: bool = False) -> tuple[list[OutputTensor], bool]:
     """The output tensors of base + adapter, and whether tied embeddings must be untied."""
     _check_adapter_config(adapter, config)
 
@@ -389,7 +389,7 @@ def _plan_merge(adapter: Path, config: dict, base: Path, base_config: dict,
         # Untied, a tied weight starts from its source's value, as in the loaded base.
         stored = base_tensors[ties[name]] if untie and ties.get(name) in base_tensors else base_tensors[name]
         outputs.append(OutputTensor(name, stored.shape, stored=None if name in replaced else stored,
-                               value=replaced.get(name), deltas=deltas.get(name, [])))
+                                    value=replaced.get(name), deltas=deltas.get(name, [])))
     log.info("%s: %d LoRA layers, %d tensors replaced%s", adapter, len(loras), len(replaced),
              ", tied embeddings untied" if untie else "")
     return outputs, untie
