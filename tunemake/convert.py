@@ -6,12 +6,20 @@ that vanilla ``PeftModel.from_pretrained(base, dir)`` loads with no tunemake imp
 fine-tune, an HF model directory with the tokenizer. Either way ``tunemake.json`` beside it holds
 the template, base, epoch, fingerprint and versions that later stages read for their defaults.
 Supported: any ``.pth`` written by ``tunemake.train`` (with or without DeepSpeed). Not supported:
-XTuner's own ``.pth`` files (their key names differ). The base model is loaded on the CPU to build
-the adapter's structure, so conversion needs the base's size in host memory.
+XTuner's own ``.pth`` files (their key names differ), and full fine-tunes of model classes that
+rewrite their weights on saving (transformers' weight conversions, e.g. fused experts).
+
+Memory: the checkpoint and a few tens of MB, never the base model. The model is built on the meta
+device (config, names, shapes, no weights), which checks the checkpoint fits it; an adapter is
+saved by PEFT from the checkpoint's tensors; a full fine-tune is streamed, a slice of rows at a
+time, into the shards transformers' ``save_pretrained`` would write (``tunemake.shards``), with the
+same bytes. The base's weights are read only for what the checkpoint lacks: persistent buffers of a
+full model, the base embedding that LoRA on an embedding saves.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -22,8 +30,22 @@ from tunemake.atomic import atomic_dir, write_json
 from tunemake.config import DTYPE_BYTES
 from tunemake.hub import is_hub_id, load_pretrained, model_dir
 from tunemake.errors import TunemakeError
+from tunemake.shards import (
+    DTYPE_NAMES,
+    INDEX_FILE,
+    Buffers,
+    OutputTensor,
+    PlannedTensor,
+    ShardWriter,
+    StoredTensor,
+    model_tensors,
+    read_tensor,
+    safetensors_order,
+    write_tensor,
+)
 
 METADATA_FILE = "tunemake.json"
+PEFT_PREFIX = "base_model.model."
 
 
 class ConvertError(TunemakeError):
@@ -61,7 +83,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     Raises:
         ConvertError: unreadable checkpoint, or weights that do not fit the base model.
     """
-    from tunemake.train.model import build_model, load_trainable
+    from tunemake.train.model import check_trainable, empty_model
     from tunemake.train.spec import BaseModel, Method
 
     ckpt = read_checkpoint(checkpoint)
@@ -73,10 +95,9 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     method = Method.from_dict(ckpt["method"])
     if dtype is None:
         dtype = stored_dtype(base) if method.type == "full" else "float16"
-    model = build_model(method.for_export(), BaseModel(base, dtype="float32", trust_remote_code=trust_remote_code,
-                                                       dir=base), torch.device("cpu"))
+    model = empty_model(method.for_export(), BaseModel(base, trust_remote_code=trust_remote_code, dir=base), dtype)
     try:
-        load_trainable(model, ckpt["trainable"], str(checkpoint))
+        check_trainable(model, ckpt["trainable"], str(checkpoint))
     except TunemakeError as exc:
         raise ConvertError(f"{exc} (is {base} the base model it was trained from?)") from None
     metadata = {
@@ -89,16 +110,97 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
         if method.type == "full":
             from transformers import AutoTokenizer
 
-            model.to(getattr(torch, dtype)).save_pretrained(tmp)
+            _write_model(model, ckpt["trainable"], local, tmp)
             tokenizer_dir = model_dir(tokenizer_path, revision) if tokenizer_path else base
             load_pretrained(AutoTokenizer, tokenizer_dir, tokenizer_path or named,
                             trust_remote_code=trust_remote_code).save_pretrained(tmp)
         else:
-            model.to(getattr(torch, dtype)).save_pretrained(tmp)
+            _write_adapter(model, ckpt["trainable"], local, dtype, tmp)
             # a hub id, not this machine's cache directory, so that PEFT finds the base anywhere
             _canonical_adapter_config(Path(tmp) / "adapter_config.json", base=named if is_hub_id(named) else None)
         write_json(Path(tmp) / METADATA_FILE, metadata)
     return Path(out_dir)
+
+
+def _write_adapter(model, trainable: dict[str, torch.Tensor], base: Path, dtype: str, out: Path) -> None:
+    """PEFT's ``save_pretrained`` of ``model`` (built on the meta device) with the checkpoint's
+    tensors, cast to ``dtype``, as its weights: the files PEFT writes for the trained model.
+    ``trainable`` is emptied, each float32 tensor let go once cast, so they are not held twice."""
+    from peft import get_peft_model_state_dict
+
+    state = model.state_dict()
+    while trainable:
+        name, tensor = trainable.popitem()
+        state[name] = _cast(tensor, getattr(torch, dtype))
+        del tensor
+    # LoRA on an embedding also saves the base embedding (peft's save_embedding_layers), the one
+    # base weight an adapter holds: read it from the base's file.
+    key_of = {id(tensor): key for key, tensor in state.items()}
+    keys = [key_of[id(t)] for t in get_peft_model_state_dict(model, state_dict=state).values() if t.is_meta]
+    stored = _base_tensors(base, [key.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".") for key in keys])
+    for key, tensor in zip(keys, stored.values()):
+        state[key] = _cast(read_tensor(tensor), getattr(torch, dtype))
+    model.save_pretrained(str(out), state_dict=state)
+
+
+def _write_model(model, trainable: dict[str, torch.Tensor], base: Path, out: Path,
+                 max_shard_size: int | str | None = None) -> None:
+    """transformers' ``save_pretrained`` of ``model`` (built on the meta device, in the output
+    dtype), its tensors streamed one at a time into transformers' shards from the checkpoint, or
+    from the base's files for the few the checkpoint lacks (buffers): never a whole model in memory.
+    ``max_shard_size``: default, transformers' default."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    if get_model_conversion_mapping(model, add_legacy=False):
+        raise ConvertError(f"{base}: the model class rewrites its weights on saving (transformers' weight "
+                           "conversion); exporting a full fine-tune of it is not supported")
+    # as from_pretrained leaves a model whose weights needed no conversion (it then saves them in key order)
+    model._weight_conversions = []
+    # config.json, generation_config.json and the model's own code, as transformers writes them
+    model.save_pretrained(str(out), state_dict={})
+    # a checkpoint names each tensor as the model's parameter; a tied alias, by its first name
+    first_name = {id(p): name for name, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
+    param_name = {name: first_name[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    key_of = {id(tensor): key for key, tensor in state.items()}
+    saved = revert_weight_conversion(model, state)
+    if max_shard_size is None:
+        max_shard_size = inspect.signature(type(model).save_pretrained).parameters["max_shard_size"].default
+    split = split_torch_state_dict_into_shards(saved, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    values = {name: trainable.get(param_name.get(key_of[id(tensor)], "")) for name, tensor in saved.items()}
+    stored = _base_tensors(base, [name for name, value in values.items() if value is None])
+    buffers = Buffers()
+    for filename, names in split.filename_to_tensors.items():
+        outputs = {name: OutputTensor(name, tuple(saved[name].shape), stored=stored.get(name), value=values[name],
+                                      dtype=DTYPE_NAMES[saved[name].dtype]) for name in names}
+        planned = safetensors_order([PlannedTensor(o.name, o.dtype, o.shape) for o in outputs.values()])
+        with ShardWriter(out / filename, planned) as writer:
+            for tensor in planned:
+                write_tensor(outputs[tensor.name], writer, buffers)
+    if split.is_sharded:
+        write_json(out / INDEX_FILE, {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+                                      "weight_map": split.tensor_to_filename})
+
+
+def _base_tensors(base: Path, names: list[str]) -> dict[str, StoredTensor]:
+    """The base's stored tensors ``names``, in that order (its files are not opened for none)."""
+    if not names:
+        return {}
+    tensors = model_tensors(base, ConvertError)
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise ConvertError(f"{base}: no tensor {missing[0]} in its safetensors weights, and the checkpoint "
+                           "does not hold it")
+    return {name: tensors[name] for name in names}
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """As ``model.to(dtype)`` casts: floating-point tensors only."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def stored_dtype(model_dir: str | os.PathLike) -> str:

@@ -34,13 +34,13 @@ import math
 import os
 import shutil
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tunemake.atomic import atomic_dir, write_json
-from tunemake.convert import METADATA_FILE, config_dtype, read_metadata
+from tunemake.convert import METADATA_FILE, PEFT_PREFIX, config_dtype, read_metadata
 from tunemake.errors import TunemakeError
 from tunemake.config import DTYPE_BYTES, parse_size
 from tunemake.encode import generation_stops
@@ -48,17 +48,18 @@ from tunemake.hub import is_hub_id, load_pretrained, model_dir, own_code_failed,
 from tunemake.shards import (
     DTYPE_NAMES,
     DTYPES as STORED_DTYPES,
-    INDEX_FILE,
-    SINGLE_FILE,
+    Buffers,
+    OutputTensor,
     PlannedTensor,
     ShardWriter,
     StoredTensor,
+    model_tensors,
     plan_shards,
     read_header,
     read_tensor,
-    row_chunks,
     shard_names,
     write_index,
+    write_tensor,
 )
 from tunemake.templates import HF, Template, check_encodable, get_template, template_from_dict, template_to_dict
 
@@ -66,9 +67,6 @@ log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-PEFT_PREFIX = "base_model.model."
-# Elements merged at a time (at least one row): 2M, so the reused buffers take about 20 MB.
-CHUNK_ELEMENTS = 2 * 2**20
 
 # LoRA variants whose weights are not W + scaling * B @ A: a set field means "cannot merge".
 _UNSUPPORTED_CONFIG = {
@@ -160,11 +158,11 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
         raise MergeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
     out_dtype = DTYPE_NAMES[getattr(torch, dtype)]
 
-    base_tensors = _model_tensors(base)
+    base_tensors = model_tensors(base, MergeError)
     if adapter_config is not None:
         outputs, untie = _plan_merge(source, adapter_config, base, base_config, base_tensors, trust_remote_code)
     else:
-        outputs, untie = [_Output(name, t.shape, stored=t) for name, t in base_tensors.items()], False
+        outputs, untie = [OutputTensor(name, t.shape, stored=t) for name, t in base_tensors.items()], False
     for out in outputs:
         source_dtype = STORED_DTYPES[out.stored.dtype] if out.value is None else out.value.dtype
         out.dtype = out_dtype if source_dtype.is_floating_point else DTYPE_NAMES[source_dtype]
@@ -192,7 +190,7 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
     what = f"merging {source} into {base}" if is_adapter else f"resharding {source}"
     log.info("%s: %d tensors in %d shard(s) of at most %s, %s", what, len(outputs), len(shards),
              max_shard_size, dtype)
-    by_name, buffers = {o.name: o for o in outputs}, _Buffers()
+    by_name, buffers = {o.name: o for o in outputs}, Buffers()
     with atomic_dir(out_dir) as tmp:
         from tqdm import tqdm
 
@@ -200,7 +198,7 @@ def merge_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
             for name, shard in zip(shard_names(len(shards)), shards):
                 with ShardWriter(tmp / name, shard) as writer:
                     for planned in shard:
-                        _write_tensor(by_name[planned.name], writer, buffers)
+                        write_tensor(by_name[planned.name], writer, buffers)
                         bar.update()
         if len(shards) > 1:
             write_index(tmp, shards)
@@ -243,24 +241,6 @@ def _resolve_template(template, metadata: dict, source: Path) -> Template | str:
     return get_template(template) if isinstance(template, str) else template
 
 
-def _model_tensors(model_dir: Path) -> dict[str, StoredTensor]:
-    """Every tensor of a model directory's safetensors weights, file by file in name order."""
-    if (model_dir / INDEX_FILE).is_file():
-        files = sorted(set(_read_json(model_dir / INDEX_FILE)["weight_map"].values()))
-    elif (model_dir / SINGLE_FILE).is_file():
-        files = [SINGLE_FILE]
-    else:
-        raise MergeError(f"{model_dir}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); "
-                         "re-save the model with safe_serialization")
-    tensors: dict[str, StoredTensor] = {}
-    for name in files:
-        for key, tensor in read_header(model_dir / name).items():
-            if key in tensors:
-                raise MergeError(f"{model_dir}: tensor {key} is stored twice ({tensors[key].path.name}, {name})")
-            tensors[key] = tensor
-    return tensors
-
-
 def _has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file()
 
@@ -297,19 +277,6 @@ class _BiasDelta:
         rows.add_(self.bias[start:stop].float(), alpha=self.scaling)
 
 
-@dataclass
-class _Output:
-    """One output tensor: its base value (on disk, or a full tensor from the adapter) plus the
-    updates to add to it in float32."""
-
-    name: str
-    shape: tuple[int, ...]
-    stored: StoredTensor | None = None
-    value: torch.Tensor | None = None
-    deltas: list[_LoraDelta | _BiasDelta] = field(default_factory=list)
-    dtype: str = ""
-
-
 def _pattern_value(patterns: dict, module: str, default):
     """peft's ``get_pattern_key``: the first pattern matching the end of the module's path."""
     for key, value in patterns.items():
@@ -340,8 +307,8 @@ def _check_adapter_config(adapter: Path, config: dict) -> None:
                          "(peft's path_initial_model_for_weight_conversion)")
 
 
-def _plan_merge(adapter: Path, config: dict, base: Path, base_config: dict,
-                base_tensors: dict[str, StoredTensor], trust_remote_code: bool = False) -> tuple[list[_Output], bool]:
+def _plan_merge(adapter: Path, config: dict, base: Path, base_config: dict, base_tensors: dict[str, StoredTensor],
+                trust_remote_code: bool = False) -> tuple[list[OutputTensor], bool]:
     """The output tensors of base + adapter, and whether tied embeddings must be untied."""
     _check_adapter_config(adapter, config)
 
@@ -421,8 +388,8 @@ def _plan_merge(adapter: Path, config: dict, base: Path, base_config: dict,
     for name in [*base_tensors, *untied]:
         # Untied, a tied weight starts from its source's value, as in the loaded base.
         stored = base_tensors[ties[name]] if untie and ties.get(name) in base_tensors else base_tensors[name]
-        outputs.append(_Output(name, stored.shape, stored=None if name in replaced else stored,
-                               value=replaced.get(name), deltas=deltas.get(name, [])))
+        outputs.append(OutputTensor(name, stored.shape, stored=None if name in replaced else stored,
+                                    value=replaced.get(name), deltas=deltas.get(name, [])))
     log.info("%s: %d LoRA layers, %d tensors replaced%s", adapter, len(loras), len(replaced),
              ", tied embeddings untied" if untie else "")
     return outputs, untie
@@ -448,68 +415,6 @@ def _tied_weights(base: Path, base_config: dict, trust_remote_code: bool = False
                          "set tie_word_embeddings in its config.json if it ties none") from None
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     return {str(t): str(s) for t, s in dict(tied).items()}
-
-
-class _Buffers:
-    """Chunk-sized buffers reused for every slice of every tensor: merging allocates nothing per
-    slice, so the heap does not grow (and fragment) with the model."""
-
-    def __init__(self, elements: int = CHUNK_ELEMENTS):
-        self.elements = elements
-        self.raw = bytearray()
-        self.tensors: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-    def read(self, handle, nbytes: int) -> memoryview:
-        if len(self.raw) < nbytes:
-            self.raw = bytearray(nbytes)
-        view = memoryview(self.raw)[:nbytes]
-        if handle.readinto(view) != nbytes:
-            raise MergeError(f"{handle.name}: file ends inside a tensor")
-        return view
-
-    def tensor(self, role: str, dtype: torch.dtype, elements: int) -> torch.Tensor:
-        key = (role, dtype)
-        if key not in self.tensors or self.tensors[key].numel() < elements:
-            self.tensors[key] = torch.empty(max(elements, self.elements), dtype=dtype)
-        return self.tensors[key][:elements]
-
-
-def _write_tensor(out: _Output, writer: ShardWriter, buffers: _Buffers) -> None:
-    """Stream one output tensor into its shard, a slice of rows at a time:
-    read (or slice the adapter's tensor), add the float32 updates, cast, write."""
-    dtype = STORED_DTYPES[out.dtype]
-    source_dtype = STORED_DTYPES[out.stored.dtype] if out.value is None else out.value.dtype
-    row_shape = out.shape[1:]
-    per_row = math.prod(row_shape)
-    handle = open(out.stored.path, "rb") if out.value is None else None
-    try:
-        if handle:
-            handle.seek(out.stored.offset)
-        for start, stop in row_chunks(out.shape, buffers.elements):
-            elements = (stop - start) * per_row
-            if not elements:
-                continue
-            if handle:
-                raw = buffers.read(handle, elements * source_dtype.itemsize)
-                if not out.deltas and source_dtype == dtype:
-                    writer.write_bytes(raw)
-                    continue
-                values = torch.frombuffer(raw, dtype=source_dtype)
-            else:
-                values = out.value.reshape(-1)[start * per_row:stop * per_row]
-            if out.deltas:
-                work = buffers.tensor("work", torch.float32, elements)
-                work.copy_(values)
-                rows = work.view((stop - start, *row_shape)) if out.shape else work
-                for delta in out.deltas:
-                    delta.add_to(rows, start, stop)
-                values = work
-            result = buffers.tensor("out", dtype, elements)
-            result.copy_(values)
-            writer.write(result)
-    finally:
-        if handle:
-            handle.close()
 
 
 # --- tokenizer and generation config -----------------------------------------------------------

@@ -18,8 +18,9 @@ Estimated, from the model's shape and the experiment:
   checkpointing), float32 logits, and a fixed CUDA overhead.
 - Host memory per node: each training process loads the model shard by shard straight onto its
   GPU (about one safetensors shard in host memory), plus offloaded ZeRO states; training on the CPU
-  (no GPU asked for) holds the whole training state there. Convert builds the model in float32 on
-  the CPU; merge streams, so it holds about the adapter; evaluate loads the model once.
+  (no GPU asked for) holds the whole training state there. Convert holds the checkpoint (float32
+  trainable weights: the adapter, or every weight of a full fine-tune) and never the base model;
+  merge streams, so it holds about the adapter; evaluate loads the model once.
 - Training runtime per epoch (one job per epoch) from the templated dataset's token count
   (``stats.json`` once built, else its local sources' size at about 4 bytes a token) and
   6 (full) or 4 (LoRA, +2 with gradient checkpointing) FLOPs per parameter per token, at a
@@ -62,6 +63,8 @@ READ_BYTES_PER_S = 300 * MB
 LARGEST_COMMON_GPU_MB = 80 * 1000**3 // MB
 #: What a Python process with torch (and the CUDA libraries) holds before any model, in MB.
 PROCESS_MB = 3000
+#: What a write streamed a slice at a time holds beyond its inputs (``tunemake.shards``' buffers), in MB.
+STREAM_MB = 100
 #: CUDA context and allocator reserve per GPU, in MB.
 CUDA_MB = 1500
 #: Host estimates are raised by this much: Slurm kills a job that crosses its --mem.
@@ -364,8 +367,9 @@ def _estimates(exp: dict, config: dict, shape: Shape) -> dict[str, dict]:
         "train": {"threads": THREADS_PER_GPU * gpus if on_gpu else 2, "mem_mb": _mb(host, floor=4000),
                   "runtime": train_runtime, "gpu_mem_mb": _mb(gpu_mem, floor=0, margin=1) if on_gpu else None,
                   "gpus": gpus, "tokens": epoch_tokens},
-        # Built on the CPU in float32, with the checkpoint's trainable weights beside it.
-        "convert": {"threads": 1, "mem_mb": _mb(PROCESS_MB * MB + 4 * n + 4 * trainable, floor=4000),
+        # The checkpoint; an adapter's cast copy and serialized bytes beside it, a full model streamed.
+        "convert": {"threads": 1, "mem_mb": _mb(PROCESS_MB * MB + 4 * trainable * (2 if method["type"] != "full" else 1)
+                                                + STREAM_MB * MB, floor=4000),
                     "runtime": _minutes(600 + 3 * n * 4 / READ_BYTES_PER_S, floor=60)},
         # Streams the base tensor by tensor: the adapter (float32) and a few chunks.
         "merge": {"threads": 1, "mem_mb": _mb(2000 * MB + trainable_mb * MB, floor=2000),

@@ -21,9 +21,9 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Iterator, Protocol, Sequence
 
 import torch
 
@@ -36,8 +36,12 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# The order of safetensors' dtype enum: its save_file stores tensors by dtype, last first, then by name.
+_DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
 
 SINGLE_FILE = "model.safetensors"
+# Elements streamed at a time (at least one row): 2M, so the reused buffers take about 20 MB.
+CHUNK_ELEMENTS = 2 * 2**20
 INDEX_FILE = "model.safetensors.index.json"
 # The header of a real checkpoint is well under a megabyte; this only rejects garbage lengths.
 _MAX_HEADER = 100 * 2**20
@@ -174,6 +178,12 @@ def plan_shards(tensors: Sequence[PlannedTensor], max_bytes: int) -> list[list[P
     return shards
 
 
+def safetensors_order(tensors: Sequence[PlannedTensor]) -> list[PlannedTensor]:
+    """``tensors`` in the order safetensors' ``save_file`` stores them, so a shard written here has
+    the bytes of the one transformers' ``save_pretrained`` writes."""
+    return sorted(tensors, key=lambda t: (-_DTYPE_ORDER.index(t.dtype), t.name))
+
+
 def shard_names(count: int) -> list[str]:
     """transformers' file names for ``count`` shards."""
     if count == 1:
@@ -232,3 +242,110 @@ def write_index(out_dir: str | os.PathLike, shards: Sequence[Sequence[PlannedTen
     total_parameters = sum(math.prod(tensor.shape) for shard in shards for tensor in shard)
     metadata = {"total_parameters": total_parameters, "total_size": total_size}
     write_json(Path(out_dir) / INDEX_FILE, {"metadata": metadata, "weight_map": weight_map})
+
+
+def model_tensors(model_dir: str | os.PathLike, error: type[TunemakeError] = TunemakeError) -> dict[str, StoredTensor]:
+    """Every tensor of a model directory's safetensors weights, file by file in name order.
+
+    Raises:
+        error: no safetensors weights, an unreadable index, or a tensor stored twice.
+    """
+    model_dir = Path(model_dir)
+    if (model_dir / INDEX_FILE).is_file():
+        try:
+            files = sorted(set(json.loads((model_dir / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise error(f"{model_dir / INDEX_FILE}: not a safetensors index ({exc})") from None
+    elif (model_dir / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    else:
+        raise error(f"{model_dir}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); "
+                    "re-save the model with safe_serialization")
+    tensors: dict[str, StoredTensor] = {}
+    for name in files:
+        for key, tensor in read_header(model_dir / name).items():
+            if key in tensors:
+                raise error(f"{model_dir}: tensor {key} is stored twice ({tensors[key].path.name}, {name})")
+            tensors[key] = tensor
+    return tensors
+
+
+class Delta(Protocol):
+    """An update added, in float32, to rows ``start:stop`` of an output tensor."""
+
+    def add_to(self, rows: torch.Tensor, start: int, stop: int) -> None: ...
+
+
+@dataclass
+class OutputTensor:
+    """One output tensor: its value (stored in a file, or a tensor in memory), the float32 updates
+    to add to it, and the safetensors dtype it is written in."""
+
+    name: str
+    shape: tuple[int, ...]
+    stored: StoredTensor | None = None
+    value: torch.Tensor | None = None
+    deltas: list[Delta] = field(default_factory=list)
+    dtype: str = ""
+
+
+class Buffers:
+    """Chunk-sized buffers reused for every slice of every tensor: streaming allocates nothing per
+    slice, so the heap does not grow (and fragment) with the model."""
+
+    def __init__(self, elements: int = CHUNK_ELEMENTS):
+        self.elements = elements
+        self.raw = bytearray()
+        self.tensors: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def read(self, handle, nbytes: int) -> memoryview:
+        if len(self.raw) < nbytes:
+            self.raw = bytearray(nbytes)
+        view = memoryview(self.raw)[:nbytes]
+        if handle.readinto(view) != nbytes:
+            raise TunemakeError(at(str(handle.name), "file ends inside a tensor"))
+        return view
+
+    def tensor(self, role: str, dtype: torch.dtype, elements: int) -> torch.Tensor:
+        key = (role, dtype)
+        if key not in self.tensors or self.tensors[key].numel() < elements:
+            self.tensors[key] = torch.empty(max(elements, self.elements), dtype=dtype)
+        return self.tensors[key][:elements]
+
+
+def write_tensor(out: OutputTensor, writer: ShardWriter, buffers: Buffers) -> None:
+    """Stream one output tensor into its shard, a slice of rows at a time:
+    read (or slice the tensor in memory), add the float32 updates, cast, write."""
+    dtype = DTYPES[out.dtype]
+    source_dtype = DTYPES[out.stored.dtype] if out.value is None else out.value.dtype
+    row_shape = out.shape[1:]
+    per_row = math.prod(row_shape)
+    handle = open(out.stored.path, "rb") if out.value is None else None
+    try:
+        if handle:
+            handle.seek(out.stored.offset)
+        for start, stop in row_chunks(out.shape, buffers.elements):
+            elements = (stop - start) * per_row
+            if not elements:
+                continue
+            if handle:
+                raw = buffers.read(handle, elements * source_dtype.itemsize)
+                if not out.deltas and source_dtype == dtype:
+                    writer.write_bytes(raw)
+                    continue
+                values = torch.frombuffer(raw, dtype=source_dtype)
+            else:
+                values = out.value.reshape(-1)[start * per_row:stop * per_row]
+            if out.deltas:
+                work = buffers.tensor("work", torch.float32, elements)
+                work.copy_(values)
+                rows = work.view((stop - start, *row_shape)) if out.shape else work
+                for delta in out.deltas:
+                    delta.add_to(rows, start, stop)
+                values = work
+            result = buffers.tensor("out", dtype, elements)
+            result.copy_(values)
+            writer.write(result)
+    finally:
+        if handle:
+            handle.close()

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from tunemake.config import DTYPE_BYTES
@@ -83,6 +85,28 @@ def build_model(method: Method, base: BaseModel, device: torch.device, precision
             param.data = param.data.float()
     return model
 
+def empty_model(method: Method, base: BaseModel, dtype: str = "float32"):
+    """The model :func:`build_model` makes for ``method`` (unquantized), on the meta device, in
+    ``dtype``: its config, names, shapes and adapter structure, and no weight read. What convert
+    writes an artefact from, without the base model's memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    base = base.resolved()
+    config = load_pretrained(AutoConfig, base.dir, base.path, trust_remote_code=base.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype),
+                                                 trust_remote_code=base.trust_remote_code)
+    if (Path(base.dir) / "generation_config.json").is_file():  # as from_pretrained reads it
+        model.generation_config = GenerationConfig.from_pretrained(base.dir)
+    model.config.use_cache = False
+    if method.adapter:
+        from peft import get_peft_model
+
+        with torch.device("meta"):
+            model = get_peft_model(model, lora_config(method, model))
+    return model
+
+
 def _quantization(method: Method, compute_dtype):
     from transformers import BitsAndBytesConfig
 
@@ -151,16 +175,28 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().to("cpu", copy=True) for name, p in named}
 
 
-def load_trainable(model, state: dict[str, torch.Tensor], source: str) -> None:
-    model = unwrap(model)
-    params = dict(model.named_parameters())
+def check_trainable(model, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise unless ``state`` holds each trainable weight of ``model``, in its shape, and no other.
+
+    Raises:
+        TrainError: naming ``source`` and a missing, unexpected or misshapen weight.
+    """
+    params = dict(unwrap(model).named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in state]
     unexpected = [name for name in state if name not in params]
-    if missing or unexpected:
+    misshapen = [f"{name} {list(t.shape)}, not {list(params[name].shape)}" for name, t in state.items()
+                 if name in params and t.shape != params[name].shape]
+    if missing or unexpected or misshapen:
         raise TrainError(
             f"{source}: its weights do not fit this experiment's model "
-            f"({len(missing)} missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})"
+            f"({len(missing)} missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}"
+            + (f"; {len(misshapen)} of another shape, e.g. {misshapen[0]}" if misshapen else "") + ")"
         )
+
+
+def load_trainable(model, state: dict[str, torch.Tensor], source: str) -> None:
+    check_trainable(model, state, source)
+    params = dict(unwrap(model).named_parameters())
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)
