@@ -120,13 +120,12 @@ def varlen_function():
 def flash_available() -> bool:
     """Whether aten's flash attention ops exist and take the arguments :class:`FlashVarlen` passes.
 
-    They are private (``aten._flash_attention_forward`` / ``_backward``), so their schema is
-    checked here; where it differs :func:`choose` falls back to the public ``varlen`` backend.
+    They are private (``aten._flash_attention_forward`` / ``_backward``), so their schemas are
+    checked here; where they differ, or cannot be read, :func:`choose` falls back to the public
+    ``varlen`` backend.
     """
-    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
-    backward = getattr(torch.ops.aten, "_flash_attention_backward", None)
-    return (op is not None and backward is not None and "window_size_left" in str(op.default._schema)
-            and "window_size_left" in str(backward.default._schema))
+    ops = [getattr(torch.ops.aten, name, None) for name in ("_flash_attention_forward", "_flash_attention_backward")]
+    return all(op is not None and "window_size_left" in str(getattr(op.default, "_schema", "")) for op in ops)
 
 
 class FlashVarlen(torch.autograd.Function):

@@ -161,9 +161,9 @@ class BlockCopy:
     again, and whether the kernel can take the blocks checked again, whenever a parameter's
     storage, dtype, shape or strides change. Elsewhere, or for blocks the kernel does not take
     (2-D with contiguous rows, the sources contiguous, one dtype and one device on each side),
-    torch copies each block. The kernel writes behind autograd's back, so the version counters of
-    the destinations' bases are bumped as an in-place copy would (what
-    :class:`tunemake.fast.lora.ConcatLora`'s in-place check relies on).
+    torch copies each block. The kernel writes behind autograd's back, so the destinations'
+    version counters (which views share with their base) are bumped as an in-place copy would
+    (what :class:`tunemake.fast.lora.ConcatLora`'s in-place check relies on).
 
     Args:
         pairs: (destination view, source parameter) pairs.
@@ -174,7 +174,6 @@ class BlockCopy:
 
     def __init__(self, pairs):
         self.pairs = list(pairs)
-        self._bases = list({id(t): t for t in (d if d._base is None else d._base for d, _ in self.pairs)}.values())
         self._key = self._launch = None
 
     def __bool__(self):
@@ -209,5 +208,5 @@ class BlockCopy:
             dst0 = self.pairs[0][0]
             with torch.cuda.device(dst0.device):  # Triton launches on the current device
                 _copy_blocks_kernel[grid](table, srcs[0], dst0, ROWS=self.ROWS, COLS=cols)
-            for base in self._bases:  # written behind autograd's back: say so, as copy_ would
-                torch.autograd.graph.increment_version(base)
+            # written behind autograd's back: say so, as copy_ would
+            torch.autograd.graph.increment_version([d for d, _ in self.pairs])
