@@ -86,10 +86,13 @@ def assert_close(ref, fast, rtol):
 ROWS = [[9, 14, 7], [20, 10], [5]]  # packed documents; the last row is padded
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "lora_head"])
+@pytest.mark.parametrize("method", ["lora", "lora_bias", "full", "lora_head"])
 def test_fast_path_equals_reference_fp32(method):
-    model = tiny_llama()
-    if method == "lora":
+    """LoRA (the B blocks beside the frozen weights), LoRA over projections with biases (as Qwen2's
+    q/k/v: stacked weights without the B blocks, one A product a group), full fine-tuning, LoRA with
+    trainable embeddings and head: the model's own loss and gradients."""
+    model = tiny_llama(attention_bias=method == "lora_bias")
+    if method in ("lora", "lora_bias"):
         model = with_lora(model)
     elif method == "lora_head":
         model = with_lora(model, modules_to_save=["lm_head", "embed_tokens"])
