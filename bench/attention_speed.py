@@ -13,7 +13,7 @@ timed and checked against (output and q/k/v gradients on every token):
   batch [documents, heads, longest, head_dim] and run through ``scaled_dot_product_attention``
   with ``is_causal`` on one backend (right padding is exact for causal attention: a real query
   never sees a padded key, and the padded queries' outputs are dropped, so their gradients are 0);
-- ``aten_flash``: ``tunemake.fast._FlashVarlen``, aten's flash ops called directly;
+- ``aten_flash``: ``tunemake.fast.attention.FlashVarlen``, aten's flash ops called directly;
 - ``fa4``: FlashAttention-4's varlen function (``flash_attn.cute``, package ``flash-attn-4``), where
   it is installed.
 
@@ -22,7 +22,7 @@ timed and checked against (output and q/k/v gradients on every token):
 Prints a table (ms per forward + backward, TFLOP/s of the causal work, ratio to ``varlen``) and
 the largest difference from ``varlen``; and, where NVML's energy counter can be read
 (bench/energy.py), each variant's joules for the forward + backward of one row, and of a step's
-``--layers`` layers. docs/performance.md has the results (attempt 18).
+``--layers`` layers. docs/performance.md has the results.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from energy import Meter  # noqa: E402
-from tunemake.fast import _FlashVarlen, _Shape, _varlen_function  # noqa: E402
+from tunemake.fast.attention import FlashVarlen, varlen_function  # noqa: E402
+from tunemake.fast.layer import Shape  # noqa: E402
 
 
 def documents(kind: str, seq: int, seed: int) -> list[int]:
@@ -64,8 +65,8 @@ def padded_index(lengths, device, multiple: int = 64):
     return torch.as_tensor(gather, device=device), torch.as_tensor(scatter, device=device)
 
 
-def variants(shape: _Shape, row: int):
-    varlen = _varlen_function()
+def variants(shape: Shape, row: int):
+    varlen = varlen_function()
 
     def offsets(lengths, device):
         return torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
@@ -85,7 +86,7 @@ def variants(shape: _Shape, row: int):
         return run
 
     def aten_flash(q, k, v, lengths):  # tunemake.fast's direct call of aten's flash ops
-        return _FlashVarlen.apply(q, k, v, offsets(lengths, q.device), row, shape.scale)
+        return FlashVarlen.apply(q, k, v, offsets(lengths, q.device), row, shape.scale)
 
     try:
         from flash_attn.cute.interface import flash_attn_varlen_func
@@ -168,7 +169,7 @@ def main() -> int:
         print("attention_speed: needs CUDA", file=sys.stderr)
         return 2
     device = torch.device("cuda")
-    shape = _Shape(args.heads, args.heads, args.head_dim, 1e-5, args.head_dim ** -0.5, torch.bfloat16, "varlen")
+    shape = Shape(args.heads, args.heads, args.head_dim, 1e-5, args.head_dim ** -0.5, torch.bfloat16, "varlen")
     fns = variants(shape, args.seq)
     results = []
     meter, energy = Meter(device), {}

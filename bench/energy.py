@@ -11,7 +11,7 @@ card with the device's UUID. Where NVML or the counter is missing (a CPU, an old
 container without the library), ``Meter.available`` is False and ``joules()`` returns None:
 the benches then print no energy, and measure the rest as before. The counter counts
 millijoules, but its readings are coarser in time: on an H200, windows of about 1.5 s varied by
-about 4%, windows of about 6 s by about 1% (docs/performance.md, session 12). Read it over many
+about 4%, windows of about 6 s by about 1% (docs/performance.md). Read it over many
 steps, not one.
 """
 

@@ -1,13 +1,13 @@
-"""tunemake's own CUDA kernels (``tunemake.fast``) against torch, on Llama-2-7B's shapes, with a tile sweep.
+"""tunemake's own CUDA kernels (``tunemake.fast.kernels``) against torch, on Llama-2-7B's shapes, with a tile sweep.
 
 - ``low_rank_add``: ``c + x @ y`` for a rank-r ``x`` (the LoRA terms the fast path adds to the
   frozen products' outputs and input gradients): ``torch.addmm`` (the baseline, cuBLAS) against
-  ``tunemake.fast._low_rank_add`` as shipped, and against the same kernel with other tiles
+  ``tunemake.fast.kernels.low_rank_add`` as shipped, and against the same kernel with other tiles
   (rows x columns x rank per step, warps, pipeline stages). Shapes: 2,048 tokens, outputs of
   4,096 (ranks 64, 128, 192: o and down, gate/up, q/k/v) and 11,008 (rank 64: down's input
   gradient).
 - ``swiglu_backward``: SiLU's backward over the concatenated [gate, up] product, the torch ops
-  compiled (what the compiled layer ran before attempt 34) against ``tunemake.fast``'s kernel as
+  compiled (what a compiled layer runs without the kernel) against ``tunemake.fast.kernels``' kernel as
   shipped and with other blocks and warps.
 
 Each time is the median of ``--repeats`` replays of a CUDA graph of 20 calls, divided by 20
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nf4_speed import time_us  # noqa: E402  (the same CUDA-graph timer)
 
-from tunemake import fast  # noqa: E402
+from tunemake.fast import kernels  # noqa: E402
 
 #: calls a graph replay: one replay's launch cost (a few us) is shared by this many
 CALLS = 20
@@ -65,12 +65,12 @@ def low_rank_sweep(dtype, repeats: int, sweep: bool = True) -> list[dict]:
             return {"kernel": "low_rank_add", "case": name, "cols": cols, "rank": rank, "variant": variant,
                     "us": us, "GB_per_s": moved / us / 1e3, "max_rel_err": err}
 
-        case = [row("torch_addmm", lambda: torch.addmm(c, x, y)), row("tunemake", lambda: fast._low_rank_add(c, x, y))]
+        case = [row("torch_addmm", lambda: torch.addmm(c, x, y)), row("tunemake", lambda: kernels.low_rank_add(c, x, y))]
         for bt, bn, bk, w, s in LOW_RANK_TILES if sweep else []:
             out = torch.empty_like(c)
 
             def launch(bt=bt, bn=bn, bk=bk, w=w, s=s, out=out):
-                fast._low_rank_add_kernel[(cdiv(ROWS, bt), cdiv(cols, bn))](
+                kernels.low_rank_add_kernel[(cdiv(ROWS, bt), cdiv(cols, bn))](
                     c, x, y, out, ROWS, cols, c.stride(0), RANK=rank, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk,
                     num_warps=w, num_stages=s)
                 return out
@@ -89,9 +89,9 @@ def swiglu_sweep(dtype, repeats: int, sweep: bool = True) -> list[dict]:
     cols = 11008
     dh = torch.randn(ROWS, cols, device="cuda", dtype=dtype)
     gate_up = torch.randn(ROWS, 2 * cols, device="cuda", dtype=dtype)
-    exact, exact_h = fast._swiglu_backward_torch(dh.float(), None, None, gate_up.float(), True)
+    exact, exact_h = kernels.swiglu_backward_torch(dh.float(), None, None, gate_up.float(), True)
     moved = (ROWS * cols * 2 + ROWS * 2 * cols * 2) * dh.element_size()
-    compiled = torch.compile(lambda d, g: fast._swiglu_backward_torch(d, None, None, g, True))
+    compiled = torch.compile(lambda d, g: kernels.swiglu_backward_torch(d, None, None, g, True))
 
     def row(variant, fn):
         grad, h = fn()
@@ -102,12 +102,12 @@ def swiglu_sweep(dtype, repeats: int, sweep: bool = True) -> list[dict]:
                 "GB_per_s": moved / us / 1e3, "max_rel_err": err}
 
     rows = [row("torch_compiled", lambda: compiled(dh, gate_up)),
-            row("tunemake", lambda: fast._swiglu_backward(dh, None, None, gate_up, True))]
+            row("tunemake", lambda: kernels.swiglu_backward(dh, None, None, gate_up, True))]
     for block, warps in SWIGLU_BLOCKS if sweep else []:
         grad, h = torch.empty_like(gate_up), torch.empty_like(dh)
 
         def launch(block=block, warps=warps, grad=grad, h=h):
-            fast._swiglu_backward_kernel[(ROWS, cdiv(cols, block))](dh, gate_up, grad, h, cols, WANT_H=True,
+            kernels.swiglu_backward_kernel[(ROWS, cdiv(cols, block))](dh, gate_up, grad, h, cols, WANT_H=True,
                                                                    BLOCK=block, num_warps=warps)
             return grad, h
 
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sweep", action="store_true", help="the baselines and the shipped kernels only")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available() or not fast._TRITON_OPS:
+    if not torch.cuda.is_available() or not kernels.TRITON_OPS:
         print("kernel_speed: needs CUDA and Triton with torch >= 2.6", file=sys.stderr)
         return 1
     dtype = getattr(torch, args.dtype)

@@ -8,8 +8,8 @@ launches'):
 
 - ``bitsandbytes`` (the baseline): ``dequantize_4bit`` per projection, ``torch.cat`` for the
   stacked groups;
-- ``torch_compiled``: the dequantization written in torch ops and compiled (what the fast path
-  ran inside its compiled layer until session 6, docs/performance.md);
+- ``torch_compiled``: the dequantization written in torch ops (``tunemake.nf4``'s path without
+  Triton) and compiled, what ``torch.compile`` alone makes of it;
 - ``tunemake_kernel``: ``tunemake.nf4.dequantize_plan``, one Triton kernel launch for the layer
   (its plan built once, as the fast path does).
 

@@ -8,9 +8,7 @@ checkpointing; ``qlora``: NF4 + double quant + checkpointing) it times, from the
 - ``baseline``: the model's own forward (SDPA, packed documents found from ``position_ids``) +
   ``torch.optim.AdamW``, bf16 autocast: what a user writes with transformers + PEFT;
 - ``tunemake``: ``tunemake.train.step_model`` (the fast path the train stage picks on CUDA) +
-  ``make_optimizer``; both through ``tunemake.train.micro_step`` and ``optimizer_step``;
-- with ``--attempts``, fast-path variants kept for the record (no compile, flex attention, or one
-  change undone).
+  ``make_optimizer``; both through ``tunemake.train.micro_step`` and ``optimizer_step``.
 
 ``--profile N`` lists the kernels that take longest (``--trace DIR`` adds the profiler's timeline);
 ``--timeline`` records CUDA events around each layer instead, without the profiler, whose CPU
@@ -94,11 +92,10 @@ def packed_batch(args, rank: int) -> Rows:
     return rows
 
 
-def run(name, model, batch, params, optimizer, args, device, before_step=None, with_phases=True) -> dict:
+def run(name, model, batch, params, optimizer, args, device, with_phases=True) -> dict:
     """Warm-up, then timed steps; the first step's loss and gradient norm.
 
-    ``before_step(params)`` runs between the backward pass and the optimizer (the variant that
-    averages gradients itself); ``with_phases``: time the phases of 5 more steps (CUDA).
+    ``with_phases``: time the phases of 5 more steps (CUDA).
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -113,8 +110,6 @@ def run(name, model, batch, params, optimizer, args, device, before_step=None, w
             joules_before = meter.joules()
         t0 = time.perf_counter()
         loss = micro_step(model, batch, torch.bfloat16)
-        if before_step:
-            before_step(params)
         grad_norm = optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
         sync()
         times.append(time.perf_counter() - t0)
@@ -130,7 +125,7 @@ def run(name, model, batch, params, optimizer, args, device, before_step=None, w
         # limit the step's time follows it (bench/energy.py)
         result["joules_per_step"] = (end - joules_before) / args.steps
         result["watts"] = (end - joules_before) / sum(times[args.warmup:])
-    if device.type == "cuda" and not before_step and with_phases:
+    if device.type == "cuda" and with_phases:
         result["phases_ms"] = phases(model, batch, params, optimizer)
     if torch.distributed.is_initialized():  # every process must hold the same parameters after the steps
         check = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
@@ -299,14 +294,6 @@ def alternate(first: dict, steppers: dict, batch, params, args, device, restore)
     return summary
 
 
-def average_flat(params) -> None:
-    """Average the gradients over the processes with one all-reduce (no overlap with the backward pass)."""
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.AVG)
-    torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
-
-
 def phases(model, batch, params, optimizer, steps: int = 5) -> dict:
     """GPU time (ms, median over ``steps``) of forward + loss, backward and the optimizer, by CUDA events.
 
@@ -437,65 +424,6 @@ def setting(kind, args, model_dir, dist, results, out):
                     "tunemake": (stepped, lambda: make_optimizer(params, TRAIN, device))},
             user_batch, params, args, device, restore)
     del stepped, fast
-    for variant in args.ddp_variants.split(",") if args.ddp_variants and dist.world > 1 else []:
-        restore()
-        fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"])
-        optimizer = make_optimizer(params, TRAIN, device)
-        gc.collect()  # the DDP before this one: its reducer's hooks go with it
-        if variant == "flat":  # no DDP: one all-reduce of every gradient after the backward pass
-            entry["variants"].append(run("flat_allreduce", fast, user_batch, params, optimizer, args, device,
-                                         before_step=average_flat))
-        else:
-            options = {"view": {"gradient_as_bucket_view": True},
-                       "view_nobcast": {"gradient_as_bucket_view": True, "broadcast_buffers": False},
-                       "view_bucket100": {"gradient_as_bucket_view": True, "bucket_cap_mb": 100},
-                       "view_static": {"gradient_as_bucket_view": True, "static_graph": True},
-                       "bf16_hook": {"gradient_as_bucket_view": True, "hook": "bf16"}}[variant]
-            hook = options.pop("hook", None)
-            ddp = torch.nn.parallel.DistributedDataParallel(
-                fast, device_ids=[device.index] if device.type == "cuda" else None, **options)
-            if hook == "bf16":
-                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-                ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
-            entry["variants"].append(run(f"ddp_{variant}", ddp, user_batch, params, optimizer, args, device))
-            del ddp
-        del fast, optimizer
-        gc.collect()
-    for attempt in args.attempts.split(",") if args.attempts and kind in args.attempt_settings.split(",") else []:
-        restore()
-        options = {"fast_eager": {"compile": False}, "fast_flex": {"attention": "flex"},
-                   "fast_dense": {"attention": "dense"}, "fast_nofuse": {"fuse": False},
-                   "fast_cdt": {"compile_options": {"coordinate_descent_tuning": True}},
-                   "fast_autotune": {"compile_options": {"max_autotune": True, "coordinate_descent_tuning": True}},
-                   "fast_nokcat": {"concat_lora": False}, "fast_varlen": {"attention": "varlen"},
-                   "fast_cpp": {"compile_options": {"cpp_wrapper": True}},
-                   "fast_nosize": {"compile_options": {"size_asserts": False}},
-                   "fast_torchckpt": {"own_checkpoint": False}, "fast_fa2": {"attention": "flash"},
-                   "fast_foreach_b": {}, "fast_eager_loss": {}, "fast_s8": {},
-                   "fast_nokern": {"own_kernels": False},  # no _GatedDown / _LoraLinear / low-rank kernels (attempts 34, 36)
-                   # concatenations as copies into one buffer (inductor's ConcatKernel), never as
-                   # masked pointwise loads (torch 2.11's option; later versions have a second limit)
-                   "fast_catk": {"compile_options": {"max_pointwise_cat_inputs": 0}}}[attempt]
-        # attempts that undo one change after construction: B blocks by torch's foreach copy, the
-        # loss's softmax gradient eager; fast_s8 both (session 8's fast path)
-        undo = {"fast_foreach_b": ("b",), "fast_eager_loss": ("loss",), "fast_s8": ("b", "loss")}.get(attempt, ())
-        torch._dynamo.reset()  # each attempt compiles afresh: its first step says what compiling costs
-        optimizer = make_optimizer(params, TRAIN, device)
-        try:
-            fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"], **options)
-            if "b" in undo:
-                fast._lora_b_slots._kernel = False
-            if "loss" in undo:
-                fast._compile_loss = False
-            entry["variants"].append(run(attempt, fast, user_batch, params, optimizer, args, device))
-        except Exception as exc:  # an attempt that fails is a result too
-            entry["variants"].append({"variant": attempt, "error": f"{type(exc).__name__}: {exc}"[:500]})
-            print(f"  {attempt}: {entry['variants'][-1]['error']}", flush=True)
-        fast = None  # unbound when the constructor failed
-        del optimizer, fast
-        if out and dist.main:  # what has been measured survives a run cut short
-            out.write_text(json.dumps({"results": results, **environment(args, dist)}, indent=2))
     if args.timeline and device.type == "cuda" and dist.world == 1:
         restore()
         optimizer = make_optimizer(params, TRAIN, device)
@@ -504,15 +432,14 @@ def setting(kind, args, model_dir, dist, results, out):
         print(f"  timeline (ms): {json.dumps(entry['timeline'])}", flush=True)
         del optimizer, fast
     if args.profile and device.type == "cuda" and dist.world == 1:
-        for options in [{}] + ([json.loads(args.profile_options)] if args.profile_options else []):
-            restore()
-            optimizer = make_optimizer(params, TRAIN, device)
-            fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"], **options)
-            entry["profile" if not options else "profile_options"] = profile_step(fast, user_batch, params, optimizer, args)
-            del optimizer, fast
+        restore()
+        optimizer = make_optimizer(params, TRAIN, device)
+        fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"])
+        entry["profile"] = profile_step(fast, user_batch, params, optimizer, args)
+        del optimizer, fast
     restore()
     model = params = start = None  # freed before the next setting builds its model
-    torch._dynamo.reset()  # compiled code can hold the last fast path's tensors
+    torch.compiler.reset()  # compiled code can hold the last fast path's tensors
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -544,11 +471,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="time the baseline and tunemake again in turns, this many rounds in all (median ratio)")
     parser.add_argument("--settings", default="lora,lora_ckpt,qlora")
-    parser.add_argument("--attempts", default="", help="fast-path variants: fast_eager,fast_flex,fast_dense,fast_nofuse,fast_cdt,fast_autotune,fast_nokcat,fast_varlen,fast_cpp,fast_nosize,fast_torchckpt,fast_fa2,fast_foreach_b,fast_eager_loss,fast_s8,fast_catk,fast_nokern")
-    parser.add_argument("--ddp-variants", default="", help="under torchrun, DDP options to time too: view,view_nobcast,view_bucket100,view_static,bf16_hook,flat")
-    parser.add_argument("--attempt-settings", default="lora", help="the settings the attempts run in")
     parser.add_argument("--profile", type=int, default=0, help="profile two tunemake steps: the N kernels that take longest")
-    parser.add_argument("--profile-options", help='with --profile: profile the fast path with these options too (JSON, e.g. \'{"own_kernels": false}\')')
     parser.add_argument("--trace", help="with --profile: write the profiler's trace and a timeline summary to this folder")
     parser.add_argument("--timeline", action="store_true", help="GPU time and waits layer by layer, without the profiler")
     parser.add_argument("--only-tunemake", action="store_true", help="skip the baseline")
@@ -579,9 +502,6 @@ def main() -> int:
         for entry in results:
             base = next((v for v in entry["variants"] if v["variant"] == "baseline"), None)
             for v in entry["variants"]:
-                if "error" in v:
-                    print(f"{entry['setting']:10} {v['variant']:11} failed")
-                    continue
                 ratio = v["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
                 v["ratio"] = ratio
                 if base:

@@ -89,19 +89,19 @@ def assert_close(ref, fast, rtol):
 ROWS = [[9, 14, 7], [20, 10], [5]]  # packed documents; the last row is padded
 
 
-@pytest.mark.parametrize("method,fuse,concat,gated", [
-    ("lora", True, True, True), ("lora", True, False, True), ("lora", False, False, True), ("lora", True, True, False),
-    ("full", True, True, True), ("full", True, True, False), ("lora_head", True, True, True)])
-def test_fast_path_equals_reference_fp32(method, fuse, concat, gated):
-    model = tiny_llama()
-    if method == "lora":
+@pytest.mark.parametrize("method", ["lora", "lora_bias", "full", "lora_head"])
+def test_fast_path_equals_reference_fp32(method):
+    """LoRA (the B blocks beside the frozen weights), LoRA over projections with biases (as Qwen2's
+    q/k/v: stacked weights without the B blocks, one A product a group), full fine-tuning, LoRA with
+    trainable embeddings and head: the model's own loss and gradients."""
+    model = tiny_llama(attention_bias=method == "lora_bias")
+    if method in ("lora", "lora_bias"):
         model = with_lora(model)
     elif method == "lora_head":
         model = with_lora(model, modules_to_save=["lm_head", "embed_tokens"])
     rows = packed_rows(ROWS)
     ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], pad_id=0))
-    fast = FastCausalLM(model, torch.float32, compile=False, attention="dense", fuse=fuse, concat_lora=concat,
-                        own_kernels=gated)
+    fast = FastCausalLM(model, torch.float32)
     got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False))
     assert_close(ref, got, rtol=1e-4)
 
@@ -116,7 +116,7 @@ def test_frozen_adapter_halves_get_no_gradient(frozen):
             p.requires_grad_(False)
     rows = packed_rows(ROWS)
     ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], pad_id=0))
-    fast = FastCausalLM(model, torch.float32, compile=False, attention="dense")
+    fast = FastCausalLM(model, torch.float32)
     got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False))
     assert got[1] and not any(frozen in name for name in got[1])
     assert_close(ref, got, rtol=1e-4)
@@ -133,7 +133,7 @@ def test_concatenated_lora_products_equal_reference(checkpoint, options):
     after an update (the B blocks are rewritten before each forward)."""
     model = with_lora(tiny_llama(), **options)
     reference = copy.deepcopy(model)
-    fast = FastCausalLM(model, torch.float32, checkpoint=checkpoint, compile=False, attention="dense", concat_lora=True)
+    fast = FastCausalLM(model, torch.float32, checkpoint=checkpoint)
     assert len(fast._lora_b_slots.pairs) == 2 * 5  # two layers, q/k/v and gate/up in each
     rows = packed_rows(ROWS)
     for _ in range(2):
@@ -152,7 +152,7 @@ def test_resources_count_what_the_concatenated_products_add():
     frozen weights equals what the fast path allocates (here with grouped-query attention)."""
     from tunemake.resources import concat_lora_columns, shape_from_config
 
-    fast = FastCausalLM(with_lora(tiny_llama()), torch.float32, compile=False, attention="dense", concat_lora=True)
+    fast = FastCausalLM(with_lora(tiny_llama()), torch.float32)
     wides = [w for stacks in fast._stacked.values() for w in stacks]
     added = sum(w.tensor.numel() - sum(w.rows) * (w.tensor.shape[1] - sum(w.ranks)) for w in wides)
     method = {"r": 8, "dropout": 0.0, "target_modules": "all-linear"}
@@ -160,31 +160,34 @@ def test_resources_count_what_the_concatenated_products_add():
 
 
 def test_concatenated_lora_under_bf16_autocast():
+    """bf16 frozen weights with fp32 adapters, as build_model keeps them: the concatenated products
+    (B blocks rounded to bf16 beside the frozen weights) give the model's own loss and gradients
+    within bf16 rounding, and fp32 gradients."""
     model = with_lora(tiny_llama(dtype=torch.bfloat16))
     for n, p in model.named_parameters():
         if p.requires_grad:
             p.data = p.data.float()  # adapters in fp32, as build_model keeps them
-    batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
-    plain = loss_and_grads(FastCausalLM(copy.deepcopy(model), torch.bfloat16, compile=False, attention="dense",
-                                        concat_lora=False), batch, autocast=torch.bfloat16)
-    concat = loss_and_grads(FastCausalLM(model, torch.bfloat16, compile=False, attention="dense", concat_lora=True),
-                            batch, autocast=torch.bfloat16)
-    assert all(g.dtype == torch.float32 for g in concat[1].values())
-    assert_close(plain, concat, rtol=2e-2)
+    rows = packed_rows(ROWS)
+    ref = loss_and_grads(copy.deepcopy(model), make_batch(rows, [0, 1, 2], pad_id=0), autocast=torch.bfloat16)
+    fast = FastCausalLM(model, torch.bfloat16)
+    assert fast._lora_b_slots
+    got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False), autocast=torch.bfloat16)
+    assert all(g.dtype == torch.float32 for g in got[1].values())
+    assert_close(ref, got, rtol=3e-2)
 
 
 def test_compiled_loss_gradient_matches_eager():
     """The cross-entropy's softmax and gradient as one compiled function (as on CUDA) give the
     eager ops' loss and gradient, for chunks of two sizes, the second without compiling again."""
-    from tunemake.fast import _compiled_softmax_gradient, _softmax_gradient
+    from tunemake.fast.loss import compiled_softmax_gradient, softmax_gradient
 
     gen = torch.Generator().manual_seed(0)
     for step, (rows, total) in enumerate(((300, 500), (170, 900))):
         logits = (torch.randn(rows, 1000, generator=gen) * 4).to(torch.bfloat16)
         targets = torch.randint(0, 1000, (rows,), generator=gen)
-        loss, grad = _softmax_gradient(logits, targets, total)
+        loss, grad = softmax_gradient(logits, targets, total)
         with torch.compiler.set_stance("fail_on_recompile" if step else "default"):
-            compiled_loss, compiled_grad = _compiled_softmax_gradient()(logits, targets, total)
+            compiled_loss, compiled_grad = compiled_softmax_gradient()(logits, targets, total)
         assert grad.dtype == compiled_grad.dtype == torch.bfloat16
         torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
         torch.testing.assert_close(compiled_grad.float(), grad.float(), rtol=8e-3, atol=1e-7)  # a bf16 ulp
@@ -194,7 +197,7 @@ def test_compiled_loss_gradient_matches_eager():
 def test_documents_do_not_see_each_other():
     """A document's loss does not change when another document of the row changes."""
     model = with_lora(tiny_llama())
-    fast = FastCausalLM(model, torch.float32, compile=False, attention="dense")
+    fast = FastCausalLM(model, torch.float32)
     batch = make_batch(packed_rows([[12, 12]]), [0], pad_id=0, dense_mask=False)
     batch["labels"][0, 11:] = -100  # targets in the first document only
     other = {k: v.clone() for k, v in batch.items()}
@@ -207,28 +210,27 @@ def test_bf16_autocast_close_to_reference():
     model = with_lora(tiny_llama())
     rows = packed_rows(ROWS)
     ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], pad_id=0), autocast=torch.bfloat16)
-    fast = FastCausalLM(model, torch.bfloat16, compile=False, attention="dense")
+    fast = FastCausalLM(model, torch.bfloat16)
     got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False), autocast=torch.bfloat16)
     assert_close(ref, got, rtol=3e-2)
 
 
-@pytest.mark.parametrize("method,own,autocast", [("lora", True, None), ("lora", False, None), ("full", True, None),
-                                                  ("lora_dropout", True, None), ("lora_dropout", False, None),
-                                                  ("lora", True, torch.bfloat16)])
-def test_checkpointing_gives_the_same_gradients(method, own, autocast, monkeypatch):
-    """Recomputed layers give the gradients of the plain pass: tunemake's own recomputation
+@pytest.mark.parametrize("method,autocast", [("lora", None), ("full", None), ("lora_dropout", None),
+                                             ("lora", torch.bfloat16)])
+def test_checkpointing_gives_the_same_gradients(method, autocast, monkeypatch):
+    """Recomputed layers give the gradients of the plain pass, through tunemake's own recomputation
     (full fine-tuning too, where the first layer's input needs its gradient; LoRA dropout, whose
-    masks the recomputation draws again from their seed; under autocast) and torch's checkpoint."""
-    import tunemake.fast as fast_module
+    masks the recomputation draws again from their seed; under autocast), not torch's checkpoint."""
+    from tunemake.fast.layer import Recomputed
 
     model = tiny_llama() if method == "full" else with_lora(tiny_llama(), dropout=0.1 if method == "lora_dropout" else 0.0)
     model.train()
     batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
     torch.manual_seed(3)
     dtype = autocast or torch.float32
-    plain = loss_and_grads(FastCausalLM(model, dtype, compile=False, attention="dense"), batch, autocast)
+    plain = loss_and_grads(FastCausalLM(model, dtype), batch, autocast)
     calls = {"own": 0, "torch": 0}
-    own_apply, torch_checkpoint = fast_module._Recomputed.apply, torch.utils.checkpoint.checkpoint
+    own_apply, torch_checkpoint = Recomputed.apply, torch.utils.checkpoint.checkpoint
 
     def counted(kind, fn):
         def call(*args, **kwargs):
@@ -236,30 +238,31 @@ def test_checkpointing_gives_the_same_gradients(method, own, autocast, monkeypat
             return fn(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(fast_module._Recomputed, "apply", counted("own", own_apply))
+    monkeypatch.setattr(Recomputed, "apply", counted("own", own_apply))
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted("torch", torch_checkpoint))
     torch.manual_seed(3)
-    fast = FastCausalLM(model, dtype, checkpoint=True, compile=False, attention="dense", own_checkpoint=own)
+    fast = FastCausalLM(model, dtype, checkpoint=True)
     recomputed = loss_and_grads(fast, batch, autocast)
     assert_close(plain, recomputed, rtol=1e-6 if autocast is None else 1e-2)
     layers = CONFIG["num_hidden_layers"]
-    assert calls == ({"own": layers, "torch": 0} if own else {"own": 0, "torch": layers})
+    assert calls == {"own": layers, "torch": 0}
 
 
 def test_lora_dropout_masks_follow_the_seed():
     """Each projection gets its own mask, dropping about p of its inputs; a seed gives the same
     masks again (what a recomputed layer relies on), torch's seed a different run."""
-    from tunemake.fast import _with_masks
+    from tunemake.fast.weights import with_masks
 
     model = with_lora(tiny_llama(head_dim=32), dropout=0.25)  # o_proj's input: 4 heads x 32, not the hidden 64
     model.train()
-    fast = FastCausalLM(model, torch.float32, compile=False, attention="dense")
+    fast = FastCausalLM(model, torch.float32)
     weights = fast._cached_weights(fast._inner.layers[0])
     x = torch.zeros(2, 300, CONFIG["hidden_size"])
 
     def masks(seed):
-        _, qkv, o_proj, _, gate_up, down_proj = _with_masks(weights, x, seed)
-        return [p[5][0] for p in (*qkv[1], o_proj, *gate_up[1], down_proj)]
+        masked = with_masks(weights, x, seed)
+        projs = (*masked.qkv.projs, masked.o_proj, *masked.gate_up.projs, masked.down_proj)
+        return [p.dropout[0] for p in projs]
 
     first = masks(7)
     assert [m.shape[-1] for m in first] == [64, 64, 64, 128, 64, 64, CONFIG["intermediate_size"]]
@@ -283,11 +286,11 @@ def test_recomputation_follows_parameters_unfrozen_later():
     recomputed layers, as through the plain ones."""
     model = with_lora(tiny_llama())
     batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
-    recomputing = FastCausalLM(model, torch.float32, checkpoint=True, compile=False, attention="dense")
+    recomputing = FastCausalLM(model, torch.float32, checkpoint=True)
     loss_and_grads(recomputing, batch)
     norm = model.base_model.model.model.layers[0].input_layernorm.weight
     norm.requires_grad_(True)
-    plain = loss_and_grads(FastCausalLM(model, torch.float32, compile=False, attention="dense"), batch)
+    plain = loss_and_grads(FastCausalLM(model, torch.float32), batch)
     recomputed = loss_and_grads(recomputing, batch)
     assert any("input_layernorm" in name for name in recomputed[1])
     assert_close(plain, recomputed, rtol=1e-6)
@@ -296,18 +299,23 @@ def test_recomputation_follows_parameters_unfrozen_later():
 def test_recomputed_layers_refuse_a_second_backward():
     model = with_lora(tiny_llama())
     batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
-    loss = FastCausalLM(model, torch.float32, checkpoint=True, compile=False, attention="dense")(**batch).loss
+    loss = FastCausalLM(model, torch.float32, checkpoint=True)(**batch).loss
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="ran twice"):
         loss.backward()
 
 
-def test_flex_attention_eager_matches_dense():
+def test_flex_attention_eager_matches_dense(monkeypatch):
+    """Flex attention (the CUDA fallback where torch has no varlen attention) with its block mask per
+    document equals the dense mask, run eagerly on the CPU."""
+    import tunemake.fast.model as fast_model
+
     model = with_lora(tiny_llama())
     batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
-    dense = loss_and_grads(FastCausalLM(model, torch.float32, compile=False, attention="dense"), batch)
+    dense = loss_and_grads(FastCausalLM(model, torch.float32), batch)
+    monkeypatch.setattr(fast_model, "choose_attention", lambda *args: "flex")
     try:
-        flex = loss_and_grads(FastCausalLM(model, torch.float32, compile=False, attention="flex"), batch)
+        flex = loss_and_grads(FastCausalLM(model, torch.float32), batch)
     except (RuntimeError, NotImplementedError) as exc:  # flex attention's eager path on this CPU build
         pytest.skip(f"flex attention does not run eagerly here: {exc}")
     assert_close(dense, flex, rtol=1e-4)
@@ -323,7 +331,7 @@ def test_lora_dropout_keeps_first_loss():
     rows = packed_rows(ROWS)
     model.train()
     ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], pad_id=0))[0]
-    got = loss_and_grads(FastCausalLM(model, torch.float32, compile=False, attention="dense"),
+    got = loss_and_grads(FastCausalLM(model, torch.float32),
                          make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False))[0]
     assert abs(got.item() - ref.item()) <= 1e-5 * ref.item()
 
@@ -441,7 +449,7 @@ def test_block_copy_kernel_equals_torch_copies():
     row counts and ranks, again after a parameter's storage moved (the address table rebuilt),
     with autograd told of the write; blocks the kernel does not take (sources of mixed dtypes)
     fall back to torch's copies."""
-    from tunemake.fast import _BlockCopy
+    from tunemake.fast.kernels import BlockCopy
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = [(4096, 64), (1024, 16), (11008, 64), (70, 12), (3, 5)]
@@ -451,7 +459,7 @@ def test_block_copy_kernel_equals_torch_copies():
         source = torch.nn.Parameter(torch.randn(rows, cols, device="cuda", generator=gen) * 3)
         pairs.append((wide[row:row + rows, col:col + cols], source))
         row, col = row + rows, col + cols
-    copy = _BlockCopy(pairs)
+    copy = BlockCopy(pairs)
 
     def expected():
         out = torch.zeros_like(wide)
@@ -479,11 +487,11 @@ def test_block_copy_kernel_equals_torch_copies():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_swiglu_backward_kernel_matches_torch(dtype):
     """SiLU's backward in one Triton pass, its input gradient with the LoRA term added by
-    ``_low_rank_add``: the gradient of [gate, up] and silu(gate) * up as the torch ops give them,
+    ``low_rank_add``: the gradient of [gate, up] and silu(gate) * up as the torch ops give them,
     within bf16/fp16 rounding of the fp32 maths, and the same bits but for Triton's sigmoid where
     the torch ops start from the same rounded input gradient; with and without the LoRA term and
     the output, for sizes and ranks that are no multiple of the kernels' tiles."""
-    from tunemake.fast import _swiglu_backward, _swiglu_backward_torch
+    from tunemake.fast.kernels import swiglu_backward, swiglu_backward_torch
 
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -494,15 +502,15 @@ def test_swiglu_backward_kernel_matches_torch(dtype):
         dense, gate_up = rand(rows, cols), rand(rows, 2 * cols)
         xa, a = rand(rows, rank, scale=0.5), rand(rank, cols, scale=0.5)
         for lora, want_h in (((xa, a), True), ((None, None), False), ((None, None), True)):
-            grad, h = _swiglu_backward(dense, *lora, gate_up, want_h)
-            grad_ref, h_ref = _swiglu_backward_torch(dense, *lora, gate_up, want_h)  # all in fp32
+            grad, h = swiglu_backward(dense, *lora, gate_up, want_h)
+            grad_ref, h_ref = swiglu_backward_torch(dense, *lora, gate_up, want_h)  # all in fp32
             assert grad.shape == gate_up.shape and grad.dtype == dtype
             torch.testing.assert_close(grad, grad_ref, rtol=2 ** -6, atol=5e-2)
             assert h.shape == h_ref.shape == ((rows, cols) if want_h else (0,))
             torch.testing.assert_close(h, h_ref, rtol=2 ** -7, atol=1e-3)
             # the input gradient rounded once, as the kernels do: then mostly the same bits
             rounded = dense if lora[0] is None else torch.addmm(dense.float(), xa.float(), a.float()).to(dtype)
-            same_start, _ = _swiglu_backward_torch(rounded, None, None, gate_up, want_h)
+            same_start, _ = swiglu_backward_torch(rounded, None, None, gate_up, want_h)
             assert (grad.float() - same_start.float()).abs().gt(0).float().mean() < 0.02
 
 
@@ -512,7 +520,7 @@ def test_low_rank_add_kernel_matches_addmm(dtype):
     """``c + x @ y`` for a low rank by one Triton kernel: torch's ``addmm`` in fp32, rounded once,
     for ``c`` with a row stride of its own (a slice of a wider tensor, as the concatenated
     products' backward passes it), ranks below the kernel's 16 and above its step of 64."""
-    from tunemake.fast import _low_rank_add
+    from tunemake.fast.kernels import low_rank_add
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     for rows, cols, rank in ((2048, 4096, 192), (37, 300, 8), (130, 1000, 64)):
@@ -520,38 +528,34 @@ def test_low_rank_add_kernel_matches_addmm(dtype):
         c = wide[:, :cols]
         x = torch.randn(rows, rank, device="cuda", generator=gen).to(dtype)
         y = torch.randn(rank, cols, device="cuda", generator=gen).to(dtype)
-        out = _low_rank_add(c, x, y)
+        out = low_rank_add(c, x, y)
         assert out.shape == (rows, cols) and out.dtype == dtype and out.is_contiguous()
         expected = torch.addmm(c.float(), x.float(), y.float())
         torch.testing.assert_close(out.float(), expected, rtol=2 ** -7, atol=1e-2 * rank ** 0.5)
 
 
-@cuda
-@pytest.mark.parametrize("attention,kv_heads", [(None, 4), (None, 2), ("flash", 4), ("flash", 2), ("fa4", 2),
-                                               ("fa4_default", 2), ("varlen", 4), ("flex", 4)])
-def test_compiled_cuda_path_close_to_reference(attention, kv_heads):
-    """The compiled path on CUDA against the model's own forward, on three batches whose longest
-    documents differ (flash attention's ``max_len`` follows it)."""
-    from tunemake.fast import _fa4, _fa4_head_dim_ok, _flash_available
+def fall_back_to(monkeypatch, backend: str):
+    """Make tunemake.fast.attention.choose meet a machine without the backends it prefers to ``backend``."""
+    from tunemake.fast import attention
 
-    if attention in ("fa4", "fa4_default") and _fa4() is None:
-        pytest.skip("FlashAttention-4 is not installed or has no kernels for this GPU")
-    if attention == "flash" and not _flash_available():
-        pytest.skip("torch's flash attention ops take other arguments here")
-    # heads of 16 (the CPU tests' model) and, for FlashAttention-4, heads of 32
-    heads = {"hidden_size": 128} if attention in ("fa4", "fa4_default") else {}
-    model = with_lora(tiny_llama(dtype=torch.bfloat16, num_key_value_heads=kv_heads, **heads)).cuda()
+    preferred = {"fa4": "fa4", "flash": "flash_available", "varlen": "varlen_function"}
+    order = [*preferred, "flex"]
+    for name in order[:order.index(backend)]:
+        monkeypatch.setattr(attention, preferred[name], lambda: None)
+
+
+def cuda_lora_model(kv_heads: int, **overrides):
+    """A tiny bf16 Llama with fp32 LoRA adapters on CUDA, as build_model makes it."""
+    model = with_lora(tiny_llama(dtype=torch.bfloat16, num_key_value_heads=kv_heads, **overrides)).cuda()
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    fast = FastCausalLM(model, torch.bfloat16, attention=None if attention == "fa4_default" else attention)
-    if attention is None:  # heads of 16: not FlashAttention-4's
-        assert not _fa4_head_dim_ok(16)
-        assert fast.attention == ("flash" if _flash_available() else "varlen")
-    elif attention == "fa4_default":  # heads of 32 where it is installed: picked by default
-        assert fast.attention == "fa4"
-    elif attention == "varlen" and fast._varlen is None:
-        pytest.skip("torch has no torch.nn.attention.varlen here")
+    return model
+
+
+def assert_close_on_cuda_batches(model, fast):
+    """The fast path's loss and every gradient against the model's own forward under bf16 autocast,
+    on three batches whose longest documents differ (the varlen kernels' ``max_len`` follows it)."""
     for rows in (ROWS, [[30, 5], [12, 12, 3]], [[60], [4, 4]]):
         batch = {k: v.cuda() for k, v in make_batch(packed_rows(rows), range(len(rows)), pad_id=0).items()}
         ref = loss_and_grads(model, batch, autocast=torch.bfloat16)
@@ -560,30 +564,74 @@ def test_compiled_cuda_path_close_to_reference(attention, kv_heads):
         assert_close(ref, got, rtol=3e-2)
 
 
+@cuda
+@pytest.mark.parametrize("backend,kv_heads,head_dim", [("default", 4, 16), ("default", 2, 16), ("flash", 2, 32),
+                                                       ("fa4", 2, 32), ("flex", 4, 16)])
+def test_compiled_cuda_path_close_to_reference(backend, kv_heads, head_dim, monkeypatch):
+    """The compiled path on CUDA against the model's own forward, with the attention backend the
+    machine gives it: by default aten's flash attention for heads of 16 (too small for
+    FlashAttention-4), FlashAttention-4 for heads of 32 where it is installed; aten's flash
+    attention and flex attention where the backends before them are missing."""
+    from tunemake.fast import attention
+
+    if backend == "fa4" and attention.fa4() is None:
+        pytest.skip("FlashAttention-4 is not installed or has no kernels for this GPU")
+    if backend in ("default", "flash") and not attention.flash_available():
+        pytest.skip("torch's flash attention ops take other arguments here")
+    if backend in ("flash", "flex"):
+        fall_back_to(monkeypatch, backend)
+    model = cuda_lora_model(kv_heads, hidden_size=4 * head_dim)
+    fast = FastCausalLM(model, torch.bfloat16)
+    if backend == "default":
+        assert not attention.fa4_head_dim_ok(head_dim)
+    assert fast.attention == ("flash" if backend == "default" else backend)
+    assert_close_on_cuda_batches(model, fast)
+
+
+@cuda
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_public_varlen_attention_equals_reference(kv_heads, monkeypatch):
+    """Where aten's private flash attention ops are missing (and FlashAttention-4 is not installed)
+    the compiled path runs torch's public ``torch.nn.attention.varlen.varlen_attn``: its loss and
+    every gradient equal the model's own forward within bf16 rounding, with grouped-query attention
+    too where that torch's ``varlen_attn`` takes it."""
+    from tunemake.fast import attention
+
+    varlen = attention.varlen_function()
+    if varlen is None:
+        pytest.skip("torch has no torch.nn.attention.varlen here")
+    if kv_heads != 4 and not varlen.gqa:
+        pytest.skip("this torch's varlen_attn has no enable_gqa")
+    fall_back_to(monkeypatch, "varlen")
+    model = cuda_lora_model(kv_heads)
+    fast = FastCausalLM(model, torch.bfloat16)
+    assert fast.attention == "varlen"
+    assert_close_on_cuda_batches(model, fast)
+
+
 def test_fa4_failure_says_how_to_do_without(monkeypatch):
     """FlashAttention-4 compiles its kernels at the first call; when that fails the error says how
     to train without it."""
     import types
 
-    import tunemake.fast as fast
+    from tunemake.fast import attention
 
     def broken(*args, **kwargs):
         raise ValueError("no kernel for this GPU")
 
-    monkeypatch.setattr(fast, "_fa4", lambda: types.SimpleNamespace(_flash_attn_fwd=broken, _flash_attn_bwd=broken))
+    monkeypatch.setattr(attention, "fa4", lambda: types.SimpleNamespace(_flash_attn_fwd=broken, _flash_attn_bwd=broken))
     q = torch.zeros(4, 2, 32)
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="no kernel for this GPU.*TUNEMAKE_FA4=0"):
-        fast._fa4_forward(q, q, q, cu, 4, 0.1)
+        attention.fa4_forward(q, q, q, cu, 4, 0.1)
     with pytest.raises(RuntimeError, match="no kernel for this GPU.*TUNEMAKE_FA4=0"):
-        fast._fa4_backward(q, q, q, q, q, torch.zeros(2, 4), cu, 4, 0.1)
+        attention.fa4_backward(q, q, q, q, q, torch.zeros(2, 4), cu, 4, 0.1)
 
 
-def test_fa4_asked_for_where_it_cannot_run_is_refused():
-    """attention="fa4" on the CPU (or without the package, or heads it is wrong for) is refused at
-    construction, not at the first step."""
-    with pytest.raises(ValueError, match="attention 'fa4' needs FlashAttention-4.*heads here: 16"):
-        FastCausalLM(with_lora(tiny_llama()), torch.float32, compile=False, attention="fa4")
+def test_cpu_picks_dense_attention_without_compiling():
+    """On the CPU the fast path decides by itself: dense attention, no compilation, no padding."""
+    fast = FastCausalLM(with_lora(tiny_llama()), torch.float32)
+    assert fast.attention == "dense" and not fast._compile
 
 
 @cuda
@@ -591,9 +639,9 @@ def test_fa4_asked_for_where_it_cannot_run_is_refused():
 def test_fa4_attention_matches_flash_attention(kv_heads):
     """FlashAttention-4 against aten's FlashAttention-2 on the bench's shapes (heads of 128, packed
     documents of 1 to 1,024 tokens): the same outputs and q/k/v gradients to bf16 rounding."""
-    from tunemake.fast import _fa4, _FA4Varlen, _flash_available, _FlashVarlen
+    from tunemake.fast.attention import FA4Varlen, FlashVarlen, fa4, flash_available
 
-    if _fa4() is None or not _flash_available():
+    if fa4() is None or not flash_available():
         pytest.skip("needs FlashAttention-4 (package flash-attn-4) and torch's flash attention ops")
     lengths = [1, 1024, 130, 7, 600, 286]
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
@@ -603,7 +651,7 @@ def test_fa4_attention_matches_flash_attention(kv_heads):
     k, v = (torch.randn(tokens, kv_heads, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
     grad = torch.randn(tokens, 32, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
     results = []
-    for function in (_FlashVarlen, _FA4Varlen):
+    for function in (FlashVarlen, FA4Varlen):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = function.apply(*leaves, cu, max(lengths), 128 ** -0.5)
         out.backward(grad)

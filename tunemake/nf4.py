@@ -23,8 +23,8 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from torch._inductor.runtime.triton_helpers import libdevice
-except Exception:  # no Triton (the CPU), or one that this torch cannot use: the torch ops serve
+    from triton.language.extra import libdevice  # Triton >= 3.0 (torch >= 2.5 ships it)
+except Exception:  # no Triton (the CPU), or one without libdevice's rounding ops: the torch ops serve
     triton = None
 
 
