@@ -4,7 +4,7 @@ Rows of ``--seq`` tokens packed from documents (the train bench's 128..1024-toke
 two harder mixes: many short documents, one long document with short ones), ``--rows-per-call``
 rows per call so that the GPU's time outweighs the launch, Llama-2-7B's 32 heads of 128, bf16.
 Each variant computes causal attention inside each document; the first, varlen flash attention
-with the row length as ``max_len`` (what ``tunemake.fast`` runs), is the baseline the others are
+with the row length as ``max_len`` (what ``tunemake.train.fast`` runs), is the baseline the others are
 timed and checked against (output and q/k/v gradients on every token):
 
 - ``varlen``: ``torch.nn.attention.varlen`` with ``max_len`` = the row length;
@@ -13,7 +13,7 @@ timed and checked against (output and q/k/v gradients on every token):
   batch [documents, heads, longest, head_dim] and run through ``scaled_dot_product_attention``
   with ``is_causal`` on one backend (right padding is exact for causal attention: a real query
   never sees a padded key, and the padded queries' outputs are dropped, so their gradients are 0);
-- ``aten_flash``: ``tunemake.fast.attention.FlashVarlen``, aten's flash ops called directly;
+- ``aten_flash``: ``tunemake.train.fast.attention.FlashVarlen``, aten's flash ops called directly;
 - ``fa4``: FlashAttention-4's varlen function (``flash_attn.cute``, package ``flash-attn-4``), where
   it is installed.
 
@@ -40,8 +40,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from energy import Meter  # noqa: E402
-from tunemake.fast.attention import FlashVarlen, varlen_function  # noqa: E402
-from tunemake.fast.layer import Shape  # noqa: E402
+from tunemake.train.fast.attention import FlashVarlen, varlen_function  # noqa: E402
+from tunemake.train.fast.layer import Shape  # noqa: E402
 
 
 def documents(kind: str, seq: int, seed: int) -> list[int]:
@@ -85,7 +85,7 @@ def variants(shape: Shape, row: int):
             return out.transpose(1, 2).reshape(docs * longest, *q.shape[1:]).index_select(0, scatter)
         return run
 
-    def aten_flash(q, k, v, lengths):  # tunemake.fast's direct call of aten's flash ops
+    def aten_flash(q, k, v, lengths):  # tunemake.train.fast's direct call of aten's flash ops
         return FlashVarlen.apply(q, k, v, offsets(lengths, q.device), row, shape.scale)
 
     try:

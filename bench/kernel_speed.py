@@ -1,13 +1,13 @@
-"""tunemake's own CUDA kernels (``tunemake.fast.kernels``) against torch, on Llama-2-7B's shapes, with a tile sweep.
+"""tunemake's own CUDA kernels (``tunemake.train.fast.kernels``) against torch, on Llama-2-7B's shapes, with a tile sweep.
 
 - ``low_rank_add``: ``c + x @ y`` for a rank-r ``x`` (the LoRA terms the fast path adds to the
   frozen products' outputs and input gradients): ``torch.addmm`` (the baseline, cuBLAS) against
-  ``tunemake.fast.kernels.low_rank_add`` as shipped, and against the same kernel with other tiles
+  ``tunemake.train.fast.kernels.low_rank_add`` as shipped, and against the same kernel with other tiles
   (rows x columns x rank per step, warps, pipeline stages). Shapes: 2,048 tokens, outputs of
   4,096 (ranks 64, 128, 192: o and down, gate/up, q/k/v) and 11,008 (rank 64: down's input
   gradient).
 - ``swiglu_backward``: SiLU's backward over the concatenated [gate, up] product, the torch ops
-  compiled (what a compiled layer runs without the kernel) against ``tunemake.fast.kernels``' kernel as
+  compiled (what a compiled layer runs without the kernel) against ``tunemake.train.fast.kernels``' kernel as
   shipped and with other blocks and warps.
 
 Each time is the median of ``--repeats`` replays of a CUDA graph of 20 calls, divided by 20
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nf4_speed import time_us  # noqa: E402  (the same CUDA-graph timer)
 
-from tunemake.fast import kernels  # noqa: E402
+from tunemake.train.fast import kernels  # noqa: E402
 
 #: calls a graph replay: one replay's launch cost (a few us) is shared by this many
 CALLS = 20

@@ -45,16 +45,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from energy import Meter  # noqa: E402
-from tunemake.fast import FastCausalLM  # noqa: E402
-from tunemake.train import Rows, build_model, fast_path, make_batch, make_optimizer, micro_step, optimizer_step, setup_processes, step_model, trainable_state  # noqa: E402
+from tunemake.train.fast import FastCausalLM  # noqa: E402
+from tunemake.train.batches import Rows, make_batch  # noqa: E402
+from tunemake.train.engine import make_optimizer, micro_step, optimizer_step, step_model  # noqa: E402
+from tunemake.train.launch import setup_processes  # noqa: E402
+from tunemake.train.model import build_model, fast_path, trainable_state  # noqa: E402
+from tunemake.train.spec import BaseModel, Method, Settings  # noqa: E402
 
-TRAIN = {"lr": 1e-5, "betas": [0.9, 0.999], "weight_decay": 0.0, "max_grad_norm": 1.0, "precision": "bf16"}
+TRAIN = Settings(seed=0, batch_size=1, grad_accumulation=1, lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999),
+                 max_grad_norm=1.0, precision="bf16", deepspeed=None, gpus=1, nodes=1, nproc=1, epochs=1,
+                 schedule={"type": "constant", "warmup_steps": 0}, save_steps=500)
 
 
-def method(kind: str, args) -> dict:
-    return {"type": "qlora" if kind == "qlora" else "lora", "r": 64, "alpha": 16, "dropout": args.dropout,
-            "bias": "none", "target_modules": "all-linear", "modules_to_save": None,
-            "gradient_checkpointing": kind != "lora", "bits": 4, "quant_type": "nf4", "double_quant": True}
+def method(kind: str, args) -> Method:
+    return Method(type="qlora" if kind == "qlora" else "lora", r=64, alpha=16, dropout=args.dropout,
+                  gradient_checkpointing=kind != "lora")
 
 
 def save_model(args, path: Path, device) -> None:
@@ -110,7 +115,7 @@ def run(name, model, batch, params, optimizer, args, device, with_phases=True) -
             joules_before = meter.joules()
         t0 = time.perf_counter()
         loss = micro_step(model, batch, torch.bfloat16)
-        grad_norm = optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
+        grad_norm = optimizer_step(optimizer, params, TRAIN.max_grad_norm)
         sync()
         times.append(time.perf_counter() - t0)
         if step == 0:
@@ -149,12 +154,12 @@ def profile_step(model, batch, params, optimizer, args) -> dict:
 
     for _ in range(2):  # compiled and warm before the profiler starts
         micro_step(model, batch, torch.bfloat16)
-        optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
+        optimizer_step(optimizer, params, TRAIN.max_grad_norm)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):  # two steps: the gap between them shows too
             micro_step(model, batch, torch.bfloat16)
-            optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
+            optimizer_step(optimizer, params, TRAIN.max_grad_norm)
         torch.cuda.synchronize()
     averages = prof.key_averages()
     result = {"table": averages.table(sort_by="cuda_time_total", row_limit=args.profile),
@@ -220,7 +225,7 @@ def layer_timeline(fast, batch, params, optimizer, steps: int = 3) -> dict:
             forward[0] = False
             loss.backward()
             mark("backward_end")
-            optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
+            optimizer_step(optimizer, params, TRAIN.max_grad_norm)
             mark("end")
             torch.cuda.synchronize()
     finally:
@@ -313,7 +318,7 @@ def phases(model, batch, params, optimizer, steps: int = 5) -> dict:
         loss.backward()
         events[2].record()
         host.append(time.perf_counter())
-        optimizer_step(optimizer, params, TRAIN["max_grad_norm"])
+        optimizer_step(optimizer, params, TRAIN.max_grad_norm)
         events[3].record()
         host.append(time.perf_counter())
         torch.cuda.synchronize()
@@ -380,10 +385,9 @@ def timeline(trace: Path) -> dict:
 
 def setting(kind, args, model_dir, dist, results, out):
     device = dist.device
-    spec = {"method": method(kind, args), "base_model": {"path": str(model_dir), "dtype": "bfloat16"},
-            "train": TRAIN}
+    chosen = method(kind, args)
     torch.manual_seed(0)
-    model = build_model(spec, device)
+    model = build_model(chosen, BaseModel(str(model_dir), dtype="bfloat16"), device, TRAIN.precision)
     with torch.no_grad():  # B = 0 at init: random B makes the A gradients part of the check
         gen = torch.Generator().manual_seed(1)
         for name, p in model.named_parameters():
@@ -402,7 +406,7 @@ def setting(kind, args, model_dir, dist, results, out):
             model.zero_grad(set_to_none=True)
 
     def baseline_optimizer():  # what a user writes: torch's own AdamW
-        return torch.optim.AdamW(params, lr=TRAIN["lr"], weight_decay=0.0)
+        return torch.optim.AdamW(params, lr=TRAIN.lr, weight_decay=0.0)
 
     entry = {"setting": kind, "variants": []}
     results.append(entry)
@@ -411,7 +415,7 @@ def setting(kind, args, model_dir, dist, results, out):
         entry["variants"].append(run("baseline", model, user_batch, params, optimizer, args, device))
         del optimizer
         restore()
-    stepped = step_model(model, spec, dist, torch.bfloat16)
+    stepped = step_model(model, dist, torch.bfloat16, checkpoint=chosen.gradient_checkpointing)
     optimizer = make_optimizer(params, TRAIN, device)
     entry["variants"].append(run("tunemake", stepped, user_batch, params, optimizer, args, device))
     fast = fast_path(stepped)
@@ -427,14 +431,14 @@ def setting(kind, args, model_dir, dist, results, out):
     if args.timeline and device.type == "cuda" and dist.world == 1:
         restore()
         optimizer = make_optimizer(params, TRAIN, device)
-        fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"])
+        fast = FastCausalLM(model, torch.bfloat16, checkpoint=chosen.gradient_checkpointing)
         entry["timeline"] = layer_timeline(fast, user_batch, params, optimizer)
         print(f"  timeline (ms): {json.dumps(entry['timeline'])}", flush=True)
         del optimizer, fast
     if args.profile and device.type == "cuda" and dist.world == 1:
         restore()
         optimizer = make_optimizer(params, TRAIN, device)
-        fast = FastCausalLM(model, torch.bfloat16, checkpoint=spec["method"]["gradient_checkpointing"])
+        fast = FastCausalLM(model, torch.bfloat16, checkpoint=chosen.gradient_checkpointing)
         entry["profile"] = profile_step(fast, user_batch, params, optimizer, args)
         del optimizer, fast
     restore()

@@ -1,4 +1,4 @@
-"""The fast path (tunemake.fast) computes the model's own loss and gradients, on packed rows.
+"""The fast path (tunemake.train.fast) computes the model's own loss and gradients, on packed rows.
 
 Tiny Llamas built in memory; the reference is the model's forward with train.make_batch's dense
 block-diagonal mask. The compiled / varlen path is checked on CUDA only.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tunemake.fast import FastCausalLM, unsupported
+from tunemake.train.fast import FastCausalLM, unsupported
 from tunemake.train.batches import Rows, make_batch
 from tunemake.train.engine import step_model
 from tunemake.train.launch import Dist
@@ -179,7 +179,7 @@ def test_concatenated_lora_under_bf16_autocast():
 def test_compiled_loss_gradient_matches_eager():
     """The cross-entropy's softmax and gradient as one compiled function (as on CUDA) give the
     eager ops' loss and gradient, for chunks of two sizes, the second without compiling again."""
-    from tunemake.fast.loss import compiled_softmax_gradient, softmax_gradient
+    from tunemake.train.fast.loss import compiled_softmax_gradient, softmax_gradient
 
     gen = torch.Generator().manual_seed(0)
     for step, (rows, total) in enumerate(((300, 500), (170, 900))):
@@ -221,7 +221,7 @@ def test_checkpointing_gives_the_same_gradients(method, autocast, monkeypatch):
     """Recomputed layers give the gradients of the plain pass, through tunemake's own recomputation
     (full fine-tuning too, where the first layer's input needs its gradient; LoRA dropout, whose
     masks the recomputation draws again from their seed; under autocast), not torch's checkpoint."""
-    from tunemake.fast.layer import Recomputed
+    from tunemake.train.fast.layer import Recomputed
 
     model = tiny_llama() if method == "full" else with_lora(tiny_llama(), dropout=0.1 if method == "lora_dropout" else 0.0)
     model.train()
@@ -251,7 +251,7 @@ def test_checkpointing_gives_the_same_gradients(method, autocast, monkeypatch):
 def test_lora_dropout_masks_follow_the_seed():
     """Each projection gets its own mask, dropping about p of its inputs; a seed gives the same
     masks again (what a recomputed layer relies on), torch's seed a different run."""
-    from tunemake.fast.weights import with_masks
+    from tunemake.train.fast.weights import with_masks
 
     model = with_lora(tiny_llama(head_dim=32), dropout=0.25)  # o_proj's input: 4 heads x 32, not the hidden 64
     model.train()
@@ -308,7 +308,7 @@ def test_recomputed_layers_refuse_a_second_backward():
 def test_flex_attention_eager_matches_dense(monkeypatch):
     """Flex attention (the CUDA fallback where torch has no varlen attention) with its block mask per
     document equals the dense mask, run eagerly on the CPU."""
-    import tunemake.fast.model as fast_model
+    import tunemake.train.fast.model as fast_model
 
     model = with_lora(tiny_llama())
     batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
@@ -449,7 +449,7 @@ def test_block_copy_kernel_equals_torch_copies():
     row counts and ranks, again after a parameter's storage moved (the address table rebuilt),
     with autograd told of the write; blocks the kernel does not take (sources of mixed dtypes)
     fall back to torch's copies."""
-    from tunemake.fast.kernels import BlockCopy
+    from tunemake.train.fast.kernels import BlockCopy
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = [(4096, 64), (1024, 16), (11008, 64), (70, 12), (3, 5)]
@@ -491,7 +491,7 @@ def test_swiglu_backward_kernel_matches_torch(dtype):
     within bf16/fp16 rounding of the fp32 maths, and the same bits but for Triton's sigmoid where
     the torch ops start from the same rounded input gradient; with and without the LoRA term and
     the output, for sizes and ranks that are no multiple of the kernels' tiles."""
-    from tunemake.fast.kernels import swiglu_backward, swiglu_backward_torch
+    from tunemake.train.fast.kernels import swiglu_backward, swiglu_backward_torch
 
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -520,7 +520,7 @@ def test_low_rank_add_kernel_matches_addmm(dtype):
     """``c + x @ y`` for a low rank by one Triton kernel: torch's ``addmm`` in fp32, rounded once,
     for ``c`` with a row stride of its own (a slice of a wider tensor, as the concatenated
     products' backward passes it), ranks below the kernel's 16 and above its step of 64."""
-    from tunemake.fast.kernels import low_rank_add
+    from tunemake.train.fast.kernels import low_rank_add
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     for rows, cols, rank in ((2048, 4096, 192), (37, 300, 8), (130, 1000, 64)):
@@ -535,8 +535,8 @@ def test_low_rank_add_kernel_matches_addmm(dtype):
 
 
 def fall_back_to(monkeypatch, backend: str):
-    """Make tunemake.fast.attention.choose meet a machine without the backends it prefers to ``backend``."""
-    from tunemake.fast import attention
+    """Make tunemake.train.fast.attention.choose meet a machine without the backends it prefers to ``backend``."""
+    from tunemake.train.fast import attention
 
     preferred = {"fa4": "fa4", "flash": "flash_available", "varlen": "varlen_function"}
     order = [*preferred, "flex"]
@@ -572,7 +572,7 @@ def test_compiled_cuda_path_close_to_reference(backend, kv_heads, head_dim, monk
     machine gives it: by default aten's flash attention for heads of 16 (too small for
     FlashAttention-4), FlashAttention-4 for heads of 32 where it is installed; aten's flash
     attention and flex attention where the backends before them are missing."""
-    from tunemake.fast import attention
+    from tunemake.train.fast import attention
 
     if backend == "fa4" and attention.fa4() is None:
         pytest.skip("FlashAttention-4 is not installed or has no kernels for this GPU")
@@ -595,7 +595,7 @@ def test_public_varlen_attention_equals_reference(kv_heads, monkeypatch):
     the compiled path runs torch's public ``torch.nn.attention.varlen.varlen_attn``: its loss and
     every gradient equal the model's own forward within bf16 rounding, with grouped-query attention
     too where that torch's ``varlen_attn`` takes it."""
-    from tunemake.fast import attention
+    from tunemake.train.fast import attention
 
     varlen = attention.varlen_function()
     if varlen is None:
@@ -614,7 +614,7 @@ def test_fa4_failure_says_how_to_do_without(monkeypatch):
     to train without it."""
     import types
 
-    from tunemake.fast import attention
+    from tunemake.train.fast import attention
 
     def broken(*args, **kwargs):
         raise ValueError("no kernel for this GPU")
@@ -639,7 +639,7 @@ def test_cpu_picks_dense_attention_without_compiling():
 def test_fa4_attention_matches_flash_attention(kv_heads):
     """FlashAttention-4 against aten's FlashAttention-2 on the bench's shapes (heads of 128, packed
     documents of 1 to 1,024 tokens): the same outputs and q/k/v gradients to bf16 rounding."""
-    from tunemake.fast.attention import FA4Varlen, FlashVarlen, fa4, flash_available
+    from tunemake.train.fast.attention import FA4Varlen, FlashVarlen, fa4, flash_available
 
     if fa4() is None or not flash_available():
         pytest.skip("needs FlashAttention-4 (package flash-attn-4) and torch's flash attention ops")

@@ -7,7 +7,7 @@ hand-written kernel (``_dequantize_kernel``: packed bytes in, value pairs out, 3
 H200, 2.6x bitsandbytes' own) launched once for all the weights of a plan, which it finds through
 a table of their addresses (the CPU's time per launch is what a QLoRA step waits for on slow
 hosts); elsewhere it is written in torch ops (the reference, and the CPU tests). It runs eagerly:
-:mod:`tunemake.fast` calls it before each call of the compiled layer.
+:mod:`tunemake.train.fast` calls it before each call of the compiled layer.
 
 Supported: NF4 with or without double quantization (8-bit block scales), any block size (a last
 block may be partial), the packed bytes stored in any dtype (bitsandbytes' ``quant_storage``).
@@ -30,7 +30,7 @@ except Exception:  # no Triton (the CPU), or one without libdevice's rounding op
 
 @dataclass(frozen=True, eq=False)
 class NF4:
-    """A bitsandbytes NF4 weight as plain tensors, read once per layer by :mod:`tunemake.fast`.
+    """A bitsandbytes NF4 weight as plain tensors, read once per layer by :mod:`tunemake.train.fast`.
 
     ``absmax`` holds the per-block scales: float32, or uint8 codes into ``code2`` with one float
     ``absmax2`` per ``blocksize2`` blocks plus ``offset`` when double-quantized.

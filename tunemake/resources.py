@@ -270,7 +270,7 @@ def lora_parameters(shape: Shape, method: dict) -> int:
 
 def concat_lora_columns(shape: Shape, method: dict) -> int:
     """Elements the CUDA fast path adds beside the frozen weights for its concatenated LoRA products
-    (``tunemake.fast.lora.ConcatLora``), where the whole group (q/k/v, gate/up) is adapted and LoRA has
+    (``tunemake.train.fast.lora.ConcatLora``), where the whole group (q/k/v, gate/up) is adapted and LoRA has
     no dropout (with dropout they are not used): the group's stacked weight [O, I] gets one column
     per rank of each projection, zero outside each projection's B block, so [O, r x projections]
     more, in the model's dtype."""

@@ -5,7 +5,7 @@ GPU (``nproc`` on the CPU, over gloo) with torchrun, each running :func:`train_e
 full fine-tuning, LoRA and QLoRA (bitsandbytes 4-bit NF4 / 8-bit), plain DDP, AdamW with the
 schedules in ``tunemake.schedule``, gradient accumulation and clipping, packed rows with attention
 kept inside each document, mid-epoch resume points, and DeepSpeed ZeRO 1/2/3 (+ offload). On CUDA,
-without DeepSpeed, the step runs through ``tunemake.fast`` (varlen attention over packed
+without DeepSpeed, the step runs through ``tunemake.train.fast`` (varlen attention over packed
 documents, compiled layers, a loss that never holds the full logits) when it supports the model,
 and AdamW is torch's fused kernel; elsewhere the model's own forward with a dense block-diagonal
 mask. Not supported: pipeline or tensor parallelism.

@@ -1,7 +1,7 @@
 """The distributed engine: how a training process steps its model, behind one small interface.
 
 :class:`TorchEngine` is torch's AdamW, inside DDP when there are several processes, through the
-CUDA fast path (``tunemake.fast``) where it supports the model; :class:`DeepSpeedEngine` is a
+CUDA fast path (``tunemake.train.fast``) where it supports the model; :class:`DeepSpeedEngine` is a
 DeepSpeed engine with ZeRO 1/2/3 (+ offload), by preset name or JSON file, "auto" fields filled
 from the experiment (the torch AdamW is handed to DeepSpeed, so no optimizer is compiled). Both
 answer :class:`Engine`: forward and backward of a micro-batch, an optimizer step, its state saved
@@ -195,13 +195,13 @@ def make_optimizer(params, train: Settings, device: torch.device):
 
 
 def step_model(model, dist: Dist, amp_dtype, checkpoint: bool = False):
-    """What the training loop calls: on CUDA the fast path (``tunemake.fast``) where it supports
+    """What the training loop calls: on CUDA the fast path (``tunemake.train.fast``) where it supports
     the model, else the model's own forward; inside DDP when there are several processes.
 
     ``TUNEMAKE_FAST=0`` in the environment turns the fast path off.
     """
     if dist.device.type == "cuda" and os.environ.get("TUNEMAKE_FAST", "1") != "0":
-        from tunemake import fast
+        from tunemake.train import fast
 
         reason = fast.unsupported(model, amp_dtype)
         if reason is None:

@@ -138,7 +138,7 @@ def _layers(model):
 
 
 def fast_path(model):
-    """The :class:`tunemake.fast.FastCausalLM` the step runs through, or None."""
+    """The :class:`tunemake.train.fast.FastCausalLM` the step runs through, or None."""
     return next((m for m in _layers(model) if type(m).__name__ == "FastCausalLM"), None)
 
 

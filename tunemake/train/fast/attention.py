@@ -69,7 +69,7 @@ def metadata(position_ids, backend: str):
 def attend(q, k, v, meta, shape):
     """q, k, v: [B, L, H, D] -> [B, L, H * D] attention inside each document, causal.
 
-    ``shape`` (a :class:`tunemake.fast.layer.Shape`) gives the backend, head counts and scale.
+    ``shape`` (a :class:`tunemake.train.fast.layer.Shape`) gives the backend, head counts and scale.
     """
     b, n = q.shape[:2]
     if shape.attention in VARLEN:

@@ -153,7 +153,7 @@ if triton is not None:
 
 class BlockCopy:
     """Parameters copied into blocks of other tensors before each forward (the LoRA B blocks of a
-    :class:`tunemake.fast.lora.Wide`), cast to the destination's dtype.
+    :class:`tunemake.train.fast.lora.Wide`), cast to the destination's dtype.
 
     On CUDA with Triton it is one kernel launch for every block, which finds them through a table
     of addresses: copies launched one by one (the blocks are strided) cost about 2 ms of CPU time
@@ -163,7 +163,7 @@ class BlockCopy:
     (2-D with contiguous rows, the sources contiguous, one dtype and one device on each side),
     torch copies each block. The kernel writes behind autograd's back, so the destinations'
     version counters (which views share with their base) are bumped as an in-place copy would
-    (what :class:`tunemake.fast.lora.ConcatLora`'s in-place check relies on).
+    (what :class:`tunemake.train.fast.lora.ConcatLora`'s in-place check relies on).
 
     Args:
         pairs: (destination view, source parameter) pairs.

@@ -30,7 +30,7 @@ class Projection(NamedTuple):
 
 class Group(NamedTuple):
     """Projections of one input (q/k/v, gate/up) and their frozen weights stacked, or None."""
-    stacked: object  # None, a tensor, a :class:`tunemake.fast.lora.Wide` or :data:`STACK_DEQUANTIZED`
+    stacked: object  # None, a tensor, a :class:`tunemake.train.fast.lora.Wide` or :data:`STACK_DEQUANTIZED`
     projs: list  # of Projection
 
 
@@ -201,7 +201,7 @@ def stack_storage(projs):
     instead of three.
 
     With plain LoRA on every projection (no dropout, no bias) the tensor gets room for the B
-    blocks (a :class:`tunemake.fast.lora.Wide`; see :class:`tunemake.fast.lora.ConcatLora`).
+    blocks (a :class:`tunemake.train.fast.lora.Wide`; see :class:`tunemake.train.fast.lora.ConcatLora`).
     """
     bases = [getattr(p, "base_layer", p) for p in projs]
     if not all(type(b) is torch.nn.Linear for b in bases):

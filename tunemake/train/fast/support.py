@@ -1,6 +1,6 @@
 """What the fast path supports: :func:`unsupported` names what keeps a model on its own forward.
 
-The train stage asks it before wrapping a model in :class:`tunemake.fast.FastCausalLM`.
+The train stage asks it before wrapping a model in :class:`tunemake.train.fast.FastCausalLM`.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ class FastCausalLM(torch.nn.Module):
     ``forward(input_ids, labels, position_ids)`` returns an object with ``.loss``, as the model's
     own forward does; a row's documents start where ``position_ids`` is 0 (and at the row's start).
     What runs follows from the model and the device, nothing else: on CUDA the layer is compiled
-    and attention is the fastest varlen backend available (:func:`tunemake.fast.attention.choose`,
+    and attention is the fastest varlen backend available (:func:`tunemake.train.fast.attention.choose`,
     logged through :attr:`attention`); on the CPU (the tests) the same maths runs eagerly with a
     dense mask.
 
@@ -39,7 +39,7 @@ class FastCausalLM(torch.nn.Module):
             models always do.
 
     Raises:
-        ValueError: for a model :func:`tunemake.fast.unsupported` refuses.
+        ValueError: for a model :func:`tunemake.train.fast.unsupported` refuses.
     """
 
     def __init__(self, module, compute_dtype, checkpoint: bool = False):

@@ -24,12 +24,12 @@ class Shape:
     eps: float
     scale: float
     compute_dtype: torch.dtype
-    attention: str  # a backend of tunemake.fast.attention: "fa4", "flash", "varlen", "flex" or "dense"
+    attention: str  # a backend of tunemake.train.fast.attention: "fa4", "flash", "varlen", "flex" or "dense"
 
 
 def dropped(x, dropout):
     """``x`` through LoRA dropout: ``dropout`` is 0 (none) or (keep mask, p) from
-    :func:`tunemake.fast.weights.with_masks`."""
+    :func:`tunemake.train.fast.weights.with_masks`."""
     if not dropout:
         return x
     keep, p = dropout
@@ -38,7 +38,7 @@ def dropped(x, dropout):
 
 def linear(x, proj: Projection):
     """``x @ W.T + b + scale * B(A(dropout(x)))`` in the compute dtype (4-bit weights dequantized
-    by :func:`tunemake.fast.weights.dequantized`)."""
+    by :func:`tunemake.train.fast.weights.dequantized`)."""
     dtype = x.dtype
     y = F.linear(x, proj.weight.to(dtype), None if proj.bias is None else proj.bias.to(dtype))
     if proj.lora_a is not None:
@@ -47,7 +47,7 @@ def linear(x, proj: Projection):
 
 
 def lora_linear(x, proj: Projection):
-    """:func:`linear` by :class:`tunemake.fast.lora.LoraLinear` where it applies (plain LoRA
+    """:func:`linear` by :class:`tunemake.train.fast.lora.LoraLinear` where it applies (plain LoRA
     without dropout on a frozen weight without bias), else by :func:`linear`."""
     if proj.lora_a is not None and proj.bias is None and not proj.dropout and not proj.weight.requires_grad:
         return LoraLinear.apply(x, proj.weight, proj.lora_a, proj.lora_b, proj.scale)
@@ -86,7 +86,7 @@ def linears(x, group: Group) -> list:
 
 def joined(x, group: Group):
     """:func:`linears`' outputs as one tensor [..., sum of the rows] (gate and up side by side):
-    the product's own output where the group is a :class:`tunemake.fast.lora.Wide`, else a
+    the product's own output where the group is a :class:`tunemake.train.fast.lora.Wide`, else a
     concatenation."""
     if isinstance(group.stacked, Wide):
         return wide_product(x, *group)
@@ -94,7 +94,7 @@ def joined(x, group: Group):
 
 
 def mlp(h, gate_up: Group, down_proj: Projection):
-    """The MLP on ``h``: by :class:`tunemake.fast.lora.GatedDown` where the down projection has no
+    """The MLP on ``h``: by :class:`tunemake.train.fast.lora.GatedDown` where the down projection has no
     bias and no LoRA dropout, else by :func:`linears` and :func:`linear`."""
     if down_proj.bias is None and not down_proj.dropout:
         return GatedDown.apply(joined(h, gate_up), down_proj.weight, down_proj.lora_a, down_proj.lora_b, down_proj.scale)
@@ -116,7 +116,7 @@ def rotate_half(x):
 
 def decoder_layer(x, cos, sin, meta, weights: LayerWeights, shape: Shape):
     """One Llama decoder layer; ``x`` is the residual stream [B, L, hidden] in the model's dtype,
-    ``meta`` what :func:`tunemake.fast.attention.metadata` made for the step."""
+    ``meta`` what :func:`tunemake.train.fast.attention.metadata` made for the step."""
     b, n, _ = x.shape
     dtype = shape.compute_dtype
     h = rms_norm(x, weights.input_norm, shape.eps).to(dtype)
@@ -147,7 +147,7 @@ class Recomputed(torch.autograd.Function):
     are the parameters and trainable tensors it reads, passed in so that autograd routes their
     gradients (also in the first layer, whose input needs none). Autocast is restored for the
     recomputation; LoRA dropout needs no random state restored, its masks coming from a seed
-    (:func:`tunemake.fast.weights.with_masks`).
+    (:func:`tunemake.train.fast.weights.with_masks`).
     One backward pass per forward (no ``retain_graph``).
     """
 
