@@ -1,14 +1,14 @@
 """Training throughput: tunemake's training step against plain transformers + PEFT, same card, same batch.
 
 Builds a Llama-2-7B-shaped model with random weights (saved once under --workdir, then loaded
-by ``tunemake.train.build_model``, as the train stage does) and one packed batch of documents
+by ``tunemake.train.model.build_model``, as the train stage does) and one packed batch of documents
 with ``position_ids``. For each setting (``lora``: LoRA bf16; ``lora_ckpt``: with gradient
 checkpointing; ``qlora``: NF4 + double quant + checkpointing) it times, from the same weights:
 
 - ``baseline``: the model's own forward (SDPA, packed documents found from ``position_ids``) +
   ``torch.optim.AdamW``, bf16 autocast: what a user writes with transformers + PEFT;
-- ``tunemake``: ``tunemake.train.step_model`` (the fast path the train stage picks on CUDA) +
-  ``make_optimizer``; both through ``tunemake.train.micro_step`` and ``optimizer_step``.
+- ``tunemake``: ``tunemake.train.engine.step_model`` (the fast path the train stage picks on CUDA) +
+  ``make_optimizer``; both through ``tunemake.train.engine.micro_step`` and ``optimizer_step``.
 
 ``--profile N`` lists the kernels that take longest (``--trace DIR`` adds the profiler's timeline);
 ``--timeline`` records CUDA events around each layer instead, without the profiler, whose CPU

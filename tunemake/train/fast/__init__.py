@@ -1,6 +1,6 @@
 """The train stage's fast path on CUDA: the decoder's forward written out for LoRA / QLoRA / full training.
 
-:class:`FastCausalLM` wraps the model :func:`tunemake.train.build_model` made and returns the
+:class:`FastCausalLM` wraps the model :func:`tunemake.train.model.build_model` made and returns the
 same loss, from the same weights and gradients into the same parameters, as the model's own
 forward under autocast; it only computes it with fewer passes over memory:
 
