@@ -33,16 +33,20 @@ BUILTIN_METHODS = {"full": {"type": "full"}, "lora": {"type": "lora"}, "qlora": 
 #: (``getattr(torch, name)``), with their bytes per value.
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
+# ZeRO-3 keeps at most this many gathered parameters alive between uses (DeepSpeed's default is
+# 1e9: 2 GB in bf16, several layers of a 70B model): about one layer of a 70B model, so training
+# stays partitioned.
+_ZERO3_LIVE = {"stage3_max_live_parameters": 300_000_000, "stage3_max_reuse_distance": 300_000_000}
 #: DeepSpeed configs tunemake ships, by XTuner's names without the ``deepspeed_`` prefix: XTuner's
-#: ZeRO configs (REFERENCE §3), with the batch fields left to ``tunemake.train`` to fill.
+#: ZeRO configs (REFERENCE §3), ZeRO-3's live parameters capped, the batch fields left to ``tunemake.train`` to fill.
 DEEPSPEED_PRESETS = {
     "zero1": {"zero_optimization": {"stage": 1}},
     "zero2": {"zero_optimization": {"stage": 2, "overlap_comm": True}},
     "zero2_offload": {"zero_optimization": {"stage": 2, "overlap_comm": True,
                                             "offload_optimizer": {"device": "cpu", "pin_memory": True}}},
-    "zero3": {"zero_optimization": {"stage": 3, "overlap_comm": True,
+    "zero3": {"zero_optimization": {"stage": 3, "overlap_comm": True, **_ZERO3_LIVE,
                                     "stage3_gather_16bit_weights_on_model_save": True}},
-    "zero3_offload": {"zero_optimization": {"stage": 3, "overlap_comm": True,
+    "zero3_offload": {"zero_optimization": {"stage": 3, "overlap_comm": True, **_ZERO3_LIVE,
                                             "offload_optimizer": {"device": "cpu", "pin_memory": True},
                                             "offload_param": {"device": "cpu", "pin_memory": True},
                                             "stage3_gather_16bit_weights_on_model_save": True}},

@@ -2,10 +2,11 @@
 and where a run starts from (the previous epoch, or a resume point with the same fingerprint).
 
 Outputs of epoch n:
-- ``epoch_{n}.pth``: trainable weights (LoRA weights only for LoRA/QLoRA) gathered on rank 0,
-  counters, the fingerprint of what it was trained with, library versions, the epoch's metrics;
+- ``epoch_{n}.pth``: trainable weights (LoRA weights only for LoRA/QLoRA), written by rank 0 one
+  tensor at a time (:func:`save_gathered`: under ZeRO-3 no process holds them all), counters, the fingerprint of what it was trained with, library versions, the epoch's metrics;
   loads with ``torch.load(path, weights_only=True)``.
-- ``epoch_{n}.state/``: what epoch n+1 resumes from: optimizer state and RNG states per rank.
+- ``epoch_{n}.state/``: what epoch n+1 resumes from: optimizer state (DeepSpeed: its partition
+  of the weights too) and RNG states, one file per rank.
 - while running, ``epoch_{n}.resume/``: a resume point every ``save_steps`` optimizer steps and
   on SIGTERM / SIGUSR1; a rerun continues from it if its fingerprint matches, and gives the same
   tensors as an uninterrupted run on CPU. Removed when the epoch is done.
@@ -18,6 +19,10 @@ import json
 import logging
 import os
 import shutil
+import struct
+import zipfile
+import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +33,7 @@ from tunemake.hub import is_hub_id
 from tunemake.templates import template_to_dict
 from tunemake.train.engine import Engine
 from tunemake.train.launch import Dist
-from tunemake.train.model import trainable_state
+from tunemake.train.model import full_shape, gathered, trainable_params
 from tunemake.train.spec import EpochSpec, TrainError
 from tunemake.versions import TRAIN_CODE_VERSION
 
@@ -130,7 +135,7 @@ def find_start(spec: EpochSpec, dist: Dist) -> Start:
                 f"{previous.state}: this resume state was pruned, so epoch {spec.epoch} cannot start from it; "
                 f"rebuild the previous epoch with snakemake --forcerun {previous.pth}"
             )
-        prev_ckpt = torch.load(previous.pth, map_location="cpu", weights_only=True)
+        prev_ckpt = torch.load(previous.pth, map_location="cpu", weights_only=True, mmap=True)
     start = Start(fingerprint(spec, prev_ckpt["fingerprint"] if prev_ckpt else None))
     if prev_ckpt:
         start.trainable, start.trainable_source = prev_ckpt["trainable"], previous.pth
@@ -140,7 +145,7 @@ def find_start(spec: EpochSpec, dist: Dist) -> Start:
     meta_file = resume_dir / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
     if meta.get("fingerprint") == start.fingerprint["fingerprint"] and meta.get("world") == dist.world:
-        start.trainable = torch.load(resume_dir / "trainable.pt", map_location="cpu", weights_only=True)
+        start.trainable = torch.load(resume_dir / "trainable.pt", map_location="cpu", weights_only=True, mmap=True)
         start.trainable_source, start.state_dir = str(resume_dir), resume_dir
         start.step, start.counters, start.metrics = meta["epoch_step"], meta["counters"], meta["metrics"]
     elif resume_dir.exists() and dist.main:
@@ -152,9 +157,8 @@ def save_resume_point(resume_dir: Path, engine: Engine, dist: Dist, fp: dict, st
     """Every rank writes its optimizer shard into a shared temporary dir; rank 0 publishes it."""
     tmp = _engine_states(resume_dir, engine, dist)
     dist.barrier()
-    trainable = trainable_state(engine.model)  # collective under ZeRO-3
+    save_gathered(tmp / "trainable.pt", engine.model, dist)
     if dist.main:
-        torch.save(trainable, tmp / "trainable.pt")
         write_json(tmp / "meta.json", {"fingerprint": fp["fingerprint"], "epoch_step": step, "world": dist.world,
                                        "counters": counters, "metrics": metrics})
         shutil.rmtree(resume_dir, ignore_errors=True)
@@ -164,15 +168,11 @@ def save_resume_point(resume_dir: Path, engine: Engine, dist: Dist, fp: dict, st
 
 def write_epoch(spec: EpochSpec, engine: Engine, dist: Dist, fp: dict, counters: dict, metrics: dict, steps_per_epoch: int) -> None:
     """Epoch n's checkpoint (``epoch_{n}.pth``) and resume state (``epoch_{n}.state/``), each
-    written whole or not at all; every rank must call (its optimizer shard, ZeRO-3's gather)."""
-    state = trainable_state(engine.model)
+    written whole or not at all; every rank must call (its optimizer shard, ZeRO-3's gathers)."""
     out_pth, out_state = Path(spec.out.pth), Path(spec.out.state)
     tmp_state = _engine_states(out_state, engine, dist)
     torch.save({"torch": torch.get_rng_state()}, tmp_state / f"rng.rank{dist.rank}.pt")
     dist.barrier()
-    if not dist.main:
-        return
-    write_json(tmp_state / "meta.json", {"fingerprint": fp["fingerprint"], "world": dist.world, "epoch": spec.epoch})
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "experiment": spec.experiment,
@@ -180,18 +180,80 @@ def write_epoch(spec: EpochSpec, engine: Engine, dist: Dist, fp: dict, counters:
         "method": spec.method.to_dict(),
         "base_model": spec.base_model.path,
         "template": template_to_dict(spec.template),
-        "trainable": state,
         "counters": {**counters, "steps_per_epoch": steps_per_epoch},
         "fingerprint": fp["fingerprint"],
         "fingerprint_parts": fp,
         "versions": library_versions(),
         "metrics": metrics,
     }
-    with atomic_file(out_pth, "wb") as handle:
-        torch.save(checkpoint, handle)
+    save_gathered(out_pth, engine.model, dist, checkpoint)
+    if not dist.main:
+        return
+    write_json(tmp_state / "meta.json", {"fingerprint": fp["fingerprint"], "world": dist.world, "epoch": spec.epoch})
     if out_state.exists():
         shutil.rmtree(out_state)
     os.replace(tmp_state, out_state)
+
+
+def save_gathered(path: Path, model, dist: Dist, checkpoint: dict | None = None) -> None:
+    """``torch.save`` of the model's trainable weights by name (inside ``checkpoint``, as its
+    ``"trainable"``, when given) on the main process, holding one weight at a time: the file is written with the weights' bytes left out, then each weight, gathered
+    (ZeRO-3) or copied from its device, is written into its place, and the archive's checksums
+    set. Every process must call; the file appears whole or not at all."""
+    named = trainable_params(model)
+    with atomic_file(path, "w+b") if dist.main else nullcontext() as handle:
+        offsets = _save_without_data(handle, named, checkpoint) if dist.main else {}
+        checksums = {}
+        for name, param in named:
+            with gathered([param]):
+                if dist.main:
+                    data = param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                    handle.seek(offsets[name])
+                    handle.write(data)
+                    checksums[offsets[name]] = zlib.crc32(data)
+        if dist.main:
+            _set_checksums(handle, checksums)
+
+
+def _save_without_data(handle, named, checkpoint: dict | None) -> dict[str, int]:
+    """Write what :func:`save_gathered` saves with space left for the weights' bytes; return where
+    each one goes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        placeholders = {name: torch.empty(full_shape(p), dtype=p.dtype) for name, p in named}
+    with torch.serialization.skip_data(materialize_fake_tensors=True):
+        torch.save(placeholders if checkpoint is None else {**checkpoint, "trainable": placeholders}, handle)
+    handle.flush()
+    handle.seek(0)
+    with FakeTensorMode():
+        saved = torch.load(handle, weights_only=True)
+    trainable = saved if checkpoint is None else saved["trainable"]
+    return {name: tensor.untyped_storage()._checkpoint_offset for name, tensor in trainable.items()}
+
+
+def _set_checksums(handle, checksums: dict[int, int]) -> None:
+    """Store the CRC-32 of each record whose data starts at a key of ``checksums`` where torch's
+    zip archive keeps it: its central directory entry and its data descriptor (after the data)."""
+    handle.flush()
+    handle.seek(0)
+    archive = zipfile.ZipFile(handle)
+    entry = archive.start_dir
+    for info in archive.infolist():  # in central directory order
+        handle.seek(entry)
+        name_len, extra_len, comment_len = struct.unpack("<HHH", handle.read(46)[28:34])
+        handle.seek(info.header_offset + 26)
+        data = info.header_offset + 30 + sum(struct.unpack("<HH", handle.read(4)))
+        if data in checksums:
+            crc = struct.pack("<I", checksums[data])
+            handle.seek(entry + 16)
+            handle.write(crc)
+            handle.seek(data + info.compress_size)
+            signature = handle.read(4) == b"PK\x07\x08"
+            handle.seek(data + info.compress_size + 4 * signature)
+            handle.write(crc)
+        entry += 46 + name_len + extra_len + comment_len
+    handle.flush()
 
 
 def _engine_states(final: Path, engine: Engine, dist: Dist) -> Path:

@@ -64,6 +64,18 @@ def make_engine(model, method: Method, train: Settings, dist: Dist, amp_dtype, s
     return engine
 
 
+def partition_context(train: Settings, dist: Dist):
+    """ZeRO-3's ``deepspeed.zero.Init``, in which :func:`tunemake.train.model.build_model` makes
+    the model partitioned over the processes; None without ZeRO-3."""
+    config = deepspeed_config(train, dist.world)
+    if not config or config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    _init_deepspeed_comm(dist)
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=config)
+
+
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -15,11 +15,11 @@ import torch
 from tunemake.schedule import lr_factor
 from tunemake.train.batches import EpochBatches, Rows, step_seed
 from tunemake.train.checkpoint import find_start, save_resume_point, write_epoch
-from tunemake.train.engine import make_engine, set_lr
+from tunemake.train.engine import make_engine, partition_context, set_lr
 from tunemake.train.evaluation import heldout_loss, sample_generations
 from tunemake.train.launch import Dist, setup_processes
 from tunemake.train.metrics import EpochLog, memory_mb
-from tunemake.train.model import autocast_dtype, build_model, load_trainable
+from tunemake.train.model import autocast_dtype, build_model, is_partitioned_model, load_trainable
 from tunemake.train.spec import EpochSpec, TrainError
 
 log = logging.getLogger("tunemake.train")
@@ -62,7 +62,7 @@ def train_epoch(spec: EpochSpec) -> int:
     batches = EpochBatches(Rows(spec.data_dir, "train"), train.batch_size, train.grad_accumulation, train.seed, epoch,
                            dist.rank, dist.world)
     torch.manual_seed(train.seed)
-    model = build_model(spec.method, spec.base_model, dist.device, train.precision)
+    model = build_model(spec.method, spec.base_model, dist.device, train.precision, partition_context(train, dist))
     if start.trainable is not None:
         load_trainable(model, start.trainable, start.trainable_source)
     amp_dtype = autocast_dtype(train.precision, dist.device)
@@ -160,7 +160,7 @@ def _end_of_epoch(spec: EpochSpec, engine, dist: Dist, pad_id: int, amp_dtype, m
     """The epoch's metrics: mean train loss, held-out loss, sample generations (main rank)."""
     heldout = heldout_loss(engine.model, spec.data_dir, spec.train.batch_size, dist, pad_id, amp_dtype)
     samples = []
-    if dist.main and spec.train.evaluation_inputs:
+    if spec.train.evaluation_inputs and (dist.main or is_partitioned_model(engine.model)):
         samples = sample_generations(engine.model, spec.train.evaluation_inputs, spec.load_tokenizer(), spec.template)
     return {"train_loss": metrics["loss_sum"] / max(1, metrics["loss_count"]), "heldout_loss": heldout,
             "lr_last": lr, "steps": steps, "seconds": time.perf_counter() - started, "samples": samples}
