@@ -92,6 +92,16 @@ def test_zero3_shards_the_training_state_over_every_gpu_of_the_job(llamas):
     assert gpu["zero2_4"] > gpu["zero3_4"]
 
 
+def test_zero3_processes_hold_their_partition_of_the_weights_in_host_memory(llamas):
+    runs = [{"model": "llama7b", "method": "lora", "gpus": 0, "nproc": 2, "deepspeed": ds, "name": ds or "ddp"}
+            for ds in (None, "zero3")]
+    host = {name: e["train"]["mem_mb"] for name, e in estimates(llamas, *runs).items()}
+    # each of the 2 CPU processes keeps half of the bfloat16 weights, not all of them: the job
+    # holds one copy less (with the estimate's margins, less than two)
+    weights_mib = 6.74e9 * 2 / 2**20
+    assert weights_mib < host["ddp"] - host["zero3"] < 2 * weights_mib
+
+
 def test_a_job_without_gpus_holds_the_training_state_in_host_memory(llamas):
     found = estimates(llamas, {"model": "llama7b", "method": "lora", "gpus": 1, "name": "gpu"},
                       {"model": "llama7b", "method": "lora", "gpus": 0, "name": "cpu"})

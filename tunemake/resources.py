@@ -17,8 +17,9 @@ Estimated, from the model's shape and the experiment:
   memory; activations from ``batch_size * max_length`` tokens (layer inputs only with gradient
   checkpointing), float32 logits, and a fixed CUDA overhead.
 - Host memory per node: each training process loads the model shard by shard straight onto its
-  GPU (about one safetensors shard in host memory), plus offloaded ZeRO states; training on the CPU
-  (no GPU asked for) holds the whole training state there. Convert holds the checkpoint (float32
+  GPU (about one safetensors shard in host memory), under ZeRO-3 tensor by tensor keeping its
+  partition, plus offloaded ZeRO states; training on the CPU (no GPU asked for) holds its training
+  state there (under ZeRO-3 its partition). Convert holds the checkpoint (float32
   trainable weights: the adapter, or every weight of a full fine-tune) and never the base model;
   merge streams, so it holds about the adapter; evaluate loads the model once.
 - Training runtime per epoch (one job per epoch) from the templated dataset's token count
@@ -335,8 +336,12 @@ def _estimates(exp: dict, config: dict, shape: Shape) -> dict[str, dict]:
     activations += 2 * tokens * shape.vocab * 4  # float32 logits and their gradient
     device_need = (device_state + activations) * 1.1
 
-    # on a GPU from_pretrained loads shard by shard onto the device (build_model's device_map)
-    loaded = min(n * weight_bytes, 5000 * MB) if on_gpu else n * weight_bytes
+    if stage >= 3:
+        # built partitioned, read tensor by tensor: its partition and the largest tensor (embeddings)
+        loaded = n * weight_bytes / world + shape.vocab * shape.hidden * weight_bytes
+    else:
+        # on a GPU from_pretrained loads shard by shard onto the device (build_model's device_map)
+        loaded = min(n * weight_bytes, 5000 * MB) if on_gpu else n * weight_bytes
     if on_gpu:
         host = processes * (PROCESS_MB * MB + loaded) + offloaded * processes
         gpu_mem = device_need + CUDA_MB * MB
