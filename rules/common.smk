@@ -190,6 +190,11 @@ def experiment_resources(name):
     if (estimate["train"]["gpu_mem_mb"] or 0) > LARGEST_COMMON_GPU_MB:
         logger.warning(f"experiment {name}: training needs about {estimate['train']['gpu_mem_mb'] / 1000:.0f} GB "
                        "per GPU, more than an 80 GB GPU holds; use qlora or lora, DeepSpeed zero3, or more GPUs")
+    evaluate = estimate["evaluate"]
+    if (evaluate["gpu_mem_mb"] or 0) > LARGEST_COMMON_GPU_MB:
+        logger.warning(f"experiment {name}: evaluation needs about {evaluate['gpu_mem_mb'] / 1000:.0f} GB per GPU "
+                       f"(on {evaluate['gpus']}), more than an 80 GB GPU holds; set more gpus (or "
+                       "resources.evaluate.gpus), or a smaller evaluation.batch_size")
     return estimate
 
 
@@ -369,8 +374,9 @@ def train_metric_logs():
 
 
 def get_eval_gpus(wildcards):
-    """One GPU where the experiment trains on GPUs (evaluation uses the first), else none."""
-    return min(1, EXPERIMENTS[wildcards.experiment]["gpus"] or 0)
+    """The GPUs tunemake.resources counts for the model spread over them (resources.evaluate.gpus
+    overrides); none where the experiment trains on the CPU."""
+    return experiment_resources(wildcards.experiment)["evaluate"]["gpus"]
 
 
 def get_train_gpu_model(wildcards):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -22,7 +23,8 @@ from tunemake.data import build_templated_dataset
 from tunemake.demo import build_demo_model, build_demo_tokenizer, generate_demo_data
 from tunemake.encode import IGNORE_INDEX, generation_stops, prompt_ids
 from tunemake.evaluate import (METRICS_PLOT, TRAINING_PLOT, EvaluateError, evaluate_model, generate_answers,
-                               summarize)
+                               gpu_placement, summarize)
+from tunemake.resources import shape_from_config
 from tunemake.templates import TEMPLATES
 
 TEMPLATE = TEMPLATES["internlm2_chat"]
@@ -225,6 +227,54 @@ def test_errors_leave_nothing_behind(project, tmp_path):
     lines = (short / "heldout.jsonl").read_text().splitlines(keepends=True)
     (short / "heldout.jsonl").write_text("".join(lines[:-1]))
     fails(project / "model", short, rf"{len(lines) - 1} records, but the heldout split has {len(lines)} rows")
+
+
+GB = 1000**3
+
+
+def test_a_model_that_fits_the_first_gpu_stays_on_it():
+    assert gpu_placement(10 * GB, [79 * GB] * 4, 5 * GB, GB) is None
+    # The only GPU: the load is tried there, as it always was.
+    assert gpu_placement(140 * GB, [79 * GB], 5 * GB, 2 * GB) is None
+
+
+def test_a_model_larger_than_one_gpu_spreads_over_the_fewest_that_hold_it_each_capped():
+    # 140 GB and a layer's room per GPU, and one more, in 2 x (79 - 5) GB: a batch kept free on each.
+    assert gpu_placement(140 * GB, [79 * GB] * 8, 5 * GB, 2 * GB) == {0: 74 * GB, 1: 74 * GB}
+    # A busy first GPU gives what it has; a third GPU makes up the rest.
+    assert gpu_placement(140 * GB, [30 * GB, 79 * GB, 79 * GB, 79 * GB], 5 * GB, 2 * GB) == {
+        0: 25 * GB, 1: 74 * GB, 2: 74 * GB}
+    with pytest.raises(EvaluateError, match=r"400.0 GB of weights do not fit the 4 visible GPUs .*evaluate.gpus"):
+        gpu_placement(400 * GB, [79 * GB] * 4, 5 * GB, 2 * GB)
+
+
+def test_the_caps_place_every_layer_on_a_gpu_however_full_the_gpus_are():
+    """What from_pretrained(device_map="sequential", max_memory=caps) computes, for GPUs with
+    different free memory: nothing left for the CPU or the disk, and no GPU past the caps."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.integrations.accelerate import infer_auto_device_map
+
+    config = LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=16,
+                         num_attention_heads=2, num_key_value_heads=2)
+    with init_empty_weights():
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    weights = sum(p.numel() for p in model.parameters()) * 2
+    largest = shape_from_config(config.to_dict(), "llama").largest_module_parameters * 2
+    batch = 10_000
+    spread = 0
+    for fractions in itertools.product([0.3, 0.5, 0.7, 1.2], repeat=3):
+        try:
+            caps = gpu_placement(weights, [int(f * weights) + batch for f in fractions], batch, largest)
+        except EvaluateError:
+            continue
+        if caps is None:
+            continue
+        device_map = infer_auto_device_map(model, max_memory=dict(caps),
+                                           no_split_module_classes=model._no_split_modules)
+        assert set(device_map.values()) <= set(caps), (fractions, caps, device_map)
+        spread += 1
+    assert spread > 20
 
 
 def fake_eval(experiment: str, epoch: int, loss: float | None, rates: dict[str, float]) -> dict:

@@ -13,7 +13,7 @@ from smk import REPO, snakemake, write_config
 
 from tunemake.config import load_config
 from tunemake.errors import ConfigError
-from tunemake.resources import DEFAULT_TRAIN_RUNTIME, estimate_resources
+from tunemake.resources import DEFAULT_TRAIN_RUNTIME, LARGEST_COMMON_GPU_MB, estimate_resources
 
 # Llama-2's published config.json shapes: a 7B with full attention, a 70B with grouped-query attention.
 LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
@@ -107,6 +107,54 @@ def test_a_job_without_gpus_holds_the_training_state_in_host_memory(llamas):
                       {"model": "llama7b", "method": "lora", "gpus": 0, "name": "cpu"})
     assert found["gpu"]["train"]["mem_mb"] < found["cpu"]["train"]["mem_mb"]
     assert found["cpu"]["train"]["gpu_mem_mb"] is None and found["cpu"]["evaluate"]["gpu_mem_mb"] is None
+
+
+def test_evaluation_asks_for_the_fewest_of_the_training_gpus_that_hold_the_model(llamas):
+    runs = [{"model": model, "method": "lora", "gpus": gpus, "name": f"{model}_{gpus}"}
+            for model in ("llama7b", "llama70b") for gpus in (0, 1, 8)]
+    found = {name: e["evaluate"] for name, e in estimates(llamas, *runs).items()}
+    # 138 GB of bf16 weights: more than one 80 GB GPU holds, so a few of the job's 8, each within 80 GB.
+    spread = found["llama70b_8"]
+    assert 1 < spread["gpus"] < 8 and spread["gpu_mem_mb"] <= LARGEST_COMMON_GPU_MB
+    assert spread["gpus"] * spread["gpu_mem_mb"] > 2 * 68.98e9 / 2**20  # every weight is on one of them
+    one_fewer = estimates(llamas, {"model": "llama70b", "method": "lora", "gpus": 8,
+                                   "resources": {"evaluate": {"gpus": spread["gpus"] - 1}}})
+    assert next(iter(one_fewer.values()))["evaluate"]["gpu_mem_mb"] > LARGEST_COMMON_GPU_MB
+    # Never more than training has on a node: with one GPU, that one (too small: a warning says so).
+    assert found["llama70b_1"]["gpus"] == 1 and found["llama70b_1"]["gpu_mem_mb"] > LARGEST_COMMON_GPU_MB
+    assert found["llama7b_1"]["gpus"] == found["llama7b_8"]["gpus"] == 1
+    assert found["llama7b_8"]["gpu_mem_mb"] == found["llama7b_1"]["gpu_mem_mb"] <= LARGEST_COMMON_GPU_MB
+    # Training on the CPU: evaluation too, in float32.
+    for name in ("llama7b_0", "llama70b_0"):
+        assert (found[name]["gpus"], found[name]["gpu_mem_mb"]) == (0, None)
+    assert found["llama7b_0"]["mem_mb"] > found["llama7b_1"]["mem_mb"]
+
+
+def test_an_experiment_sets_its_evaluations_gpus(llamas, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    def evaluate_on(gpus: int) -> dict:
+        return {"evaluate": {"gpus": gpus}}
+
+    runs = [("llama70b", 8, "set", 2), ("llama70b", 8, "four", 4), ("llama7b", 0, "cpu", 2)]
+    found = estimates(llamas, *({"model": model, "method": "lora", "gpus": gpus, "name": name,
+                                 "resources": evaluate_on(on)} for model, gpus, name, on in runs))
+    assert found["set"]["evaluate"]["gpus"] == 2
+    # gpu_mem_mb is per GPU of those asked for.
+    assert found["four"]["evaluate"]["gpu_mem_mb"] < found["set"]["evaluate"]["gpu_mem_mb"]
+    assert found["cpu"]["evaluate"]["gpus"] == 2 and found["cpu"]["evaluate"]["gpu_mem_mb"] > 0
+    with pytest.raises(ConfigError, match=r"resources.evaluate.gpus"):
+        estimates(llamas, {"model": "llama7b", "method": "lora", "resources": evaluate_on(-1)})
+    with pytest.raises(ConfigError, match="unknown key"):  # train's GPUs are the experiment's gpus
+        estimates(llamas, {"model": "llama7b", "method": "lora", "resources": {"train": {"gpus": 2}}})
+    # A model of unknown size: every training GPU of a node, unless set.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    memory = {stage: {"mem_mb": 9000} for stage in ("train", "convert", "merge", "evaluate")}
+    unsized = estimates({"m": {"path": "org/mystery-model"}},
+                        {"model": "m", "method": "lora", "gpus": 4, "name": "all", "resources": memory},
+                        {"model": "m", "method": "lora", "gpus": 4, "name": "set",
+                         "resources": {**memory, "evaluate": {"mem_mb": 9000, "gpus": 1}}})
+    assert (unsized["all"]["evaluate"]["gpus"], unsized["set"]["evaluate"]["gpus"]) == (4, 1)
 
 
 def test_convert_and_merge_hold_the_checkpoint_not_the_base_model(llamas):
@@ -255,6 +303,8 @@ def small_demo_config() -> dict:
 def test_every_cluster_rule_asks_for_threads_memory_and_runtime(tmp_path):
     config = small_demo_config()
     config["experiments"][2].update(gpus=2, gpu_model="a100")  # the QLoRA one asks for GPUs
+    config["models"]["llama70b"] = {"path": model_dir(tmp_path, "llama70b", LLAMA2_70B), "template": "internlm2_chat"}
+    config["experiments"].append({"model": "llama70b", "datasets": "tasks", "method": "lora", "gpus": 8})
     write_config(tmp_path, config)
     jobs = planned_resources(tmp_path)
     local = {"all", "merged", "eval_summary"}
@@ -267,7 +317,10 @@ def test_every_cluster_rule_asks_for_threads_memory_and_runtime(tmp_path):
     on_gpu = {rule: values for (rule, wildcards), values in jobs.items() if "tiny_qlora_tasks" in wildcards}
     assert (on_gpu["train_epoch"]["gpu"], on_gpu["train_epoch"]["gpu_model"]) == ("2", "a100")
     assert int(on_gpu["train_epoch"]["gpu_mem_mb"]) > 0
+    # The tiny model fits one of the two: evaluation asks for that one; a 70B, for a few of its 8.
     assert (on_gpu["evaluate_epoch"]["gpu"], on_gpu["evaluate_epoch"]["gpu_model"]) == ("1", "a100")
+    large = {rule: values for (rule, wildcards), values in jobs.items() if "llama70b_lora_tasks" in wildcards}
+    assert large["train_epoch"]["gpu"] == "8" and 1 < int(large["evaluate_epoch"]["gpu"]) < 8
     # Data, convert and merge run on CPU nodes; so does training that asks for no GPU.
     for (rule, wildcards), values in jobs.items():
         if rule in ("templated_dataset", "convert_epoch", "merge_epoch") or "=tiny_full_corpus," in wildcards + ",":
@@ -278,7 +331,7 @@ def test_per_experiment_resources_win_over_estimates_and_set_resources_over_both
     config = small_demo_config()
     config["experiments"][2]["resources"] = {"train": {"mem_mb": 77_000, "runtime": 999, "threads": 1,
                                                        "slurm_partition": "long"},
-                                             "merge": {"mem_mb": 66_000}}
+                                             "merge": {"mem_mb": 66_000}, "evaluate": {"gpus": 2}}
     write_config(tmp_path, config)
 
     def train(jobs, experiment):
@@ -293,6 +346,10 @@ def test_per_experiment_resources_win_over_estimates_and_set_resources_over_both
     merges = {wc: v["mem_mb"] for (rule, wc), v in jobs.items() if rule == "merge_epoch"}
     assert [m for wc, m in merges.items() if "tiny_qlora_tasks" in wc] == ["66000"]
     assert all(m != "66000" for wc, m in merges.items() if "tiny_qlora_tasks" not in wc)
+    # An experiment training on the CPU evaluates on the GPUs it asks for (any model: no gpu_model).
+    evals = {wc: (v.get("gpu", "0"), v.get("gpu_model")) for (rule, wc), v in jobs.items() if rule == "evaluate_epoch"}
+    assert {e for wc, e in evals.items() if "tiny_qlora_tasks" in wc} == {("2", None)}
+    assert all(e == ("0", None) for wc, e in evals.items() if "tiny_qlora_tasks" not in wc)
 
     # --set-resources (a profile's set-resources) is applied last, to every experiment of the rule.
     jobs = planned_resources(tmp_path, "--set-resources", "train_epoch:mem_mb=5000", "train_epoch:slurm_partition=gpu")

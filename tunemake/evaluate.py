@@ -5,8 +5,10 @@ one model on one templated dataset's held-out split: loss and perplexity exactly
 measures them (``tunemake.train.evaluation.heldout_loss`` on the same ids), and exact match of greedy
 answers to the held-out conversations, per task family. :func:`summarize` gathers those files into
 a table and the report's plots. Supported: any plain HF causal LM directory (a base model or a
-merged epoch), every template; the first GPU in bfloat16 when there is one, else the CPU in
-float32. Not supported: PEFT adapter directories (evaluate the merged model), several GPUs.
+merged epoch), every template; bfloat16 on the first GPU, or spread layer by layer over the
+fewest visible GPUs that hold it when the first does not (:func:`gpu_placement`), else the CPU in
+float32. Not supported: PEFT adapter directories (evaluate the merged model), offloading weights
+to the CPU or disk, tensor parallelism (the GPUs of a spread model work one after another).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from tunemake.atomic import atomic_file, write_json
 from tunemake.hub import is_hub_id, load_pretrained, model_dir as hub_model_dir
 from tunemake.demo import TASK_FAMILIES
 from tunemake.encode import IGNORE_INDEX, answer_text, generation_stops, prompt_ids
-from tunemake.errors import TunemakeError, at
+from tunemake.errors import ConfigError, TunemakeError, at
+from tunemake.resources import evaluation_batch_bytes, shape_from_config, spread_bytes, weight_parameters
 from tunemake.templates import HF, Template, get_template
 
 log = logging.getLogger("tunemake.evaluate")
@@ -105,7 +108,7 @@ def evaluate_model(
     model_dir = hub_model_dir(named, revision) if is_hub_id(named) else Path(named)
     if not (model_dir / "config.json").is_file():
         raise EvaluateError(at(named, "not a model directory (no config.json); build it first"))
-    records, heldout_rows = _read_heldout(data_dir)
+    records, heldout_rows, longest = _read_heldout(data_dir)
 
     previous_threads = torch.get_num_threads()
     if threads:
@@ -113,7 +116,7 @@ def evaluate_model(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            tokenizer, model = _load(model_dir, trust_remote_code)
+            tokenizer, model = _load(model_dir, trust_remote_code, batch_tokens=batch_size * (longest + max_new_tokens))
             loss, tokens = _heldout_loss(model, data_dir, heldout_rows, tokenizer, batch_size)
             scored = [r for r in records if _has_input(r["conversation"])][:max_prompts]
             prompts = [prompt_ids(r["conversation"], template, tokenizer) for r in scored]
@@ -171,9 +174,11 @@ def _has_input(conversation: list[dict]) -> bool:
     return any(turn.get("input") for turn in conversation)
 
 
-def _read_heldout(data_dir: Path) -> tuple[list[dict], int]:
-    """The held-out records of ``heldout.jsonl`` and the number of rows of the ``heldout`` split."""
+def _read_heldout(data_dir: Path) -> tuple[list[dict], int, int]:
+    """The held-out records of ``heldout.jsonl``, the number of rows of the ``heldout`` split and
+    the tokens of its longest row."""
     import datasets
+    import pyarrow.compute as pc
 
     jsonl = data_dir / HELDOUT_JSONL
     if not data_dir.is_dir():
@@ -201,21 +206,99 @@ def _read_heldout(data_dir: Path) -> tuple[list[dict], int]:
     if len(records) != rows:
         raise EvaluateError(at(str(jsonl), f"{len(records)} records, but the heldout split has {rows} rows; "
                                "the directory is inconsistent, rebuild the templated dataset"))
-    return records, rows
+    longest = pc.max(pc.list_value_length(splits["heldout"].data.table.column("input_ids"))).as_py() if rows else 0
+    return records, rows, longest
 
 
-def _load(model_dir: Path, trust_remote_code: bool = False):
-    """The model on the first GPU in bfloat16 when there is one, else on the CPU in float32."""
+def _load(model_dir: Path, trust_remote_code: bool = False, batch_tokens: int = 0):
+    """The model and its tokenizer: in bfloat16 (float16 where the GPU lacks it) on the first GPU,
+    or spread over several (:func:`gpu_placement`, for a batch of ``batch_tokens`` tokens), when
+    there is a GPU; else on the CPU in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16 if cuda else torch.float32
+    max_memory = _spread_max_memory(model_dir, dtype, batch_tokens) if cuda and torch.cuda.device_count() > 1 else None
+    placement = {"device_map": "sequential", "max_memory": max_memory} if max_memory else {}
     try:
         tokenizer = load_pretrained(AutoTokenizer, model_dir, trust_remote_code=trust_remote_code)
-        model = load_pretrained(AutoModelForCausalLM, model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = load_pretrained(AutoModelForCausalLM, model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                **placement)
     except (OSError, ValueError) as exc:
         raise EvaluateError(at(str(model_dir), f"cannot load the model or its tokenizer: {exc}")) from None
+    if max_memory:
+        log.info("%s: spread over GPUs %s", model_dir, sorted(set(model.hf_device_map.values()), key=str))
+        return tokenizer, model.eval()
     return tokenizer, model.to("cuda" if cuda else "cpu").eval()
+
+
+def gpu_placement(model_bytes: int, free_bytes: list[int], batch_bytes: int,
+                  largest_module_bytes: int) -> dict[int, int] | None:
+    """Where evaluation puts a model's weights on the visible GPUs.
+
+    None: all of them on the first GPU, where its free memory holds the weights and a batch, or
+    where it is the only one (then the load is tried, as it always was). Else ``max_memory`` for
+    ``from_pretrained(device_map="sequential", max_memory=...)``: the fewest GPUs, from the first
+    on, that hold the weights spread over them (:func:`tunemake.resources.spread_bytes`) within
+    their free memory less a whole batch each, each capped at that, so that every GPU keeps room
+    for its layers' KV cache and the logits (a whole batch on each is more than any one needs;
+    the estimate in ``tunemake.resources`` counts the same). Sequential, not balanced: the caps
+    alone decide where layers go, so a fit here is a fit there; balancing can send the last
+    layers to disk when the GPUs' free memory differs.
+
+    Args:
+        model_bytes: the weights, in the dtype they are loaded in.
+        free_bytes: the free memory of each visible GPU, in CUDA's order (at least one).
+        batch_bytes: what one batch holds beside the weights
+            (:func:`tunemake.resources.evaluation_batch_bytes`).
+        largest_module_bytes: the largest piece the device map keeps whole (a decoder layer, the
+            embeddings).
+
+    Raises:
+        EvaluateError: spread over every visible GPU, the weights still do not fit.
+    """
+    caps = [max(0, free - batch_bytes) for free in free_bytes]
+    for count in range(1, len(caps) + 1):
+        if sum(caps[:count]) >= spread_bytes(model_bytes, largest_module_bytes, count):
+            return None if count == 1 else dict(enumerate(caps[:count]))
+    if len(caps) == 1:
+        return None
+    gb = 1000**3
+    raise EvaluateError(
+        f"{model_bytes / gb:.1f} GB of weights do not fit the {len(caps)} visible GPUs "
+        f"({', '.join(f'{free / gb:.1f}' for free in free_bytes)} GB free, {batch_bytes / gb:.1f} GB of each kept "
+        "for a batch): evaluate on more GPUs (an experiment's resources.evaluate.gpus) or with a smaller "
+        "evaluation.batch_size")
+
+
+def _spread_max_memory(model_dir: Path, dtype: torch.dtype, batch_tokens: int) -> dict[int, int] | None:
+    """:func:`gpu_placement` of this model on the visible GPUs; None (the first GPU) when its
+    config.json does not tell its shape."""
+    config_file = model_dir / "config.json"
+    try:
+        shape = shape_from_config(json.loads(config_file.read_text(encoding="utf-8")), str(config_file))
+    except (ConfigError, OSError, ValueError) as exc:
+        log.warning("%s: loading it on the first GPU: cannot size it to spread it over several (%s)", model_dir, exc)
+        return None
+    model_bytes = (weight_parameters(model_dir) or shape.parameters) * dtype.itemsize
+    batch_bytes = evaluation_batch_bytes(shape, batch_tokens)
+    # The other GPUs only when the first is not enough: asking one creates a CUDA context on it.
+    free = [torch.cuda.mem_get_info(0)[0]]
+    if model_bytes + batch_bytes > free[0]:
+        free += [torch.cuda.mem_get_info(i)[0] for i in range(1, torch.cuda.device_count())]
+    try:
+        return gpu_placement(model_bytes, free, batch_bytes, shape.largest_module_parameters * dtype.itemsize)
+    except EvaluateError as exc:
+        raise EvaluateError(at(str(model_dir), str(exc))) from None
+
+
+def input_device(model) -> torch.device:
+    """Where a model's input ids go: its input embeddings' device (with a device_map, the GPU
+    holding the first layers; the output comes back there)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):  # a model's own code without the accessor
+        return model.device
 
 
 def _heldout_loss(model, data_dir: Path, rows: int, tokenizer, batch_size: int) -> tuple[float | None, int]:
@@ -227,7 +310,7 @@ def _heldout_loss(model, data_dir: Path, rows: int, tokenizer, batch_size: int) 
     if rows == 0:
         return None, 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loss = heldout_loss(model, str(data_dir), batch_size, Dist(device=model.device), pad_id, amp_dtype=None)
+    loss = heldout_loss(model, str(data_dir), batch_size, Dist(device=input_device(model)), pad_id, amp_dtype=None)
     heldout = Rows(str(data_dir), "heldout")
     # The first token of a row is never a target (see tunemake.train.batches.make_batch).
     tokens = sum(int((heldout.row("labels", i)[1:] != IGNORE_INDEX).sum()) for i in range(heldout.num_rows))
@@ -240,7 +323,8 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], template, *, ma
     """Greedy answers to tokenized prompts, batched with left padding; in the prompts' order.
 
     Prompts are batched by length (less padding); a prompt's answer does not depend on its batch.
-    Nothing in the model's ``generation_config.json`` (sampling, repetition penalty) applies.
+    Nothing in the model's ``generation_config.json`` (sampling, repetition penalty) applies. The
+    model may be spread over several GPUs: the prompts go to :func:`input_device`.
     """
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -249,6 +333,7 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], template, *, ma
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops.ids, default=0)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               eos_token_id=sorted(stops.ids) or None, pad_token_id=pad_id)
+    device = input_device(model)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     answers: list[str] = [""] * len(prompts)
@@ -263,7 +348,7 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], template, *, ma
             for row, i in enumerate(batch):
                 input_ids[row, length - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
                 attention_mask[row, length - len(prompts[i]):] = 1
-            output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                     generation_config=config)
             for row, i in enumerate(batch):
                 answers[i] = answer_text(output[row, length:].tolist(), tokenizer, stops)

@@ -22,6 +22,10 @@ Estimated, from the model's shape and the experiment:
   state there (under ZeRO-3 its partition). Convert holds the checkpoint (float32
   trainable weights: the adapter, or every weight of a full fine-tune) and never the base model;
   merge streams, so it holds about the adapter; evaluate loads the model once.
+- Evaluation's GPUs: the fewest of the experiment's GPUs on one node (none when it trains on the
+  CPU) that each hold their share of the bf16 weights, a whole batch's KV cache and logits, and
+  the CUDA overhead, within :data:`LARGEST_COMMON_GPU_MB`; ``tunemake.evaluate`` spreads the
+  weights layer by layer over them the same way.
 - Training runtime per epoch (one job per epoch) from the templated dataset's token count
   (``stats.json`` once built, else its local sources' size at about 4 bytes a token) and
   6 (full) or 4 (LoRA, +2 with gradient checkpointing) FLOPs per parameter per token, at a
@@ -30,8 +34,9 @@ Estimated, from the model's shape and the experiment:
 
 Not estimated: the memory of custom model code (``trust_remote_code``), mixture-of-experts routing,
 vision towers, the attention matrix of eager attention (SDPA is assumed), and what a given GPU
-actually holds: ``gpu_mem_mb`` is reported, and a warning names experiments that need more than
-:data:`LARGEST_COMMON_GPU_MB`, but nothing is refused. Every estimate is rounded up; an experiment's
+actually holds: every GPU is taken to hold :data:`LARGEST_COMMON_GPU_MB` (an experiment on smaller
+cards sets ``resources.evaluate.gpus``), ``gpu_mem_mb`` is reported, and a warning names
+experiments that need more, but nothing is refused. Every estimate is rounded up; an experiment's
 ``resources:`` keys replace them (see the config schema for precedence against profiles).
 """
 
@@ -60,7 +65,8 @@ GPU_FLOPS = 100e12
 CPU_FLOPS_PER_THREAD = 20e9
 #: Reading weights from a shared filesystem (bytes/s).
 READ_BYTES_PER_S = 300 * MB
-#: Per-GPU memory above which a warning says the experiment will not fit a common GPU (80 GB).
+#: The memory of one GPU as the estimates take it (80 GB: an A100's or H100's). Training warns above
+#: it; evaluation asks for as many GPUs as it takes to stay under it.
 LARGEST_COMMON_GPU_MB = 80 * 1000**3 // MB
 #: What a Python process with torch (and the CUDA libraries) holds before any model, in MB.
 PROCESS_MB = 3000
@@ -122,6 +128,11 @@ class Shape:
         return self.vocab * self.hidden * (1 if self.tied else 2)
 
     @property
+    def largest_module_parameters(self) -> int:
+        """Parameters of the largest piece a device map keeps whole: a decoder layer, or the embeddings."""
+        return max(self.linear_parameters // self.layers, self.vocab * self.hidden)
+
+    @property
     def parameters(self) -> int:
         if self.stored is not None:
             return self.stored
@@ -141,8 +152,10 @@ def estimate_resources(exp: dict, config: dict) -> dict[str, dict]:
         "evaluate": {...}}``. Each stage has ``threads``, ``mem_mb`` (host, per node) and
         ``runtime`` (minutes), plus whatever the experiment's ``resources.<stage>`` sets
         (``slurm_partition``...). ``train`` adds ``gpu_mem_mb`` (per GPU, None on the CPU), ``gpus``
-        (per node) and ``tokens`` (per epoch, None when unknown); ``evaluate`` adds ``gpu_mem_mb``;
-        ``model`` has ``parameters`` and ``source``.
+        (per node) and ``tokens`` (per epoch, None when unknown); ``evaluate`` adds ``gpus`` (the
+        evaluation job's, on one node: 0 when the experiment trains on the CPU; every training GPU
+        of a node when the model's size is unknown) and ``gpu_mem_mb`` (per GPU, None without
+        GPUs); ``model`` has ``parameters`` and ``source``.
 
     Raises:
         ConfigError: the model's size cannot be told (no ``config.json`` locally or in the
@@ -361,9 +374,10 @@ def _estimates(exp: dict, config: dict, shape: Shape) -> dict[str, dict]:
     trainable_mb = trainable * 4 / MB if method["type"] != "full" else 0
     settings = config.get("evaluation", {})
     eval_tokens = settings.get("batch_size", 16) * (exp["max_length"] + settings.get("max_new_tokens", 64))
-    eval_cache = 2 * shape.layers * eval_tokens * shape.kv_dim * 2 + eval_tokens * shape.vocab * 4
-    eval_gpu = gpus > 0
-    eval_weights = n * (2 if eval_gpu else 4)
+    eval_batch = evaluation_batch_bytes(shape, eval_tokens)
+    eval_largest = shape.largest_module_parameters * 2
+    eval_gpus = _eval_gpus(exp, n * 2, eval_largest, eval_batch)
+    eval_weights = n * (2 if eval_gpus else 4)
     data_mb = _source_mb(exp)
     return {
         "model": {"parameters": n, "source": shape.source},
@@ -379,12 +393,46 @@ def _estimates(exp: dict, config: dict, shape: Shape) -> dict[str, dict]:
         # Streams the base tensor by tensor: the adapter (float32) and a few chunks.
         "merge": {"threads": 1, "mem_mb": _mb(2000 * MB + trainable_mb * MB, floor=2000),
                   "runtime": _minutes(600 + 2 * n * weight_bytes / READ_BYTES_PER_S, floor=60)},
-        "evaluate": {"threads": 2, "mem_mb": _mb(PROCESS_MB * MB + eval_weights + (0 if eval_gpu else eval_cache),
+        "evaluate": {"threads": 2, "mem_mb": _mb(PROCESS_MB * MB + eval_weights + (0 if eval_gpus else eval_batch),
                                                  floor=4000),
                      "runtime": _minutes(1800 + 2 * eval_weights / READ_BYTES_PER_S, floor=60),
-                     "gpu_mem_mb": _mb(eval_weights + eval_cache + CUDA_MB * MB, floor=0, margin=1.1)
-                     if eval_gpu else None},
+                     "gpu_mem_mb": _eval_gpu_mb(eval_weights, eval_largest, eval_batch, eval_gpus)
+                     if eval_gpus else None,
+                     "gpus": eval_gpus},
     }
+
+
+def evaluation_batch_bytes(shape: Shape, tokens: int) -> int:
+    """What evaluation holds beside the weights for one batch of ``tokens`` tokens (rows x (prompt +
+    answer)): the KV cache in 16 bits and float32 logits. ``tunemake.evaluate`` reserves it on every
+    GPU it spreads a model over, and the estimate counts it the same way."""
+    return 2 * shape.layers * tokens * shape.kv_dim * 2 + tokens * shape.vocab * 4
+
+
+def spread_bytes(weights: float, largest_module: float, gpus: int) -> float:
+    """GPU memory, all GPUs together, that weights take spread layer by layer over ``gpus`` GPUs
+    (transformers' ``device_map="sequential"``): on several, room for one more of their largest
+    module per GPU, and one more, since each GPU takes whole modules and the loader keeps one
+    module's room free on the first."""
+    return weights if gpus <= 1 else weights + (gpus + 1) * largest_module
+
+
+def _eval_gpus(exp: dict, weights: float, largest_module: float, batch: float) -> int:
+    """GPUs the evaluate job asks for: the experiment's ``resources.evaluate.gpus``, else the fewest
+    of its GPUs on one node whose memory holds the bf16 weights, spread over them, and a whole
+    batch on each (all of them when none is enough, 0 when it trains on the CPU)."""
+    requested = ((exp.get("resources") or {}).get("evaluate") or {}).get("gpus")
+    if requested is not None:
+        return requested
+    gpus = exp["gpus"] or 0
+    fits = (count for count in range(1, gpus + 1)
+            if _eval_gpu_mb(weights, largest_module, batch, count) <= LARGEST_COMMON_GPU_MB)
+    return next(fits, gpus)
+
+
+def _eval_gpu_mb(weights: float, largest_module: float, batch: float, gpus: int) -> int:
+    """Per-GPU memory of an evaluation spread over ``gpus`` GPUs: a share of the weights, a whole batch."""
+    return _mb(spread_bytes(weights, largest_module, gpus) / gpus + batch + CUDA_MB * MB, floor=0, margin=1.1)
 
 
 def _unsized(exp: dict) -> dict[str, dict]:
@@ -396,7 +444,8 @@ def _unsized(exp: dict) -> dict[str, dict]:
                   "gpu_mem_mb": None, "gpus": exp["gpus"] or 0, "tokens": None},
         "convert": {"threads": 1, "runtime": 60},
         "merge": {"threads": 1, "runtime": 60},
-        "evaluate": {"threads": 2, "runtime": 60, "gpu_mem_mb": None},
+        # Without the model's size, evaluation asks for every GPU training has on a node.
+        "evaluate": {"threads": 2, "runtime": 60, "gpu_mem_mb": None, "gpus": exp["gpus"] or 0},
     }
 
 
