@@ -632,3 +632,40 @@ def test_weights_are_read_by_name_tensor_by_tensor(project, tmp_path):
     save_file(stored, broken / "model.safetensors")
     with pytest.raises(TrainError, match=r"no stored tensor named model\.layers\.1\.mlp\.up_proj\.weight.*zero2"):
         load_weights(model, broken)
+
+
+def test_zero3_builds_a_tied_model_as_from_pretrained_does(project, tmp_path):
+    """Built partitioned, weights read tensor by tensor, the output head tied to the embeddings as
+    transformers ties them: the same logits (one process under ZeRO-3, in a fresh interpreter)."""
+    from safetensors.torch import load_file, save_file
+
+    work = tmp_path / "w"
+    shutil.copytree(project, work)
+    tied = work / "models" / "tiny"
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    stored = load_file(tied / "model.safetensors")
+    save_file({k: v for k, v in stored.items() if k != "lm_head.weight"}, tied / "model.safetensors")
+    spec = prepare(project, work, base_config(method="lora8", deepspeed="zero3"))
+    (work / "spec.json").write_text(json.dumps(spec.to_json()))
+    script = """
+import json, torch
+from transformers import AutoModelForCausalLM
+from tunemake.train.engine import partition_context
+from tunemake.train.launch import setup_processes
+from tunemake.train.model import build_model, gathered, is_partitioned, unwrap
+from tunemake.train.spec import EpochSpec
+spec = EpochSpec.from_json(json.load(open("spec.json"))).resolved()
+dist = setup_processes(0)
+model = build_model(spec.method, spec.base_model, dist.device, spec.train.precision, partition_context(spec.train, dist))
+inner = unwrap(model).get_base_model()
+assert inner.lm_head.weight is inner.model.embed_tokens.weight and is_partitioned(inner.lm_head.weight)
+ids = torch.arange(1, 40)[None]
+with gathered(list(model.parameters())), torch.no_grad():
+    logits = model(input_ids=ids).logits
+expected = AutoModelForCausalLM.from_pretrained("models/tiny", dtype=torch.float32)(input_ids=ids).logits
+print("max difference", (logits - expected).abs().max().item())
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split("max difference")[-1]) < 1e-5, out.stdout

@@ -132,6 +132,7 @@ def _from_config(base: BaseModel, dtype, partitioned):
         _import_model_code(config)
     with partitioned or torch.device("meta"), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=base.trust_remote_code)
+    model.tie_weights()  # skipped with the initialisation
     if (Path(base.dir) / "generation_config.json").is_file():  # as from_pretrained reads it
         model.generation_config = GenerationConfig.from_pretrained(base.dir)
     return model
