@@ -1,7 +1,7 @@
 """Benchmark every stage's memory on 7B-wide, shallow Llamas: what grows when the model does.
 
 Run from the repository root: ``python bench/stage_memory.py [--layers 2 4] [--json out.json]``.
-About 12 minutes on 2 CPU cores. Everything is built in a temporary directory, seeded, offline:
+About 8 minutes on 2 CPU cores. Everything is built in a temporary directory, seeded, offline:
 for each depth, a random float16 Llama of Llama-2-7B's width (hidden 4096, MLP 11008, 32 heads,
 vocab 32000, untied), a small tokenizer and 8 short conversations (6 for training). Then each stage runs as the
 workflow runs it, in fresh processes: data (templated dataset); one LoRA epoch (rank 16, every
@@ -12,7 +12,8 @@ merge; evaluate (2 prompts, 8 new tokens).
 For each stage and process it prints the peak RSS beyond what the imports alone take (``VmHWM``
 minus ``VmRSS`` after every import) and the wall time, beside the model's float32 weights. For
 training, "load" is the peak up to the engine being built (weights loaded, LoRA applied, DeepSpeed
-initialised); "train" the peak after it (the steps, the held-out loss, writing the epoch).
+initialised) and the time it took; "train" the peak after it (the steps, the held-out loss, writing
+the epoch) and the whole stage's time.
 
 Targets (issue 24), on what each grows by from the smallest to the largest depth:
 
