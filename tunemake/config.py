@@ -33,10 +33,11 @@ BUILTIN_METHODS = {"full": {"type": "full"}, "lora": {"type": "lora"}, "qlora": 
 #: (``getattr(torch, name)``), with their bytes per value.
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
-# ZeRO-3 keeps at most this many gathered parameters alive between uses (DeepSpeed's default is
-# 1e9: 2 GB in bf16, several layers of a 70B model): about one layer of a 70B model, so training
-# stays partitioned.
-_ZERO3_LIVE = {"stage3_max_live_parameters": 300_000_000, "stage3_max_reuse_distance": 300_000_000}
+#: Gathered parameters ZeRO-3 keeps alive between uses in the presets (DeepSpeed's default is 1e9:
+#: 2 GB in bf16, several layers of a 70B model): about one layer of a 70B model, so that training
+#: stays partitioned.
+ZERO3_LIVE_PARAMETERS = 300_000_000
+_ZERO3_LIVE = {"stage3_max_live_parameters": ZERO3_LIVE_PARAMETERS, "stage3_max_reuse_distance": ZERO3_LIVE_PARAMETERS}
 #: DeepSpeed configs tunemake ships, by XTuner's names without the ``deepspeed_`` prefix: XTuner's
 #: ZeRO configs (REFERENCE §3), ZeRO-3's live parameters capped, the batch fields left to ``tunemake.train`` to fill.
 DEEPSPEED_PRESETS = {

@@ -13,7 +13,8 @@ Estimated, from the model's shape and the experiment:
   weights, gradients and two Adam moments (16 bytes a parameter, 16 with DeepSpeed's bf16/fp16
   mixed precision too); LoRA keeps the base in its dtype, QLoRA in 4 or 8 bits (embeddings, head
   and norms upcast to float32); trainable parameters cost 16 bytes each; ZeRO stages 1/2/3 shard
-  optimizer states / gradients / weights over every GPU of the job, ``*_offload`` moves them to host
+  optimizer states / gradients / weights over every GPU of the job (ZeRO-3 adds the parameters it
+  gathers, up to the presets' ``stage3_max_live_parameters``), ``*_offload`` moves them to host
   memory; activations from ``batch_size * max_length`` tokens (layer inputs only with gradient
   checkpointing), float32 logits, and a fixed CUDA overhead.
 - Host memory per node: each training process loads the model shard by shard straight onto its
@@ -51,7 +52,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunemake.config import DEEPSPEED_PRESETS, DTYPE_BYTES
+from tunemake.config import DEEPSPEED_PRESETS, DTYPE_BYTES, ZERO3_LIVE_PARAMETERS
 from tunemake.errors import ConfigError
 from tunemake.hub import HubError, model_dir
 
@@ -339,6 +340,8 @@ def _estimates(exp: dict, config: dict, shape: Shape) -> dict[str, dict]:
     grads = trainable * grad_b / (world if stage >= 2 else 1)
     optimizer = trainable * optim_b / (world if stage >= 1 else 1)
     device_state = params * (not offload_params) + grads + optimizer * (not offload_optimizer)
+    if stage >= 3:  # the parameters gathered for the layers being computed, up to the presets' cap
+        device_state += min(n, ZERO3_LIVE_PARAMETERS) * (2 if mixed else 4)
     offloaded = params * offload_params + optimizer * offload_optimizer
 
     tokens = exp["batch_size"] * exp["max_length"]
