@@ -3,8 +3,8 @@ and where a run starts from (the previous epoch, or a resume point with the same
 
 Outputs of epoch n:
 - ``epoch_{n}.pth``: trainable weights (LoRA weights only for LoRA/QLoRA), written by rank 0 one
-  tensor at a time (:func:`save_gathered`: under ZeRO-3 no process holds them all), counters, the fingerprint of what it was trained with, library versions, the epoch's metrics;
-  loads with ``torch.load(path, weights_only=True)``.
+  tensor at a time (:func:`save_gathered`: under ZeRO-3 no process holds them all), counters,
+  the fingerprint of what it was trained with, library versions, the epoch's metrics; loads with ``torch.load(path, weights_only=True)``.
 - ``epoch_{n}.state/``: what epoch n+1 resumes from: optimizer state (DeepSpeed: its partition
   of the weights too) and RNG states, one file per rank.
 - while running, ``epoch_{n}.resume/``: a resume point every ``save_steps`` optimizer steps and
@@ -197,9 +197,9 @@ def write_epoch(spec: EpochSpec, engine: Engine, dist: Dist, fp: dict, counters:
 
 def save_gathered(path: Path, model, dist: Dist, checkpoint: dict | None = None) -> None:
     """``torch.save`` of the model's trainable weights by name (inside ``checkpoint``, as its
-    ``"trainable"``, when given) on the main process, holding one weight at a time: the file is written with the weights' bytes left out, then each weight, gathered
-    (ZeRO-3) or copied from its device, is written into its place, and the archive's checksums
-    set. Every process must call; the file appears whole or not at all."""
+    ``"trainable"``, when given) on the main process, holding one weight at a time: the file is
+    written with the weights' bytes left out, then each weight, gathered (ZeRO-3) or copied from
+    its device, is written into its place, and the archive's checksums set. Every process must call; the file appears whole or not at all."""
     named = trainable_params(model)
     with atomic_file(path, "w+b") if dist.main else nullcontext() as handle:
         offsets = _save_without_data(handle, named, checkpoint) if dist.main else {}

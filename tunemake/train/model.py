@@ -8,8 +8,8 @@ trainable weights go in and out one gathered tensor at a time (:func:`gathered`)
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
