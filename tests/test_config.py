@@ -228,7 +228,7 @@ def config_error(config) -> str:
         ({"methods": {"tiny_r": {"type": "lora", "r": 0}}, "experiments": [exp(method="tiny_r")]}, "methods.tiny_r.r"),
         ({"methods": {"m": {"type": "dora"}}}, "methods.m.type"),
         ({"datasets": {"chat": {"path": "x.jsonl", "heldout_fraction": 2}}}, "datasets.chat.heldout_fraction"),
-        ({"datasets": {"chat": {"path": "x.jsonl", "format": "sharegpt"}}}, "datasets.chat.format"),
+        ({"datasets": {"chat": {"path": "x.jsonl", "format": "chatml"}}}, "datasets.chat.format"),
         ({"datasets": {"chat": {"format": "alpaca"}}}, "datasets.chat"),
         ({"experiments": [exp(name="has space")]}, "experiments[0].name"),
         ({"experiments": []}, "experiments"),

@@ -86,7 +86,8 @@ def test_heldout_loss_is_the_mean_over_labelled_tokens(project, model_and_tokeni
                                                        reduction="sum").item()
             tokens += int((targets != IGNORE_INDEX).sum())
     assert result["heldout"]["tokens"] == tokens
-    assert result["heldout"]["loss"] == pytest.approx(total / tokens, abs=1e-5)
+    # the reference is float32 on the CPU; evaluation on a GPU multiplies in TF32 / bf16
+    assert result["heldout"]["loss"] == pytest.approx(total / tokens, abs=1e-4 if torch.cuda.is_available() else 1e-5)
     assert result["heldout"]["perplexity"] == pytest.approx(math.exp(result["heldout"]["loss"]), rel=1e-5)
     assert 5.0 < result["heldout"]["loss"] < 7.0  # a random model: about ln(vocab 400) = 6.0
 

@@ -98,11 +98,11 @@ def test_openai_system_first():
 
 
 def test_openai_unknown_role_names_the_location():
-    messages = [{"role": "user", "content": "u"}, {"role": "tool", "content": "x"}]
+    messages = [{"role": "user", "content": "u"}, {"role": "function", "content": "x"}]
     with pytest.raises(DataError) as info:
         map_openai({"messages": messages}, LOC)
     assert str(info.value).startswith("data.jsonl:7:")
-    assert "'tool'" in str(info.value)
+    assert "'function'" in str(info.value)
 
 
 def test_openai_message_without_content():
@@ -267,7 +267,8 @@ def test_build_drops_records_with_every_turn_untrained(tmp_path, tokenizer_dir):
 
 
 def test_every_format_has_a_map_function():
-    assert set(MAP_FUNCTIONS) == {"conversation", "oasst1", "alpaca", "openai", "pretrain", "custom"}
+    assert set(MAP_FUNCTIONS) == {"conversation", "oasst1", "alpaca", "openai", "pretrain", "custom", "sharegpt",
+                                  "moss_sft", "msagent_react"}
 
 
 # --- readers ------------------------------------------------------------------------------------
@@ -358,8 +359,8 @@ def test_read_dataset_yields_location_raw_and_turns(tmp_path):
 
 
 def test_read_dataset_unknown_format():
-    with pytest.raises(DataError, match="unknown format 'sharegpt'"):
-        list(read_dataset({"format": "sharegpt"}, []))
+    with pytest.raises(DataError, match="unknown format 'chatml'"):
+        list(read_dataset({"format": "chatml"}, []))
 
 
 def test_json_list(tmp_path):

@@ -22,6 +22,7 @@ import yaml
 
 from tunemake.errors import ConfigError, TunemakeError
 from tunemake.templates import HF, get_template
+from tunemake.toolforms import TOOL_TEMPLATES
 from tunemake.versions import DATA_CODE_VERSION
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
@@ -241,6 +242,9 @@ def load_config(source: str | os.PathLike | Sequence[str | os.PathLike] | dict,
             get_template(name, config["templates"])  # checks placeholders
         except ConfigError as exc:
             raise ConfigError(f"{where(('templates', name))}: {exc}") from None
+
+    for name, dataset in config["datasets"].items():
+        _check_fields(dataset, where(("datasets", name, "fields")))
 
     experiments: dict[str, dict] = {}
     for index, exp in enumerate(config["experiments"]):
@@ -547,12 +551,37 @@ def resolve_experiment(exp: dict, config: dict, origin: str) -> None:
             f"{key}.deepspeed: {deepspeed!r} is neither a ZeRO config name "
             f"({', '.join(DEEPSPEED_PRESETS)}) nor a .json file"
         )
+    template = get_template(exp["template"], config.get("templates"))
     for name in exp["datasets"]:
         dataset = config["datasets"][name]
         if dataset["format"] == "custom" and "fields" not in dataset:
             dataset["fields"] = {"input": "input", "output": "output", "system": None}
+        if dataset["format"] in TOOL_FORMATS and template != HF and not template.tool_form:
+            raise ConfigError(
+                f"{key}.template: dataset {name!r} (format {dataset['format']}) calls tools, and template "
+                f"{template.name!r} cannot write them; the templates with a tool form are {', '.join(TOOL_TEMPLATES)}"
+            )
     exp["data_recipe"] = data_recipe(exp, config)
     exp["data_key"] = recipe_key(exp["data_recipe"])
+
+
+#: The formats whose records call tools; openai, sharegpt and conversation records may too, which
+#: the data stage finds record by record.
+TOOL_FORMATS = ("moss_sft",)
+_FIELDS_OF = {
+    "custom": ("input", "output", "system", "loss"),
+    "sharegpt": ("messages", "system", "tools", "role_tag", "content_tag", "user_tag", "assistant_tag",
+                 "observation_tag", "function_tag", "system_tag"),
+}
+
+
+def _check_fields(dataset: dict, key: str) -> None:
+    """``fields:`` names only what its dataset's format reads."""
+    allowed = _FIELDS_OF.get(dataset["format"], ())
+    for field in dataset.get("fields") or {}:
+        if field not in allowed:
+            reads = f"reads {', '.join(allowed)}" if allowed else "reads no fields"
+            raise ConfigError(f"{key}.{field}: format {dataset['format']} {reads}")
 
 
 def _root_model(experiment: str, config: dict, key: str) -> str:
@@ -586,7 +615,7 @@ def data_recipe(exp: dict, config: dict) -> dict:
         t = get_template(template, config.get("templates"))
         template_recipe = {
             "name": t.name, "system": t.system, "instruction": t.instruction, "suffix": t.suffix,
-            "suffix_as_eos": t.suffix_as_eos, "sep": t.sep,
+            "suffix_as_eos": t.suffix_as_eos, "sep": t.sep, **({"tool_form": t.tool_form} if t.tool_form else {}),
         }
     datasets = []
     for name in exp["datasets"]:

@@ -20,9 +20,10 @@ import time
 from tunemake.atomic import atomic_dir, write_json
 from tunemake.config import expand_sources, read_revision
 from tunemake.encode import IGNORE_INDEX, Encoded, encode_record, encode_records, pack
-from tunemake.errors import DataError
+from tunemake.errors import DataError, at
 from tunemake.formats import read_dataset
 from tunemake.templates import HF, Template, check_encodable
+from tunemake.tools import count_calls, has_tools, unknown_calls
 
 log = logging.getLogger("tunemake.data")
 
@@ -127,6 +128,8 @@ def build_templated_dataset(
         "records_out": {"train": len(train), "heldout": len(heldout)},
         "dropped": _sum_dicts(s["dropped"] for s in stats["datasets"].values()),
         "truncated": sum(s["truncated"] for s in stats["datasets"].values()),
+        "tool_records": sum(s["tool_records"] for s in stats["datasets"].values()),
+        "tool_calls": sum(s["tool_calls"] for s in stats["datasets"].values()),
         "tokens": tokens,
         "trained_tokens": int((packed.labels != IGNORE_INDEX).sum()),
         "heldout_tokens": sum(len(e.input_ids) for e in heldout),
@@ -160,15 +163,23 @@ def _encode_dataset(dataset: dict, paths, tokenizer, template, max_length: int):
     """Read, map, split and encode one configured dataset."""
     name = dataset["name"]
     pretrain = dataset["format"] == "pretrain"
-    dropped = {"empty_conversation": 0, "no_labels": 0}
+    dropped = {"empty_conversation": 0, "no_labels": 0, "unknown_tool": 0}
+    tool_stats = {"tool_records": 0, "tool_calls": 0}
     records: list[tuple[list[dict], dict]] = []  # turns, fields kept for the held-out file
     for location, raw, turns in read_dataset(dataset, paths):
         if not turns or (pretrain and not turns[0]["output"]):
             dropped["empty_conversation"] += 1
             continue
+        if has_tools(turns):
+            if _skip_tool_record(turns, template, location, name, dropped):
+                continue
+            tool_stats["tool_records"] += 1
+            tool_stats["tool_calls"] += count_calls(turns)
         extra = {k: v for k, v in raw.items() if k == "task"} if isinstance(raw, dict) else {}
         records.append((turns, extra))
-    records_in = len(records) + dropped["empty_conversation"]
+    records_in = len(records) + dropped["empty_conversation"] + dropped["unknown_tool"]
+    if tool_stats["tool_records"]:
+        _check_tool_markers(template, tokenizer)
 
     fraction, seed = dataset.get("heldout_fraction", 0.0), dataset.get("split_seed", 0)
     flags = [split_heldout(turns, fraction, seed) for turns, _ in records]
@@ -199,14 +210,48 @@ def _encode_dataset(dataset: dict, paths, tokenizer, template, max_length: int):
         raise DataError(
             f"{source}: dataset {name!r} has no trainable record left "
             f"({records_in} read, {dropped['empty_conversation']} empty, "
+            f"{dropped['unknown_tool']} calling a function the record does not offer, "
             f"{dropped['no_labels']} without a labelled token after truncation to {max_length}, "
             f"{len(heldout)} held out)"
         )
     ds_stats = {
         "records_in": records_in, "train": len(train), "heldout": len(heldout),
-        "dropped": dropped, "truncated": truncated,
+        "dropped": dropped, "truncated": truncated, **tool_stats,
     }
     return ds_stats, train, heldout, heldout_records
+
+
+def _skip_tool_record(turns: list[dict], template, location: str, name: str, dropped: dict) -> bool:
+    """Whether a record with tools is dropped: it calls a function its ``tools`` do not offer
+    (real datasets have a few; counted in stats.json).
+
+    Raises:
+        DataError: the template cannot write tools at all.
+    """
+    from tunemake.toolforms import TOOL_TEMPLATES
+
+    if template != HF and not template.tool_form:
+        raise DataError(at(location, f"this record has tools, and template {template.name!r} cannot write them; "
+                                     f"the templates with a tool form are {', '.join(TOOL_TEMPLATES)}"))
+    unknown = unknown_calls(turns)
+    if unknown:
+        if not dropped["unknown_tool"]:
+            log.warning("%s: calls %r, which the record's tools do not offer: dropped (dataset %r counts "
+                        "such records in stats.json)", location, unknown[0], name)
+        dropped["unknown_tool"] += 1
+    return bool(unknown)
+
+
+def _check_tool_markers(template, tokenizer) -> None:
+    """Say once, in the data job's log, which of the tool form's markers the tokenizer splits."""
+    from tunemake.toolforms import FORMS
+
+    if template == HF:
+        return
+    split = [m for m in FORMS[template.tool_form].markers if len(tokenizer.encode(m, add_special_tokens=False)) != 1]
+    if split:
+        log.warning("template %r: the tokenizer has no single token for %s; tool calls still train, as text",
+                    template.name, ", ".join(split))
 
 
 def _digest(packed, heldout: list[Encoded]) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 
 from tunemake.errors import DataError
 from tunemake.templates import HF, Template
+from tunemake.tools import as_messages, has_tools
 
 IGNORE_INDEX = -100
 
@@ -60,20 +61,55 @@ def plan(turns: Sequence[dict], template: Template | str, pretrain: bool, tokeni
         return [BOS, (turns[0]["output"], True)]
     if template == HF:
         return _plan_hf(turns, tokenizer)
+    form = tool_form(template, turns)
     pieces: list = []
     needs_bos = True
+    calls: list[dict] = []  # the previous turn's, which its results answer
     for round_, turn in enumerate(turns, start=1):
         if needs_bos:
             pieces.append(BOS)
         with_loss = turn.get("output_with_loss", True)
-        pieces.append((template.render_input(turn["input"] or "", turn.get("system"), round_), False))
-        pieces.append((template.render_output(turn["output"]), with_loss))
-        needs_bos = not template.suffix_as_eos
+        pieces.append((_prompt(template, form, turn, round_, calls), False))
+        calls = turn.get("tool_calls") or []
+        closes = not calls or form.closes_call_turn
+        answer = form.calls(turn["output"], calls) if calls else turn["output"]
+        pieces.append((answer + template.suffix if closes else answer, with_loss))
+        needs_bos = closes and not template.suffix_as_eos
         if needs_bos:
             pieces.append(EOS if with_loss else UNLABELLED_EOS)
-        if template.sep:
+        if closes and template.sep:
             pieces.append((template.sep, False))
     return pieces
+
+
+def tool_form(template: Template, turns: Sequence[dict]):
+    """The template's tool form, or None for a conversation without tools.
+
+    Raises:
+        DataError: the conversation has tools and the template no tool form.
+    """
+    from tunemake.toolforms import FORMS, TOOL_TEMPLATES
+
+    if not has_tools(turns):
+        return None
+    if not template.tool_form:
+        raise DataError(f"template {template.name!r} cannot write tool calls; the templates with a tool form are "
+                        f"{', '.join(TOOL_TEMPLATES)}")
+    return FORMS[template.tool_form]
+
+
+def _prompt(template: Template, form, turn: dict, round_: int, calls: list[dict]) -> str:
+    """A turn's prompt: the system prompt (with the tools, on the first turn), the results of the
+    previous turn's calls, then the instruction, or only the assistant's prefix after results."""
+    system, text = turn.get("system"), ""
+    if turn.get("tools"):
+        text, system = form.tools_system(template, system or "", turn["tools"]), None
+    if not turn.get("tool_results"):
+        return text + template.render_input(turn["input"] or "", system, round_)
+    if system:  # every template with a tool form has a system field
+        text += template.system.format(system=system)
+    text += form.results(turn["tool_results"], calls)
+    return text + (template.render_input(turn["input"], None, round_) if turn.get("input") else form.assistant_prefix)
 
 
 def _plan_hf(turns: Sequence[dict], tokenizer) -> list:
@@ -81,18 +117,27 @@ def _plan_hf(turns: Sequence[dict], tokenizer) -> list:
 
     The prompt of turn k is what ``add_generation_prompt=True`` adds after turn k-1; the answer is
     what the assistant message adds after that. bos / eos are whatever the template writes.
+    Tools go to ``apply_chat_template(tools=...)``, calls and results as OpenAI messages.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("template 'hf': the tokenizer has no chat_template; pick a named template")
+    tools = turns[0].get("tools") or None
+
+    def render(messages, generation_prompt=False, with_tools=tools):
+        return tokenizer.apply_chat_template(messages, tools=with_tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
     messages: list[dict] = []
     rendered, pieces = "", []
     for turn in turns:
-        if turn.get("system"):
-            messages.append({"role": "system", "content": turn["system"]})
-        messages.append({"role": "user", "content": turn["input"] or ""})
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        messages.append({"role": "assistant", "content": turn["output"]})
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        *asked, answer = as_messages([turn])
+        messages += asked
+        prompt = render(messages, True)
+        if tools and len(messages) == len(asked) and prompt == render(messages, True, None):
+            raise DataError("template 'hf': the tokenizer's chat_template ignores tools (it renders the same "
+                            "text with and without them); pick qwen_chat, internlm2_chat or moss_sft")
+        messages.append(answer)
+        full = render(messages)
         if not (prompt.startswith(rendered) and full.startswith(prompt)):
             raise DataError(
                 "template 'hf': the tokenizer's chat_template does not render a conversation as a "
@@ -115,7 +160,8 @@ def prompt_ids(turns: Sequence[dict], template: Template | str, tokenizer) -> tu
     if not turns:
         raise DataError("a prompt needs at least one turn")
     # the last turn's (empty) answer must be labelled: its piece marks where the prompt ends
-    turns = [*turns[:-1], {**turns[-1], "output": "", "output_with_loss": True}]
+    last = {k: v for k, v in turns[-1].items() if k != "tool_calls"}
+    turns = [*turns[:-1], {**last, "output": "", "output_with_loss": True}]
     pieces = plan(turns, template, False, tokenizer)
     last_answer = max(i for i, piece in enumerate(pieces) if isinstance(piece, tuple) and piece[1])
     bos, eos = special_ids(tokenizer)

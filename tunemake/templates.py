@@ -37,7 +37,7 @@ WIZARDCODER_PREAMBLE = (
 # DeepSeek's full-width <｜end▁of▁sentence｜>, InternLM / MOSS <eoh> <eoa> <eom> <eoc>, Baichuan's
 # <reserved_106>, Gemma's <start_of_turn>, MiniCPM's <用户> and <AI>.
 _SPECIAL_TOKEN = re.compile(
-    r"<\|[^|<>\s]+\|>|<｜[^｜<>\s]+｜>|<eo[a-z]>|<reserved_\d+>|<(?:start|end)_of_turn>|<用户>|<AI>"
+    r"<\|[^|<>\s]+\|>|<｜[^｜<>\s]+｜>|<eo[a-z]>|<reserved_\d+>|<(?:start|end)_of_turn>|<用户>|<AI>|</?tool_(?:call|response)>"
 )
 
 
@@ -56,6 +56,8 @@ class Template:
     suffix_as_eos: bool = False
     sep: str = ""
     stop_words: tuple[str, ...] = field(default_factory=tuple)
+    #: how the template writes tools, calls and results (``tunemake.toolforms``); None: it has none
+    tool_form: str | None = None
 
     def render_input(self, text: str, system: str | None, round_: int) -> str:
         """The (system +) instruction text of one turn, exactly as XTuner's template_map_fn.
@@ -104,11 +106,12 @@ _BUILTIN = [
              suffix="<eoa>", suffix_as_eos=True, sep="\n", stop_words=("<eoa>",)),
     Template("internlm2_chat", "<|im_start|>system\n{system}<|im_end|>\n",
              "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
-             suffix="<|im_end|>", suffix_as_eos=True, sep="\n", stop_words=("<|im_end|>",)),
+             suffix="<|im_end|>", suffix_as_eos=True, sep="\n", stop_words=("<|im_end|>",),
+             tool_form="internlm2_chat"),
     Template("qwen_chat", "<|im_start|>system\n{system}<|im_end|>\n",
              "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
              suffix="<|im_end|>", suffix_as_eos=True, sep="\n",
-             stop_words=("<|im_end|>", "<|endoftext|>")),
+             stop_words=("<|im_end|>", "<|endoftext|>"), tool_form="qwen_chat"),
     Template("llama2_chat", "[INST] <<SYS>>\n" + LLAMA2_DEFAULT_SYSTEM + "{system}\n<</SYS>>\n [/INST] ",
              "[INST] {input} [/INST]", sep="\n"),
     Template("llama3_chat", "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
@@ -138,7 +141,8 @@ _BUILTIN = [
              "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
              suffix="<|im_end|>", suffix_as_eos=True, sep="\n",
              stop_words=("<|im_end|>", "<|endoftext|>")),
-    Template("moss_sft", "{system}\n", "<|Human|>: {input}<eoh>\n", sep="\n", stop_words=("<eoc>", "<eom>")),
+    Template("moss_sft", "{system}\n", "<|Human|>: {input}<eoh>\n", sep="\n", stop_words=("<eoc>", "<eom>"),
+             tool_form="moss_sft"),
     Template("phi3_chat", "<|system|>\n{system}<|end|>\n", "<|user|>\n{input}<|end|>\n<|assistant|>\n",
              suffix="<|end|>", suffix_as_eos=True, sep="\n", stop_words=("<|end|>",)),
     Template("wizardcoder", WIZARDCODER_PREAMBLE + "{system}\n ", "### Instruction:\n{input}\n\n### Response:",
@@ -214,14 +218,15 @@ def template_to_dict(template: Template | str) -> dict:
     if template == HF:
         return {"name": HF}
     values = {k: getattr(template, k) for k in _FIELDS}
-    return {"name": template.name, **values, "stop_words": list(template.stop_words)}
+    tool_form = {"tool_form": template.tool_form} if template.tool_form else {}
+    return {"name": template.name, **values, "stop_words": list(template.stop_words), **tool_form}
 
 
 def template_from_dict(data: dict) -> Template | str:
     """Inverse of :func:`template_to_dict`: a recorded template, with every field as recorded."""
     if data.get("name") == HF:
         return HF
-    values = {k: data[k] for k in _FIELDS if k in data}
+    values = {k: data[k] for k in (*_FIELDS, "tool_form") if k in data}
     values["stop_words"] = tuple(values.get("stop_words", ()))
     return Template(name=data.get("name", "custom"), **values)
 
@@ -274,6 +279,9 @@ def _jinja_format(text: str, values: dict[str, str]) -> str:
 
 
 def _jinja_for(t: Template) -> str:
+    from tunemake.toolforms import FORMS
+
+    form = FORMS.get(t.tool_form) if t.tool_form else None
     instruction = _jinja_format(t.instruction, {"input": "message['content']", "round": "(ns.round | string)"})
     if t.system is None:
         # the same refusal as render_input, so chat never renders a prompt training would not
@@ -283,18 +291,39 @@ def _jinja_for(t: Template) -> str:
     end_of_turn = _jinja_literal(t.suffix)
     if not t.suffix_as_eos:
         end_of_turn += " ~ (eos_token or '')"
+    bos = "{%- if ns.bos and bos_token -%}{{ bos_token }}{%- endif -%}{%- set ns.bos = false -%}"
+    pending_system = "{%- if ns.system -%}{{ " + system + " }}{%- set ns.system = '' -%}{%- endif -%}"
+    closes = ("{{ " + end_of_turn + " ~ " + _jinja_literal(t.sep) + " }}"
+              "{%- set ns.bos = " + ("false" if t.suffix_as_eos else "true") + " -%}")
+    if form is None:
+        no_tools = "raise_exception(" + _jinja_literal(
+            f"template {t.name!r} has no tool form; these have: hf, qwen_chat, internlm2_chat, moss_sft") + ")"
+        first_system, calls, tool = pending_system, "", "{{ " + no_tools + " }}"
+        head = "{%- if tools -%}{{ " + no_tools + " }}{%- endif -%}"
+    else:
+        head = ""
+        first_system = ("{%- if tools and not ns.tools_done -%}" + form.jinja_tools_system(t) +
+                        "{%- set ns.system = '' -%}{%- else -%}" + pending_system + "{%- endif -%}"
+                        "{%- set ns.tools_done = true -%}")
+        if not form.closes_call_turn:
+            closes = "{%- if message.tool_calls -%}{%- set ns.bos = false -%}{%- else -%}" + closes + "{%- endif -%}"
+        calls = "{%- if message.tool_calls -%}" + form.jinja_calls() + "{%- endif -%}"
+        tool = ("{%- if loop.first or loop.previtem['role'] != 'tool' -%}" + bos + pending_system + "{%- endif -%}"
+                + form.jinja_result() +
+                "{%- if loop.last or loop.nextitem['role'] != 'user' -%}{{ " + _jinja_literal(form.assistant_prefix)
+                + " }}{%- endif -%}")
     return (
-        "{%- set ns = namespace(system='', round=0, bos=true) -%}"
+        head +
+        "{%- set ns = namespace(system='', round=0, bos=true, tools_done=false, calls=[], result=0, plugins=[], "
+        "lines='', params='', tsys='') -%}"
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] -%}"
         "{%- elif message['role'] == 'user' -%}"
-        "{%- set ns.round = ns.round + 1 -%}"
-        "{%- if ns.bos and bos_token -%}{{ bos_token }}{%- endif -%}"
-        "{%- if ns.system -%}{{ " + system + " }}{%- set ns.system = '' -%}{%- endif -%}"
+        "{%- set ns.round = ns.round + 1 -%}" + bos + first_system +
         "{{ " + instruction + " }}"
         "{%- elif message['role'] == 'assistant' -%}"
-        "{{ message['content'] ~ " + end_of_turn + " ~ " + _jinja_literal(t.sep) + " }}"
-        "{%- set ns.bos = " + ("false" if t.suffix_as_eos else "true") + " -%}"
+        "{{ message['content'] or '' }}" + calls + closes +
+        "{%- elif message['role'] == 'tool' -%}" + tool +
         "{%- endif -%}"
         "{%- endfor -%}"
     )

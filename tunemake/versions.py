@@ -5,7 +5,7 @@ bumps its number here, which changes every artefact path or fingerprint that dep
 """
 
 #: Bump when the templated dataset written by ``tunemake.data`` changes for the same recipe.
-DATA_CODE_VERSION = 2
+DATA_CODE_VERSION = 3
 
 #: Bump when ``tunemake.train`` gives different weights for the same inputs.
 TRAIN_CODE_VERSION = 2
