@@ -27,7 +27,8 @@ def test_list_templates_names_every_template(capsys):
 def test_list_formats(capsys):
     assert main(["list-formats"]) == 0
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
-    assert listed == {"conversation", "oasst1", "alpaca", "openai", "pretrain", "custom"}
+    assert listed == {"conversation", "oasst1", "alpaca", "openai", "sharegpt", "moss_sft", "msagent_react",
+                      "pretrain", "custom"}
 
 
 def test_list_experiments_on_the_demo_config(capsys, monkeypatch):

@@ -89,7 +89,7 @@ def test_build_layout_and_stats(tmp_path, sources, tokenizer_dir):
         assert s["records_in"] == s["train"] + s["heldout"] + sum(s["dropped"].values()), name
     chat = stats["datasets"]["chat"]
     assert chat["records_in"] == 42
-    assert chat["dropped"] == {"empty_conversation": 1, "no_labels": 1}
+    assert chat["dropped"] == {"empty_conversation": 1, "no_labels": 1, "unknown_tool": 0}
     assert chat["heldout"] >= 2
     corpus = stats["datasets"]["corpus"]
     assert corpus["records_in"] == 12 and corpus["heldout"] == 0 and corpus["train"] == 12

@@ -244,7 +244,7 @@ def load_config(source: str | os.PathLike | Sequence[str | os.PathLike] | dict,
             raise ConfigError(f"{where(('templates', name))}: {exc}") from None
 
     for name, dataset in config["datasets"].items():
-        _check_fields(dataset, where(("datasets", name, "fields")))
+        _check_fields(dataset, f"{where(('datasets', name, 'fields'))}: datasets.{name}.fields")
 
     experiments: dict[str, dict] = {}
     for index, exp in enumerate(config["experiments"]):

@@ -326,6 +326,8 @@ def check_dataset(dataset: dict, paths, tokenizer, template, max_length: int, co
         enc = encode_record(turns, tokenizer, template, max_length, pretrain)
         trained = sum(label != IGNORE_INDEX for label in enc.labels)
         header = f"--- {location}: {len(enc.input_ids)} tokens, {trained} trained"
+        calls = count_calls(turns)
+        header += f", {calls} tool call{'s' if calls != 1 else ''}" if has_tools(turns) else ""
         header += " (truncated)" if enc.truncated else ""
         header += " (dropped: no labelled token)" if not trained else ""
         blocks.append(header + "\n" + _mark_labels(tokenizer, enc, color))

@@ -2,7 +2,8 @@
 
 The rules (REFERENCE §2): per turn, bos (unlabelled) when the previous turn ended with eos or at
 the start; (system +) instruction unlabelled; output (+ suffix) labelled; the tokenizer's eos,
-labelled, when the template's suffix is not the eos; the separator unlabelled. A turn whose
+labelled, when the template's suffix is not the eos; the separator unlabelled. Tool calls are
+part of the output, tools and tool results part of the prompt (``tunemake.toolforms``). A turn whose
 ``output_with_loss`` is false (XTuner's per-turn loss) has its output, suffix and eos unlabelled
 too. Each of those strings is tokenized on its own, so token boundaries fall at the seams. Then a
 plain cut to max_length. Pretrain records are ``bos + text``, every text token labelled, no eos.
@@ -52,7 +53,9 @@ def plan(turns: Sequence[dict], template: Template | str, pretrain: bool, tokeni
 
     Args:
         turns: the unified conversation, ``[{"system", "input", "output"}, ...]``; a turn with
-            ``"output_with_loss": False`` is encoded without a label.
+            ``"output_with_loss": False`` is encoded without a label. Tools, calls and results
+            (``tunemake.tools``) are written by the template's tool form: the tools and results
+            into the prompt (unlabelled), the calls after the output (labelled).
         template: a :class:`Template`, or ``"hf"`` to render with the tokenizer's chat_template.
         pretrain: the record is raw text (``bos + text``, no template, no eos).
         tokenizer: needed for the ``hf`` template only.

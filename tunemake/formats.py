@@ -265,7 +265,9 @@ def map_openai(record, location: str, fields=None) -> list[dict]:
     for index, message in enumerate(messages):
         where = f"{location}: messages[{index}]"
         role = _field(message, "role", where)
-        if not (role == "assistant" and message.get("tool_calls")):
+        if role == "tool":
+            _field(message, "content", where, object)  # a tool may return any JSON value
+        elif not (role == "assistant" and message.get("tool_calls")):
             _field(message, "content", where)
     while messages and messages[0]["role"] == "assistant":
         messages = messages[1:]

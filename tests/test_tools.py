@@ -1,0 +1,480 @@
+"""Tool use in the data: the formats that carry tools, the templates' tool forms and their labels,
+the chat_template a merged model ships, and the data stage's errors and counts.
+
+Expected texts are written out literally (from Qwen2.5's and InternLM2's published formats and
+XTuner's MOSS data), never derived from the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunemake.encode import BOS, EOS, IGNORE_INDEX, UNLABELLED_EOS, encode_record, plan
+from tunemake.errors import ConfigError, DataError
+from tunemake.formats import map_conversation, map_moss_sft, map_msagent_react, map_openai, map_sharegpt
+from tunemake.templates import HF, TEMPLATES
+
+LOC = "tools.jsonl:3"
+
+CALCULATE = {
+    "name": "calculate",
+    "description": "Evaluate arithmetic",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+}
+TOOLS = [{"type": "function", "function": CALCULATE}]
+CALCULATE_JSON = ('{"type": "function", "function": {"name": "calculate", "description": "Evaluate arithmetic", '
+                  '"parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, '
+                  '"required": ["expression"]}}}')
+
+OPENAI_RECORD = {
+    "tools": TOOLS,
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "calculate", "arguments": '{"expression": "2+3"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "5"},
+        {"role": "assistant", "content": "It is 5."},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "Welcome."},
+    ],
+}
+# the unified record of OPENAI_RECORD
+TURNS = [
+    {"system": "Be brief.", "input": "What is 2+3?", "output": "", "tools": TOOLS,
+     "tool_calls": [{"name": "calculate", "arguments": {"expression": "2+3"}}]},
+    {"system": "", "input": "", "output": "It is 5.", "tool_results": [{"name": "calculate", "content": "5"}]},
+    {"system": "", "input": "Thanks", "output": "Welcome."},
+]
+# the same conversation as apply_chat_template takes it
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+3?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "calculate", "arguments": {"expression": "2+3"}}}]},
+    {"role": "tool", "name": "calculate", "content": "5"},
+    {"role": "assistant", "content": "It is 5."},
+    {"role": "user", "content": "Thanks"},
+    {"role": "assistant", "content": "Welcome."},
+]
+
+QWEN_TEXT = (
+    "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n" + CALCULATE_JSON +
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
+    "</tool_call><|im_end|>\n"
+    "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    "<tool_call>\n{\"name\": \"calculate\", \"arguments\": {\"expression\": \"2+3\"}}\n</tool_call><|im_end|>\n"
+    "<|im_start|>user\n<tool_response>\n5\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    "It is 5.<|im_end|>\n"
+    "<|im_start|>user\nThanks<|im_end|>\n<|im_start|>assistant\nWelcome.<|im_end|>\n"
+)
+INTERNLM2_TEXT = (
+    "<|im_start|>system\nBe brief.<|im_end|>\n"
+    "<|im_start|>system name=<|plugin|>\n[\n    {\n        \"name\": \"calculate\",\n"
+    "        \"description\": \"Evaluate arithmetic\",\n        \"parameters\": {\n            \"type\": \"object\",\n"
+    "            \"properties\": {\n                \"expression\": {\n                    \"type\": \"string\"\n"
+    "                }\n            },\n            \"required\": [\n                \"expression\"\n            ]\n"
+    "        }\n    }\n]<|im_end|>\n"
+    "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    "<|action_start|><|plugin|>\n{\"name\": \"calculate\", \"parameters\": {\"expression\": \"2+3\"}}<|action_end|>"
+    "<|im_end|>\n"
+    "<|im_start|>environment name=<|plugin|>\n5<|im_end|>\n<|im_start|>assistant\nIt is 5.<|im_end|>\n"
+    "<|im_start|>user\nThanks<|im_end|>\n<|im_start|>assistant\nWelcome.<|im_end|>\n"
+)
+MOSS_TEXT = (
+    "<s>Be brief.\n- Evaluate arithmetic: enabled. API: calculate(expression)\n"
+    "<|Human|>: What is 2+3?<eoh>\n<|Commands|>: calculate(\"2+3\")<eoc>\n"
+    "<|Results|>:\ncalculate(\"2+3\") => 5\n<eor>\n"
+    "It is 5.</s>\n<s><|Human|>: Thanks<eoh>\nWelcome.</s>\n"
+)
+# as training writes them, bos and eos included
+EXPECTED = {"qwen_chat": "<s>" + QWEN_TEXT, "internlm2_chat": "<s>" + INTERNLM2_TEXT, "moss_sft": MOSS_TEXT}
+
+# Qwen2.5-Instruct's chat_template, verbatim from its tokenizer_config.json
+QWEN25_CHAT_TEMPLATE = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- messages[0]['content'] }}\n    {%- else %}\n"
+    "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n"
+    "    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are "
+    "provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
+    "    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n"
+    "{%- else %}\n    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n"
+    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
+    "(message.role == \"assistant\" and not message.tool_calls) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n"
+    "        {%- if message.content %}\n            {{- '\\n' + message.content }}\n        {%- endif %}\n"
+    "        {%- for tool_call in message.tool_calls %}\n            {%- if tool_call.function is defined %}\n"
+    "                {%- set tool_call = tool_call.function %}\n            {%- endif %}\n"
+    "            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n            {{- tool_call.name }}\n"
+    "            {{- '\", \"arguments\": ' }}\n            {{- tool_call.arguments | tojson }}\n"
+    "            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n"
+    "    {%- elif message.role == \"tool\" %}\n"
+    "        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
+    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
+)
+
+
+def text_of(pieces) -> str:
+    return "".join("<s>" if p is BOS else "</s>" if p in (EOS, UNLABELLED_EOS) else p[0] for p in pieces)
+
+
+@pytest.fixture(scope="module")
+def tool_tokenizer(tokenizer_dir):
+    """``tool_tokenizer(template)``: the template's test tokenizer with its tool markers as special
+    tokens and the template's chat_template, as a merged model ships them."""
+    from transformers import AutoTokenizer
+
+    from tunemake.toolforms import FORMS
+
+    loaded = {}
+
+    def get(name: str):
+        if name not in loaded:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(name)))
+            tokenizer.add_special_tokens({"additional_special_tokens": list(FORMS[name].markers)})
+            tokenizer.chat_template = TEMPLATES[name].chat_template()
+            loaded[name] = tokenizer
+        return loaded[name]
+
+    return get
+
+
+# --- formats ------------------------------------------------------------------------------------
+
+
+def test_openai_tool_calls_and_results_map_to_the_unified_record():
+    assert map_openai(OPENAI_RECORD, LOC) == TURNS
+
+
+def test_openai_tool_message_by_name_and_arguments_as_an_object():
+    record = json.loads(json.dumps(OPENAI_RECORD))
+    record["messages"][2]["tool_calls"] = [{"name": "calculate", "arguments": {"expression": "2+3"}}]
+    record["messages"][3] = {"role": "tool", "name": "calculate", "content": 5}
+    turns = map_openai(record, LOC)
+    assert turns[0]["tool_calls"] == TURNS[0]["tool_calls"]
+    assert turns[1]["tool_results"] == [{"name": "calculate", "content": "5"}]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["messages"][2]["tool_calls"][0]["function"].update(arguments='{"expression": 2+3}'),
+     "messages[2]: tool call 'calculate': arguments are not valid JSON"),
+    (lambda r: r["messages"][2]["tool_calls"][0]["function"].update(arguments='[1]'),
+     "messages[2]: tool call 'calculate': arguments should be a JSON object"),
+    (lambda r: r["messages"].insert(2, {"role": "tool", "name": "calculate", "content": "5"}),
+     "messages[2]: a tool result with no tool call before it"),
+    (lambda r: r["messages"][3].pop("tool_call_id"), 'messages[3]: a tool message needs a "name"'),
+    (lambda r: r.update(tools="[{"), "tools: not valid JSON"),
+])
+def test_openai_bad_tool_data_names_the_record(change, message):
+    record = json.loads(json.dumps(OPENAI_RECORD))
+    change(record)
+    with pytest.raises(DataError) as info:
+        map_openai(record, LOC)
+    assert str(info.value).startswith(f"{LOC}: ") and message in str(info.value)
+
+
+def test_conversation_format_reads_tools_back_as_the_held_out_file_writes_them():
+    record = {"conversation": TURNS}
+    assert map_conversation(json.loads(json.dumps(record)), LOC) == TURNS
+    record_level = {"tools": TOOLS, "conversation": [{k: v for k, v in TURNS[0].items() if k != "tools"}, *TURNS[1:]]}
+    assert map_conversation(record_level, LOC) == TURNS
+
+
+SHAREGPT_RECORD = {
+    "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "What is 2+3?"},
+        {"from": "function_call", "value": '{"name": "calculate", "arguments": {"expression": "2+3"}}'},
+        {"from": "observation", "value": "5"},
+        {"from": "gpt", "value": "It is 5."},
+        {"from": "human", "value": "Thanks"},
+        {"from": "gpt", "value": "Welcome."},
+        {"from": "human", "value": "a trailing question has no answer to learn"},
+    ],
+    "tools": json.dumps([CALCULATE]),
+}
+
+
+def test_sharegpt_with_tools_maps_as_llama_factory_reads_it():
+    assert map_sharegpt(SHAREGPT_RECORD, LOC) == TURNS
+
+
+def test_sharegpt_plain_chat_and_role_names_from_fields():
+    record = {"msgs": [{"role": "u", "text": "Hi"}, {"role": "a", "text": "Hello"}], "sys": "Be kind."}
+    fields = {"messages": "msgs", "role_tag": "role", "content_tag": "text", "user_tag": "u", "assistant_tag": "a",
+              "system": "sys"}
+    assert map_sharegpt(record, LOC, fields) == [{"system": "Be kind.", "input": "Hi", "output": "Hello"}]
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}], "conversations[1]: unknown role 'bot'"),
+    ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}],
+     "conversations[1]: 'human' where a gpt or function_call message was expected"),
+    ([{"from": "observation", "value": "5"}, {"from": "gpt", "value": "b"}],
+     "conversations[0]: a tool result with no tool call before it"),
+    ([{"from": "human", "value": "a"}, {"from": "function_call", "value": "{calculate}"}],
+     "conversations[1]: function_call: not valid JSON"),
+])
+def test_sharegpt_bad_records_name_the_message(messages, message):
+    with pytest.raises(DataError) as info:
+        map_sharegpt({"conversations": messages}, LOC)
+    assert str(info.value).startswith(f"{LOC}: ") and message in str(info.value)
+
+
+MOSS_RECORD = {
+    "conversation_id": 1,
+    "meta_instruction": "You are an AI assistant whose name is MOSS.\nCapabilities and tools that MOSS can possess.\n"
+                        "- Inner thoughts: enabled.\n- Web search: disabled.\n"
+                        "- Calculator: enabled. API: Calculate(expression)\n- Equation solver: disabled.\n",
+    "num_turns": 2,
+    "chat": {
+        "turn_1": {
+            "Human": "<|Human|>: Hi<eoh>\n",
+            "Inner Thoughts": "<|Inner Thoughts|>: None<eot>\n",
+            "Commands": "<|Commands|>: None<eoc>\n",
+            "Tool Responses": "<|Results|>:\nNone\n<eor>\n",
+            "MOSS": "<|MOSS|>: Hello!<eom>\n",
+        },
+        "turn_2": {
+            "Human": "<|Human|>: What is 2+3?<eoh>\n",
+            "Inner Thoughts": "<|Inner Thoughts|>: I should calculate.<eot>\n",
+            "Commands": "<|Commands|>: Calculate(\"2+3\")<eoc>\n",
+            "Tool Responses": "<|Results|>:\nCalculate(\"2+3\") => 5\n<eor>\n",
+            "MOSS": "<|MOSS|>: It is 5.<eom>\n",
+        },
+    },
+}
+
+
+def test_moss_sft_record_renders_xtuners_text_with_the_moss_template():
+    turns = map_moss_sft(MOSS_RECORD, LOC)
+    assert turns[0]["tools"][0]["function"]["name"] == "Calculate"
+    assert turns[1]["tool_calls"] == [{"name": "Calculate", "arguments": {"expression": "2+3"}}]
+    assert turns[2]["tool_results"] == [{"name": "Calculate", "content": "5"}]
+    pieces = plan(turns, TEMPLATES["moss_sft"], False)
+    assert text_of(pieces) == (
+        "<s>You are an AI assistant whose name is MOSS.\nCapabilities and tools that MOSS can possess.\n"
+        "- Inner thoughts: enabled.\n- Web search: disabled.\n- Equation solver: disabled.\n"
+        "- Calculator: enabled. API: Calculate(expression)\n"
+        "<|Human|>: Hi<eoh>\n"
+        "<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>\n<|Results|>:\nNone\n<eor>\n<|MOSS|>: Hello!<eom></s>\n"
+        "<s><|Human|>: What is 2+3?<eoh>\n"
+        "<|Inner Thoughts|>: I should calculate.<eot>\n<|Commands|>: Calculate(\"2+3\")<eoc>\n"
+        "<|Results|>:\nCalculate(\"2+3\") => 5\n<eor>\n"
+        "<|MOSS|>: It is 5.<eom></s>\n"
+    )
+    trained = "".join(p[0] for p in pieces if isinstance(p, tuple) and p[1])
+    assert "Calculate(\"2+3\")<eoc>" in trained and "=> 5" not in trained and "What is" not in trained
+
+
+def test_moss_sft_call_to_a_disabled_api_is_an_unknown_call():
+    from tunemake.tools import unknown_calls
+
+    record = json.loads(json.dumps(MOSS_RECORD))
+    record["chat"]["turn_2"]["Commands"] = "<|Commands|>: Search(\"weather\")<eoc>\n"
+    assert unknown_calls(map_moss_sft(record, LOC)) == ["Search"]
+
+
+def test_msagent_react_maps_as_xtuner():
+    api = {"name": "weather", "description": "Look up the weather",
+           "paths": [{"parameters": [{"name": "city", "description": "the city"}]}]}
+    record = {"conversations": [
+        {"from": "system", "value": "Tools: " + json.dumps(api)},
+        {"from": "user", "value": "Weather in Paris?"},
+        {"from": "assistant", "value": "Let me look.<|startofthink|>```JSON\n{\"api_name\": \"weather\", "
+                                       "\"parameters\": {\"city\": \"Paris\"}}\n```<|endofthink|>"
+                                       "<|startofexec|>```JSON\n{\"result\": \"sunny\"}\n```<|endofexec|>It is sunny."},
+    ]}
+    turns = map_msagent_react(record, LOC)
+    assert turns[0]["system"].startswith("你是一个可以调用外部工具的助手，可以使用的工具包括：\n"
+                                         "{'weather': \"Look up the weather\\n输入参数: {'city': 'the city'}\"}\n")
+    assert "Action:工具名称，你的工具必须从 [['weather']] 选择\n" in turns[0]["system"]
+    assert turns[0]["input"] == "Weather in Paris?\n"
+    assert turns[0]["output"] == "Thought:Let me look.\nAction:weather\nAction Input:{'city': 'Paris'}\n\n"
+    assert turns[1] == {"system": "Response:{'result': 'sunny'}\n", "input": "", "output": "Final Answer:It is sunny.\n"}
+
+
+def test_msagent_react_drops_a_record_whose_think_block_does_not_parse():
+    record = {"conversations": [{"from": "user", "value": "q"},
+                                {"from": "assistant", "value": "<|startofthink|>{oops<|endofthink|>"}]}
+    assert map_msagent_react(record, LOC) == []
+
+
+# --- templates: the tool forms, labels and the chat_template a merged model ships -------------
+
+
+@pytest.mark.parametrize("name", ["qwen_chat", "internlm2_chat", "moss_sft"])
+def test_tool_form_training_text(name):
+    assert text_of(plan(TURNS, TEMPLATES[name], False)) == EXPECTED[name]
+
+
+def test_qwen_chat_writes_tools_as_qwens_own_chat_template(tool_tokenizer):
+    tokenizer = tool_tokenizer("qwen_chat")
+    assert tokenizer.apply_chat_template(MESSAGES, tools=TOOLS, tokenize=False,
+                                         chat_template=QWEN25_CHAT_TEMPLATE) == QWEN_TEXT
+
+
+@pytest.mark.parametrize("name", ["qwen_chat", "internlm2_chat", "moss_sft"])
+def test_chat_template_renders_tools_calls_and_results_as_training_encodes_them(name, tool_tokenizer):
+    tokenizer = tool_tokenizer(name)
+    assert tokenizer.apply_chat_template(MESSAGES, tools=TOOLS, tokenize=False) == EXPECTED[name]
+    # the generation prompt after a result ends where training's answer starts
+    prompt = tokenizer.apply_chat_template(MESSAGES[:4], tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert EXPECTED[name].startswith(prompt) and EXPECTED[name][len(prompt):].startswith("It is 5.")
+
+
+@pytest.mark.parametrize("name", ["qwen_chat", "internlm2_chat"])
+def test_chat_template_gives_the_trained_ids_where_every_seam_is_a_special_token(name, tool_tokenizer):
+    tokenizer = tool_tokenizer(name)
+    encoded = encode_record(TURNS, tokenizer, TEMPLATES[name], max_length=4096)
+    rendered = tokenizer.apply_chat_template(MESSAGES, tools=TOOLS, tokenize=False)
+    assert tokenizer.decode(encoded.input_ids) == rendered
+    assert tokenizer.encode(rendered, add_special_tokens=False) == encoded.input_ids
+
+
+@pytest.mark.parametrize("name", ["qwen_chat", "internlm2_chat", "moss_sft"])
+def test_calls_are_trained_and_tools_results_and_prompts_are_not(name, tool_tokenizer):
+    tokenizer = tool_tokenizer(name)
+    encoded = encode_record(TURNS, tokenizer, TEMPLATES[name], max_length=4096)
+    trained = tokenizer.decode([t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX])
+    untrained = tokenizer.decode([t for t, label in zip(encoded.input_ids, encoded.labels) if label == IGNORE_INDEX])
+    assert '"2+3"' in trained and "It is 5." in trained and "Welcome." in trained
+    for text in ("Be brief.", "Evaluate arithmetic", "What is 2+3?", "Thanks"):
+        assert text in untrained and text not in trained
+    assert "5" not in trained.replace("It is 5.", "")  # the tool's result is never trained
+
+
+def test_a_template_without_a_tool_form_refuses_tools_in_training_and_chat(tool_tokenizer, tokenizer_for):
+    with pytest.raises(DataError, match="template 'default' cannot write tool calls; .* hf, qwen_chat"):
+        plan(TURNS, TEMPLATES["default"], False)
+    tokenizer = tokenizer_for("default")
+    with pytest.raises(Exception, match="template 'default' has no tool form"):
+        tokenizer.apply_chat_template(MESSAGES, tools=TOOLS, tokenize=False,
+                                      chat_template=TEMPLATES["default"].chat_template())
+
+
+def test_hf_template_renders_tools_through_the_tokenizers_own_template(tool_tokenizer):
+    tokenizer = tool_tokenizer("qwen_chat")
+    hf = text_of(plan(TURNS, HF, False, tokenizer=_with_template(tokenizer, QWEN25_CHAT_TEMPLATE)))
+    assert hf == QWEN_TEXT
+    pieces = plan(TURNS, HF, False, tokenizer=_with_template(tokenizer, QWEN25_CHAT_TEMPLATE))
+    trained = "".join(p[0] for p in pieces if p[1])
+    assert trained.startswith("<tool_call>\n") and "<tool_response>" not in trained
+
+
+def test_hf_template_that_ignores_tools_is_an_error(tool_tokenizer):
+    ignores = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+              "{% if add_generation_prompt %}assistant: {% endif %}"
+    tokenizer = _with_template(tool_tokenizer("qwen_chat"), ignores)
+    with pytest.raises(DataError, match="template 'hf': the tokenizer's chat_template ignores tools"):
+        plan(TURNS, HF, False, tokenizer=tokenizer)
+
+
+def _with_template(tokenizer, chat_template):
+    import copy
+
+    copied = copy.deepcopy(tokenizer)
+    copied.chat_template = chat_template
+    return copied
+
+
+# --- the data stage -----------------------------------------------------------------------------
+
+
+def _recipe(tmp_path, tokenizer_dir, records, template="qwen_chat", fmt="openai", heldout=0.0):
+    from tunemake.config import load_config
+
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    config = {
+        "models": {"tiny": {"path": str(tokenizer_dir("qwen_chat")), "template": template}},
+        "datasets": {"calls": {"path": str(path), "format": fmt, "heldout_fraction": heldout}},
+        "experiments": [{"model": "tiny", "datasets": "calls", "method": "lora", "max_length": 1024}],
+    }
+    return path, next(iter(load_config(config)["experiments"].values()))["data_recipe"]
+
+
+def test_data_stage_counts_tool_records_and_calls_and_drops_unknown_calls(tmp_path, tokenizer_dir, caplog):
+    from tunemake.data import build_templated_dataset
+
+    unknown = json.loads(json.dumps(OPENAI_RECORD))
+    unknown["messages"][2]["tool_calls"][0]["function"]["name"] = "search"
+    plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    path, recipe = _recipe(tmp_path, tokenizer_dir, [OPENAI_RECORD, unknown, plain, OPENAI_RECORD])
+    with caplog.at_level("WARNING", logger="tunemake.data"):
+        stats = build_templated_dataset(recipe, tmp_path / "out")
+    calls = stats["datasets"]["calls"]
+    assert (calls["tool_records"], calls["tool_calls"], calls["dropped"]["unknown_tool"]) == (2, 2, 1)
+    assert (stats["tool_records"], stats["records_in"], stats["records_out"]["train"]) == (2, 4, 3)
+    assert f"{path}:2: calls 'search'" in caplog.text
+    # the test tokenizer has no <tool_call> token: said once
+    assert caplog.text.count("no single token for <tool_call>") == 1
+
+
+def test_data_stage_refuses_tools_with_a_template_that_cannot_write_them(tmp_path, tokenizer_dir):
+    from tunemake.data import build_templated_dataset
+
+    plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    path, recipe = _recipe(tmp_path, tokenizer_dir, [plain, OPENAI_RECORD], template="default")
+    with pytest.raises(DataError) as info:
+        build_templated_dataset(recipe, tmp_path / "out")
+    assert str(info.value).startswith(f"{path}:2: this record has tools, and template 'default' cannot write them")
+    assert not (tmp_path / "out").exists()
+
+
+def test_moss_data_with_a_template_without_a_tool_form_is_a_config_error(tmp_path, tokenizer_dir):
+    with pytest.raises(ConfigError, match=r"experiments\[0\].template: dataset 'calls' \(format moss_sft\) calls "
+                                          r"tools, and template 'default' cannot write them"):
+        _recipe(tmp_path, tokenizer_dir, [MOSS_RECORD], template="default", fmt="moss_sft")
+
+
+def test_sharegpt_fields_are_checked_against_the_format(tmp_path, tokenizer_dir):
+    from tunemake.config import load_config
+
+    config = {
+        "models": {"tiny": {"path": str(tokenizer_dir("qwen_chat")), "template": "qwen_chat"}},
+        "datasets": {"calls": {"path": "x.jsonl", "format": "sharegpt", "fields": {"input": "q"}}},
+        "experiments": [{"model": "tiny", "datasets": "calls", "method": "lora"}],
+    }
+    with pytest.raises(ConfigError, match=r"config: datasets.calls.fields.input: format sharegpt reads messages, system"):
+        load_config(config, check_files=False)
+
+
+def test_held_out_tool_records_keep_their_tools(tmp_path, tokenizer_dir):
+    from tunemake.data import build_templated_dataset
+
+    records = [{**OPENAI_RECORD, "messages": [*OPENAI_RECORD["messages"][:5],
+                                              {"role": "user", "content": f"Thanks {i}"},
+                                              {"role": "assistant", "content": "Welcome."}]} for i in range(20)]
+    _, recipe = _recipe(tmp_path, tokenizer_dir, records, heldout=0.5)
+    build_templated_dataset(recipe, tmp_path / "out")
+    held = [json.loads(line) for line in (tmp_path / "out" / "heldout.jsonl").read_text().splitlines()]
+    assert held and all(map_conversation(r, LOC)[0]["tools"] == TOOLS for r in held)
+
+
+def test_check_dataset_shows_calls_and_results_with_the_trained_spans_marked(tmp_path, tool_tokenizer):
+    from tunemake.data import check_dataset
+
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(OPENAI_RECORD) + "\n", encoding="utf-8")
+    text = check_dataset({"name": "calls", "format": "openai"}, [str(path)], tool_tokenizer("qwen_chat"),
+                         TEMPLATES["qwen_chat"], 4096)
+    assert "1 tool call" in text.splitlines()[0]
+    assert "[[<tool_call>\n{\"name\": \"calculate\", \"arguments\": {\"expression\": \"2+3\"}}\n</tool_call><|im_end|>]]" in text
+    assert "<tool_response>\n5\n</tool_response>" in text and "[[<tool_response>" not in text
