@@ -21,6 +21,10 @@ Repos (each with two commits, the older one also the branch ``v1``, unless said 
   rows, some multi-turn, in the real repo's file names. The train file grows from
   :data:`GUANACO_TRAIN_ROWS_V1` to :data:`GUANACO_TRAIN_ROWS` rows between the commits;
   ``load_dataset`` puts the ``_eval`` file into the ``test`` split, as for the real repo.
+- :data:`GLAIVE_TOOLCALL` (a dataset repo): sharegpt records as LLaMA-Factory's glaive tool-call
+  data has them (``conversations`` with ``function_call`` and ``observation`` messages, ``tools``
+  a JSON string); one record in :data:`GLAIVE_UNKNOWN_CALLS` calls a function it does not offer.
+  One commit, ``main`` only.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ LLAMA3 = "meta-llama/Meta-Llama-3-8B-Instruct"
 INTERNLM = "internlm/internlm-chat-7b"
 INTERNLM2 = "internlm/internlm2-chat-7b"
 GUANACO = "timdettmers/openassistant-guanaco"
+GLAIVE_TOOLCALL = "llamafactory/glaive_toolcall_en"
+GLAIVE_ROWS = 8
+GLAIVE_UNKNOWN_CALLS = 1
 
 GUANACO_TRAIN = "openassistant_best_replies_train.jsonl"
 GUANACO_EVAL = "openassistant_best_replies_eval.jsonl"
@@ -100,6 +107,7 @@ def build_offline_hub(hf_home: Path) -> OfflineHub:
             ("model", INTERNLM, _internlm_commits()),
             ("model", INTERNLM2, _internlm2_commits()),
             ("dataset", GUANACO, _guanaco_commits()),
+            ("dataset", GLAIVE_TOOLCALL, [("main", {"glaive_toolcall_en.json": _json(glaive_rows())})]),
         ]
     for repo_type, repo_id, commits in repos:
         shas = write_repo(hub.cache_dir, repo_type, repo_id, commits)
@@ -457,6 +465,30 @@ def _guanaco_commits() -> list[tuple[str, dict[str, bytes]]]:
         })
         for branch, n in (("v1", GUANACO_TRAIN_ROWS_V1), ("main", GUANACO_TRAIN_ROWS))
     ]
+
+
+# --- llamafactory/glaive_toolcall_en -------------------------------------------------------------
+
+
+def glaive_rows() -> list[dict]:
+    """Sharegpt tool-call records: ask, call ``calculate``, read its result, answer; the last one
+    calls ``search``, which its tools do not offer."""
+    calculate = {"name": "calculate", "description": "Evaluate an arithmetic expression",
+                 "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                                "required": ["expression"]}}
+    rows = []
+    for i in range(GLAIVE_ROWS):
+        name = "search" if i >= GLAIVE_ROWS - GLAIVE_UNKNOWN_CALLS else "calculate"
+        rows.append({
+            "conversations": [
+                {"from": "human", "value": f"What is {i} + 30?"},
+                {"from": "function_call", "value": json.dumps({"name": name, "arguments": {"expression": f"{i}+30"}})},
+                {"from": "observation", "value": json.dumps({"result": i + 30})},
+                {"from": "gpt", "value": f"{i} + 30 is {i + 30}."},
+            ],
+            "tools": json.dumps([calculate]),
+        })
+    return rows
 
 
 def _jsonl(rows: list[dict]) -> bytes:

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hub_fixture import GUANACO, GUANACO_TRAIN_ROWS, GUANACO_TRAIN_ROWS_V1, INTERNLM, INTERNLM2, LLAMA3, write_repo
+from hub_fixture import (GLAIVE_ROWS, GLAIVE_TOOLCALL, GLAIVE_UNKNOWN_CALLS, GUANACO, GUANACO_TRAIN_ROWS,
+                         GUANACO_TRAIN_ROWS_V1, INTERNLM, INTERNLM2, LLAMA3, write_repo)
 from tunemake import hub
 from tunemake.config import load_config
 from tunemake.data import build_templated_dataset
@@ -327,6 +328,26 @@ def test_hub_record_errors_name_the_row(tmp_path, tokenizer_dir):
     with pytest.raises(DataError, match=r"^hub:.*hub_dataset\[train\]: row 0: missing key 'output'"):
         build_templated_dataset(only(resolved)["data_recipe"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sharegpt_tool_call_dataset_from_a_hub_id(offline_hub, tmp_path, tokenizer_dir, capsys):
+    from tunemake.cli import main
+
+    settings = {
+        "models": {"tok": {"path": str(tokenizer_dir("qwen_chat")), "template": "qwen_chat"}},
+        "datasets": {"calls": {"hub": GLAIVE_TOOLCALL, "format": "sharegpt"}},
+        "experiments": [{"model": "tok", "datasets": "calls", "method": "lora", "max_length": 4096}],
+    }
+    stats = build_templated_dataset(only(load_config(settings))["data_recipe"], tmp_path / "out")
+    kept = GLAIVE_ROWS - GLAIVE_UNKNOWN_CALLS
+    assert (stats["tool_records"], stats["tool_calls"], stats["dropped"]["unknown_tool"]) == (kept, kept, 1)
+    assert (stats["records_out"]["train"], stats["truncated"]) == (kept, 0)
+    (tmp_path / "c.yaml").write_text(json.dumps(settings))
+    assert main(["check-dataset", "calls", "-n", "1", "--config", str(tmp_path / "c.yaml")]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(f"--- hub:{GLAIVE_TOOLCALL}[train]: row 0:") and ", 1 tool call" in shown
+    assert '[[<tool_call>\n{"name": "calculate", "arguments": {"expression": "0+30"}}\n</tool_call><|im_end|>]]' in shown
+    assert '<tool_response>\n{"result": 30}\n</tool_response>' in shown
 
 
 def test_an_uncached_hub_dataset_fails_the_data_stage_in_one_line(offline_hub, tmp_path):

@@ -478,3 +478,15 @@ def test_check_dataset_shows_calls_and_results_with_the_trained_spans_marked(tmp
     assert "1 tool call" in text.splitlines()[0]
     assert "[[<tool_call>\n{\"name\": \"calculate\", \"arguments\": {\"expression\": \"2+3\"}}\n</tool_call><|im_end|>]]" in text
     assert "<tool_response>\n5\n</tool_response>" in text and "[[<tool_response>" not in text
+
+
+def test_a_merged_models_saved_tokenizer_speaks_the_trained_tool_form(tmp_path, tokenizer_dir):
+    """The merge's tokenizer, saved and loaded back by plain transformers, renders tools, calls and
+    results as training wrote them."""
+    from transformers import AutoTokenizer
+
+    from tunemake.merge import _load_tokenizer
+
+    _load_tokenizer(tokenizer_dir("internlm2_chat"), TEMPLATES["internlm2_chat"]).save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert loaded.apply_chat_template(MESSAGES, tools=TOOLS, tokenize=False) == EXPECTED["internlm2_chat"]
