@@ -270,8 +270,8 @@ def test_moss_sft_record_renders_xtuners_text_with_the_moss_template():
     pieces = plan(turns, TEMPLATES["moss_sft"], False)
     assert text_of(pieces) == (
         "<s>You are an AI assistant whose name is MOSS.\nCapabilities and tools that MOSS can possess.\n"
-        "- Inner thoughts: enabled.\n- Web search: disabled.\n- Equation solver: disabled.\n"
-        "- Calculator: enabled. API: Calculate(expression)\n"
+        "- Inner thoughts: enabled.\n- Web search: disabled.\n"
+        "- Calculator: enabled. API: Calculate(expression)\n- Equation solver: disabled.\n"
         "<|Human|>: Hi<eoh>\n"
         "<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>\n<|Results|>:\nNone\n<eor>\n<|MOSS|>: Hello!<eom></s>\n"
         "<s><|Human|>: What is 2+3?<eoh>\n"
@@ -289,6 +289,64 @@ def test_moss_sft_call_to_a_disabled_api_is_an_unknown_call():
     record = json.loads(json.dumps(MOSS_RECORD))
     record["chat"]["turn_2"]["Commands"] = "<|Commands|>: Search(\"weather\")<eoc>\n"
     assert unknown_calls(map_moss_sft(record, LOC)) == ["Search"]
+
+
+def test_moss_sft_keeps_raw_command_text_and_results_on_the_next_line(tool_tokenizer):
+    record = json.loads(json.dumps(MOSS_RECORD))
+    record["meta_instruction"] += "- Equation solver: enabled. API: Solve(equation)\n"
+    record["chat"]["turn_2"]["Commands"] = '<|Commands|>: Solve("x^2 = 4"), Calculate("2\\times 3")<eoc>\n'
+    record["chat"]["turn_2"]["Tool Responses"] = ('<|Results|>:\nSolve("x^2 = 4") =>\nx = -2; x = 2\n'
+                                                  'Calculate("2\\times 3") => 6\n<eor>\n')
+    turns = map_moss_sft(record, LOC)
+    assert turns[2]["tool_results"] == [{"name": "Solve", "content": "\nx = -2; x = 2"},
+                                        {"name": "Calculate", "content": "6"}]
+    text = text_of(plan(turns, TEMPLATES["moss_sft"], False))
+    assert (record["chat"]["turn_2"]["Commands"] + record["chat"]["turn_2"]["Tool Responses"]) in text
+    messages = [{"role": "system", "content": turns[0]["system"]}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": turns[0]["output"]},
+                {"role": "user", "content": turns[1]["input"]},
+                {"role": "assistant", "content": turns[1]["output"],
+                 "tool_calls": [{"type": "function", "function": c} for c in turns[1]["tool_calls"]]},
+                *({"role": "tool", **r} for r in turns[2]["tool_results"]),
+                {"role": "assistant", "content": turns[2]["output"]}]
+    assert tool_tokenizer("moss_sft").apply_chat_template(messages, tools=turns[0]["tools"], tokenize=False) == text
+
+
+@pytest.mark.parametrize("count", ["two", 2.5, None])
+def test_moss_sft_bad_num_turns_names_the_record(count):
+    record = {**MOSS_RECORD, "num_turns": count}
+    with pytest.raises(DataError, match=f"^{LOC}: "):
+        map_moss_sft(record, LOC)
+
+
+def test_sharegpt_system_message_after_the_first_is_named():
+    record = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+                                {"from": "system", "value": "c"}]}
+    with pytest.raises(DataError, match=r"conversations\[2\]: a 'system' message is allowed only first"):
+        map_sharegpt(record, LOC)
+
+
+def test_openai_tool_data_from_parquet_keeps_each_rows_own_tools_and_arguments(tmp_path):
+    """Arrow gives every row the union of the keys of a column's objects, as nulls."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tunemake.formats import read_dataset
+
+    weather = {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]}
+    other = {"tools": [{"type": "function", "function": WEATHER}],
+             "messages": [{"role": "user", "content": "Weather?"}, weather,
+                          {"role": "tool", "name": "weather", "content": "sunny"},
+                          {"role": "assistant", "content": "Sunny."}]}
+    first = json.loads(json.dumps(OPENAI_RECORD))
+    first["messages"][2]["tool_calls"][0]["function"]["arguments"] = {"expression": "2+3"}
+    first["messages"][3] = {"role": "tool", "name": "calculate", "content": "5"}
+    pq.write_table(pa.Table.from_pylist([first, other]), tmp_path / "calls.parquet")
+    read = [turns for _, _, turns in read_dataset({"format": "openai"}, [str(tmp_path / "calls.parquet")])]
+    assert read[0] == TURNS
+    assert read[1][0]["tools"] == [{"type": "function", "function": WEATHER}]
+    assert read[1][0]["tool_calls"] == [{"name": "weather", "arguments": {"city": "Paris"}}]
 
 
 def test_msagent_react_maps_as_xtuner():
@@ -339,6 +397,62 @@ def test_chat_template_renders_tools_calls_and_results_as_training_encodes_them(
     assert EXPECTED[name].startswith(prompt) and EXPECTED[name][len(prompt):].startswith("It is 5.")
 
 
+WEATHER = {"name": "weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+# two calls at once, their two results, then the user asks on; no system prompt
+PARALLEL_TURNS = [
+    {"system": "", "input": "2+3, and the weather?", "output": "Both.",
+     "tools": [*TOOLS, {"type": "function", "function": WEATHER}],
+     "tool_calls": [{"name": "calculate", "arguments": {"expression": "2+3"}},
+                    {"name": "weather", "arguments": {"city": "Paris"}}]},
+    {"system": "", "input": "And in words?", "output": "Five; sunny.",
+     "tool_results": [{"name": "calculate", "content": "5"}, {"name": "weather", "content": '{"sky": "sunny"}'}]},
+]
+PARALLEL_MESSAGES = [
+    {"role": "user", "content": "2+3, and the weather?"},
+    {"role": "assistant", "content": "Both.", "tool_calls": [
+        {"type": "function", "function": {"name": "calculate", "arguments": {"expression": "2+3"}}},
+        {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "name": "calculate", "content": "5"},
+    {"role": "tool", "name": "weather", "content": {"sky": "sunny"}},  # a JSON value, as clients send it
+    {"role": "user", "content": "And in words?"},
+    {"role": "assistant", "content": "Five; sunny."},
+]
+
+
+@pytest.mark.parametrize("name", ["qwen_chat", "internlm2_chat", "moss_sft"])
+def test_parallel_calls_and_results_then_a_question_render_as_trained(name, tool_tokenizer):
+    tokenizer = tool_tokenizer(name)
+    tools = PARALLEL_TURNS[0]["tools"]
+    rendered = tokenizer.apply_chat_template(PARALLEL_MESSAGES, tools=tools, tokenize=False)
+    assert rendered == text_of(plan(PARALLEL_TURNS, TEMPLATES[name], False))
+    assert rendered.count("sunny") == 2  # the result as JSON, and the answer
+    encoded = encode_record(PARALLEL_TURNS, tokenizer, TEMPLATES[name], max_length=4096)
+    if name != "moss_sft":  # every seam a special token
+        assert tokenizer.encode(rendered, add_special_tokens=False) == encoded.input_ids
+    prompt = tokenizer.apply_chat_template(PARALLEL_MESSAGES[:5], tools=tools, tokenize=False,
+                                           add_generation_prompt=True)
+    assert rendered.startswith(prompt) and rendered[len(prompt):].startswith("Five; sunny.")
+
+
+def test_qwen_chat_parallel_calls_are_qwens_own_text(tool_tokenizer):
+    tokenizer = tool_tokenizer("qwen_chat")
+    messages = [{"role": "system", "content": "Be brief."}, *PARALLEL_MESSAGES]
+    turns = [{**PARALLEL_TURNS[0], "system": "Be brief."}, PARALLEL_TURNS[1]]
+    qwen = tokenizer.apply_chat_template(messages, tools=PARALLEL_TURNS[0]["tools"], tokenize=False,
+                                         chat_template=QWEN25_CHAT_TEMPLATE)
+    # Qwen's own template writes a JSON tool result with Python's repr; training writes JSON
+    assert text_of(plan(turns, TEMPLATES["qwen_chat"], False)) == "<s>" + qwen.replace("{'sky': 'sunny'}",
+                                                                                         '{"sky": "sunny"}')
+
+
+def test_moss_chat_template_refuses_arguments_given_as_a_json_string(tool_tokenizer):
+    messages = json.loads(json.dumps(MESSAGES))
+    messages[2]["tool_calls"][0]["function"]["arguments"] = '{"expression": "2+3"}'
+    with pytest.raises(Exception, match="moss_sft: give tool call arguments as an object"):
+        tool_tokenizer("moss_sft").apply_chat_template(messages, tools=TOOLS, tokenize=False)
+
+
 @pytest.mark.parametrize("name", ["qwen_chat", "internlm2_chat"])
 def test_chat_template_gives_the_trained_ids_where_every_seam_is_a_special_token(name, tool_tokenizer):
     tokenizer = tool_tokenizer(name)
@@ -378,12 +492,18 @@ def test_hf_template_renders_tools_through_the_tokenizers_own_template(tool_toke
     assert trained.startswith("<tool_call>\n") and "<tool_response>" not in trained
 
 
-def test_hf_template_that_ignores_tools_is_an_error(tool_tokenizer):
+def test_hf_template_that_ignores_tools_is_an_error_naming_the_record(tmp_path, tool_tokenizer):
+    from tunemake.data import check_dataset
+
     ignores = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
               "{% if add_generation_prompt %}assistant: {% endif %}"
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(OPENAI_RECORD) + "\n", encoding="utf-8")
     tokenizer = _with_template(tool_tokenizer("qwen_chat"), ignores)
-    with pytest.raises(DataError, match="template 'hf': the tokenizer's chat_template ignores tools"):
-        plan(TURNS, HF, False, tokenizer=tokenizer)
+    with pytest.raises(DataError) as info:
+        check_dataset({"name": "calls", "format": "openai"}, [str(path)], tokenizer, HF, 4096)
+    assert str(info.value).startswith(f"{path}:1: this record has tools, and template 'hf': the tokenizer's "
+                                      "chat_template ignores tools")
 
 
 def _with_template(tokenizer, chat_template):
@@ -434,7 +554,7 @@ def test_data_stage_refuses_tools_with_a_template_that_cannot_write_them(tmp_pat
     path, recipe = _recipe(tmp_path, tokenizer_dir, [plain, OPENAI_RECORD], template="default")
     with pytest.raises(DataError) as info:
         build_templated_dataset(recipe, tmp_path / "out")
-    assert str(info.value).startswith(f"{path}:2: this record has tools, and template 'default' cannot write them")
+    assert str(info.value).startswith(f"{path}:2: this record has tools, and template 'default' cannot write tool calls")
     assert not (tmp_path / "out").exists()
 
 
@@ -478,6 +598,21 @@ def test_check_dataset_shows_calls_and_results_with_the_trained_spans_marked(tmp
     assert "1 tool call" in text.splitlines()[0]
     assert "[[<tool_call>\n{\"name\": \"calculate\", \"arguments\": {\"expression\": \"2+3\"}}\n</tool_call><|im_end|>]]" in text
     assert "<tool_response>\n5\n</tool_response>" in text and "[[<tool_response>" not in text
+
+
+def test_check_dataset_marks_a_record_the_data_stage_drops_and_refuses_a_template_without_tools(
+        tmp_path, tool_tokenizer, tokenizer_for):
+    from tunemake.data import check_dataset
+
+    unknown = json.loads(json.dumps(OPENAI_RECORD))
+    unknown["messages"][2]["tool_calls"][0]["function"]["name"] = "search"
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(unknown) + "\n", encoding="utf-8")
+    dataset = {"name": "calls", "format": "openai"}
+    text = check_dataset(dataset, [str(path)], tool_tokenizer("qwen_chat"), TEMPLATES["qwen_chat"], 4096)
+    assert "(dropped: calls 'search', which its tools do not offer)" in text.splitlines()[0]
+    with pytest.raises(DataError, match=f"^{path}:1: this record has tools, and template 'default' cannot"):
+        check_dataset(dataset, [str(path)], tokenizer_for("default"), TEMPLATES["default"], 4096)
 
 
 def test_a_merged_models_saved_tokenizer_speaks_the_trained_tool_form(tmp_path, tokenizer_dir):

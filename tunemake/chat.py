@@ -26,7 +26,11 @@ Modes:
 
 Supported: CUDA (fp16, as XTuner) or CPU (float32); ``--bits 4`` (NF4 + double quantization) and
 ``--bits 8`` through bitsandbytes; named templates, custom templates recorded in ``tunemake.json``,
-and ``hf`` (the tokenizer's own chat_template). Not supported: tool calls / function calling,
+and ``hf`` (the tokenizer's own chat_template). Tools (``--tools FILE``, ``--with-plugins
+calculate solve``; :mod:`tunemake.toolbox`): the template's tool form shows them to the model, reads
+the calls it writes (``hf``: the tokenizer's ``response_template`` through transformers'
+``parse_response``; a tokenizer without one is refused), runs them and feeds the results back,
+up to ``--max-tool-rounds`` times per prompt. Not supported:
 images, XTuner's ``--lagent`` and ``--system-template`` options, batched generation (one prompt
 at a time), editing or truncating history. History grows without truncation: a conversation
 whose prompt reaches the model's ``max_position_embeddings`` is refused with an error asking for
@@ -61,8 +65,10 @@ with "{", write it as JSON) or a JSON object:
 conversation this prompt starts, so it is allowed only on the first prompt after the start or
 a reset (it overrides --system); "reset" (bool, optional) starts a new conversation before this
 prompt. Empty lines are skipped. Each answer is written to stdout as one JSON line:
-    {"line": 3, "turn": 1, "prompt": "...", "answer": "..."}
-"line" is the input line number, "turn" the 1-based turn within the current conversation."""
+    {"line": 3, "turn": 1, "prompt": "...", "answer": "...", "tool_calls": [...]}
+"line" is the input line number, "turn" the 1-based turn within the current conversation;
+"tool_calls" (with --tools or --with-plugins) lists the calls made on the way to the answer, in
+order, as {"name", "arguments", "result"}."""
 
 EXIT, RESET = "EXIT", "RESET"
 
@@ -250,12 +256,16 @@ class ChatSession:
     def __init__(self, model, tokenizer, template: Template | str, *, system: str = "",
                  temperature: float = 0.1, top_k: int = 40, top_p: float = 0.75,
                  repetition_penalty: float = 1.0, max_new_tokens: int = 2048,
-                 stop_words: Iterable[str] = (), seed: int = 0):
+                 stop_words: Iterable[str] = (), seed: int = 0, toolbox=None, max_tool_rounds: int = 5):
         from transformers import set_seed
 
         from tunemake.encode import generation_stops
 
         self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.toolbox, self.max_tool_rounds = toolbox, max_tool_rounds
+        if toolbox is not None:
+            check_tool_template(template, tokenizer)
+        self.tool_calls: list[dict] = []  # the calls made for the last answer
         self.system = system or ""
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.repetition_penalty, self.max_new_tokens = repetition_penalty, max_new_tokens
@@ -272,7 +282,10 @@ class ChatSession:
         if system is not None and self.history:
             raise ChatError("a system text is allowed only on the first prompt of a conversation; reset first")
         first = not self.history
-        return {"system": (self.system if system is None else system) if first else "", "input": prompt, "output": ""}
+        turn = {"system": (self.system if system is None else system) if first else "", "input": prompt, "output": ""}
+        if first and self.toolbox is not None:
+            turn["tools"] = self.toolbox.schemas
+        return turn
 
     def render(self, prompt: str, system: str | None = None) -> tuple[str, list[int]]:
         """The text and ids the model is given to answer ``prompt`` after the history.
@@ -285,6 +298,10 @@ class ChatSession:
 
     def ask(self, prompt: str, stream: TextIO | None = None, system: str | None = None) -> str:
         """Answer ``prompt`` in the conversation so far and add the turn to the history.
+
+        With tools, each call the model writes is run and its result fed back, up to
+        ``max_tool_rounds`` times; :attr:`tool_calls` then lists them, and ``stream`` shows each
+        call and result on a line of its own.
 
         Args:
             prompt: the user's text.
@@ -300,11 +317,38 @@ class ChatSession:
             ChatError: the conversation has reached the model's length limit (reset it), or a
                 system text on a later turn.
         """
+        from tunemake.encode import prompt_ids
+
+        turn, done = self._turn(prompt, system), []
+        self.tool_calls = []
+        stream = _streamer_class()(self.tokenizer, self._visible_stops(), stream) if stream is not None else None
+        for round_ in range(self.max_tool_rounds + 1):
+            ids = prompt_ids([*self.history, *done, turn], self.template, self.tokenizer)[1]
+            new_ids = self._generate(ids, stream)
+            calls = self._calls(new_ids, ids) if self.toolbox is not None and round_ < self.max_tool_rounds else None
+            if not calls:
+                answer = self._answer(new_ids)
+                if stream is not None:
+                    stream.finish(answer)
+                done.append({**turn, "output": answer})
+                break
+            content, calls = calls
+            results = [self.toolbox.run(call) for call in calls]
+            self.tool_calls += [{"name": c["name"], "arguments": c.get("arguments"), "result": r}
+                                for c, r in zip(calls, results)]
+            if stream is not None:
+                stream.show_calls(content, self.tool_calls[-len(calls):])
+            done.append(_call_turn(turn, content, calls, self._raw(new_ids)))
+            turn = {"system": "", "input": "", "output": "",
+                    "tool_results": [{"name": c["name"], "content": r} for c, r in zip(calls, results)]}
+        self.history += done
+        return done[-1]["output"]
+
+    def _generate(self, ids: list[int], stream) -> list[int]:
+        """The ids the model writes after ``ids``."""
         import torch
         from transformers import GenerationConfig
 
-        turn = self._turn(prompt, system)
-        _, ids = self.render(prompt, system)
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         max_new = self.max_new_tokens
         if limit:
@@ -320,17 +364,33 @@ class ChatSession:
             stop_strings=self.stops.strings or None,
             **({"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p} if sample else {}),
         )
-        streamer = _streamer_class()(self.tokenizer, self._visible_stops(), stream) if stream is not None else None
+        if stream is not None:
+            stream.start()
         input_ids = torch.tensor([ids], device=self.model.device)
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      generation_config=config, streamer=streamer, tokenizer=self.tokenizer)
-        answer = self._answer(out[0, len(ids):].tolist())
-        if streamer is not None:
-            streamer.finish(answer)
-        self.history.append({**turn, "output": answer})
-        return answer
+                                      generation_config=config, streamer=stream, tokenizer=self.tokenizer)
+        return out[0, len(ids):].tolist()
 
+    def _raw(self, new_ids: list[int]) -> str:
+        """The generated text up to its stop, special tokens kept (the markers of calls), the stop
+        ids (eos among them) left out."""
+        end = next((k for k, token in enumerate(new_ids) if token in self.stops.ids), len(new_ids))
+        raw = self.tokenizer.decode(new_ids[:end], skip_special_tokens=False)
+        cuts = [raw.find(w) for w in self.stops.words if w in raw]
+        return raw[:min(cuts)] if cuts else raw
+
+    def _calls(self, new_ids: list[int], prompt: list[int]) -> tuple[str, list[dict]] | None:
+        """The answer's text before its calls, and the calls; None when it makes none."""
+        from tunemake.toolforms import FORMS
+        from tunemake.tools import normalize_call
+
+        if self.template == HF:
+            parsed = self.tokenizer.parse_response(new_ids, prefix=prompt, tools=self.toolbox.schemas)
+            calls = [normalize_call(call, "the model's answer") for call in parsed.get("tool_calls") or []]
+            return (parsed.get("content") or "", calls) if calls else None
+        content, calls = FORMS[self.template.tool_form].parse(self._raw(new_ids))
+        return (content, calls) if calls else None
     def _visible_stops(self) -> list[str]:
         """The stop words' text without special tokens: what a streamer sees."""
         encode, decode = self.tokenizer.encode, self.tokenizer.decode
@@ -354,6 +414,28 @@ class ChatSession:
         return raw[:cut]  # not reached: k = 0 always qualifies
 
 
+def check_tool_template(template: Template | str, tokenizer) -> None:
+    """Raise :class:`ChatError` when chat cannot read the calls ``template`` makes the model write."""
+    from tunemake.toolforms import TOOL_TEMPLATES
+
+    if template == HF:
+        if not getattr(tokenizer, "response_template", None):
+            raise ChatError("template 'hf': the tokenizer has no response_template, so the tool calls a model "
+                            "writes cannot be parsed (transformers' parse_response); chat with --prompt-template "
+                            f"naming one of {', '.join(t for t in TOOL_TEMPLATES if t != HF)}")
+    elif not template.tool_form:
+        raise ChatError(f"template {template.name!r} cannot write tool calls; the templates with a tool form are "
+                        f"{', '.join(TOOL_TEMPLATES)}")
+
+
+def _call_turn(turn: dict, content: str, calls: list[dict], raw: str) -> dict:
+    """The history's record of an answer that called tools. A call that could not be read has no
+    unified form: that answer is kept as the text the model wrote."""
+    if any(call.get("error") for call in calls):
+        return {**turn, "output": raw}
+    return {**turn, "output": content, "tool_calls": [{"name": c["name"], "arguments": c["arguments"]} for c in calls]}
+
+
 @functools.cache
 def _streamer_class():
     # Built on first use, so importing this module (for --help) does not import transformers.
@@ -366,6 +448,20 @@ def _streamer_class():
             super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
             self.visible_stops, self.stream = visible_stops, stream
             self.text, self.printed = "", 0
+
+        def start(self) -> None:
+            """A new generation (after tool results): what it prints starts afresh."""
+            self.token_cache, self.print_len, self.next_tokens_are_prompt = [], 0, True
+            self.text, self.printed = "", 0
+
+        def show_calls(self, content: str, calls: list[dict]) -> None:
+            """End the text before the calls, then one line per call and its result."""
+            if content or self.printed:
+                self.finish(content)
+            for call in calls:
+                arguments = json.dumps(call["arguments"], ensure_ascii=False) if call["arguments"] is not None else "?"
+                self.stream.write(f"[{call['name']}({arguments}) -> {call['result']}]\n")
+            self.stream.flush()
 
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             self.text += text

@@ -19,7 +19,7 @@ import time
 
 from tunemake.atomic import atomic_dir, write_json
 from tunemake.config import expand_sources, read_revision
-from tunemake.encode import IGNORE_INDEX, Encoded, encode_record, encode_records, pack
+from tunemake.encode import IGNORE_INDEX, Encoded, check_tools, encode_record, encode_records, pack
 from tunemake.errors import DataError, at
 from tunemake.formats import read_dataset
 from tunemake.templates import HF, Template, check_encodable
@@ -120,6 +120,8 @@ def build_templated_dataset(
         heldout += ds_heldout
         heldout_records += ds_records
 
+    if any(s["tool_records"] for s in stats["datasets"].values()):
+        _check_tool_markers(template, tokenizer)
     packed = pack(train, max_length, seed=recipe["data_seed"], packing=recipe["packing"])
     tokens = int(len(packed.input_ids))
     stats.update({
@@ -171,15 +173,20 @@ def _encode_dataset(dataset: dict, paths, tokenizer, template, max_length: int):
             dropped["empty_conversation"] += 1
             continue
         if has_tools(turns):
-            if _skip_tool_record(turns, template, location, name, dropped):
+            if not tool_stats["tool_records"] and not dropped["unknown_tool"]:
+                _tools_writable(turns, template, tokenizer, location)  # the same for every record
+            unknown = unknown_calls(turns)
+            if unknown:  # real datasets have a few: dropped and counted
+                if not dropped["unknown_tool"]:
+                    log.warning("%s: calls %r, which the record's tools do not offer: dropped (dataset %r "
+                                "counts such records in stats.json)", location, unknown[0], name)
+                dropped["unknown_tool"] += 1
                 continue
             tool_stats["tool_records"] += 1
             tool_stats["tool_calls"] += count_calls(turns)
         extra = {k: v for k, v in raw.items() if k == "task"} if isinstance(raw, dict) else {}
         records.append((turns, extra))
     records_in = len(records) + dropped["empty_conversation"] + dropped["unknown_tool"]
-    if tool_stats["tool_records"]:
-        _check_tool_markers(template, tokenizer)
 
     fraction, seed = dataset.get("heldout_fraction", 0.0), dataset.get("split_seed", 0)
     flags = [split_heldout(turns, fraction, seed) for turns, _ in records]
@@ -221,25 +228,12 @@ def _encode_dataset(dataset: dict, paths, tokenizer, template, max_length: int):
     return ds_stats, train, heldout, heldout_records
 
 
-def _skip_tool_record(turns: list[dict], template, location: str, name: str, dropped: dict) -> bool:
-    """Whether a record with tools is dropped: it calls a function its ``tools`` do not offer
-    (real datasets have a few; counted in stats.json).
-
-    Raises:
-        DataError: the template cannot write tools at all.
-    """
-    from tunemake.toolforms import TOOL_TEMPLATES
-
-    if template != HF and not template.tool_form:
-        raise DataError(at(location, f"this record has tools, and template {template.name!r} cannot write them; "
-                                     f"the templates with a tool form are {', '.join(TOOL_TEMPLATES)}"))
-    unknown = unknown_calls(turns)
-    if unknown:
-        if not dropped["unknown_tool"]:
-            log.warning("%s: calls %r, which the record's tools do not offer: dropped (dataset %r counts "
-                        "such records in stats.json)", location, unknown[0], name)
-        dropped["unknown_tool"] += 1
-    return bool(unknown)
+def _tools_writable(turns: list[dict], template, tokenizer, location: str) -> None:
+    """Raise, naming the record, when the template cannot write its tools."""
+    try:
+        check_tools(turns, template, tokenizer)
+    except DataError as exc:
+        raise DataError(at(location, f"this record has tools, and {exc}")) from None
 
 
 def _check_tool_markers(template, tokenizer) -> None:
@@ -323,6 +317,8 @@ def check_dataset(dataset: dict, paths, tokenizer, template, max_length: int, co
         if not turns:
             blocks.append(f"--- {location} (dropped: empty conversation)")
             continue
+        if has_tools(turns):
+            _tools_writable(turns, template, tokenizer, location)
         enc = encode_record(turns, tokenizer, template, max_length, pretrain)
         trained = sum(label != IGNORE_INDEX for label in enc.labels)
         header = f"--- {location}: {len(enc.input_ids)} tokens, {trained} trained"
@@ -330,6 +326,8 @@ def check_dataset(dataset: dict, paths, tokenizer, template, max_length: int, co
         header += f", {calls} tool call{'s' if calls != 1 else ''}" if has_tools(turns) else ""
         header += " (truncated)" if enc.truncated else ""
         header += " (dropped: no labelled token)" if not trained else ""
+        unknown = unknown_calls(turns)
+        header += f" (dropped: calls {unknown[0]!r}, which its tools do not offer)" if unknown else ""
         blocks.append(header + "\n" + _mark_labels(tokenizer, enc, color))
     return "\n".join(blocks)
 

@@ -101,6 +101,27 @@ def tool_form(template: Template, turns: Sequence[dict]):
     return FORMS[template.tool_form]
 
 
+def check_tools(turns: Sequence[dict], template: Template | str, tokenizer) -> None:
+    """Raise when ``template`` cannot write this conversation's tools: a named template without a
+    tool form, or an ``hf`` chat_template that renders the same text with and without them.
+
+    Raises:
+        DataError: naming the template (not the record: the caller knows where it is).
+    """
+    if template != HF:
+        tool_form(template, turns)
+        return
+    tools = turns[0].get("tools")
+    if not tools:
+        return
+    *asked, _ = as_messages(turns[:1])
+    render = lambda with_tools: tokenizer.apply_chat_template(  # noqa: E731
+        asked, tools=with_tools, tokenize=False, add_generation_prompt=True)
+    if render(tools) == render(None):
+        raise DataError("template 'hf': the tokenizer's chat_template ignores tools (it renders the same "
+                        "text with and without them); pick qwen_chat, internlm2_chat or moss_sft")
+
+
 def _prompt(template: Template, form, turn: dict, round_: int, calls: list[dict]) -> str:
     """A turn's prompt: the system prompt (with the tools, on the first turn), the results of the
     previous turn's calls, then the instruction, or only the assistant's prefix after results."""
@@ -120,14 +141,15 @@ def _plan_hf(turns: Sequence[dict], tokenizer) -> list:
 
     The prompt of turn k is what ``add_generation_prompt=True`` adds after turn k-1; the answer is
     what the assistant message adds after that. bos / eos are whatever the template writes.
-    Tools go to ``apply_chat_template(tools=...)``, calls and results as OpenAI messages.
+    Tools go to ``apply_chat_template(tools=...)``, calls and results as OpenAI messages
+    (:func:`check_tools` says whether the template writes them).
     """
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("template 'hf': the tokenizer has no chat_template; pick a named template")
     tools = turns[0].get("tools") or None
 
-    def render(messages, generation_prompt=False, with_tools=tools):
-        return tokenizer.apply_chat_template(messages, tools=with_tools, tokenize=False,
+    def render(messages, generation_prompt=False):
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=generation_prompt)
 
     messages: list[dict] = []
@@ -136,9 +158,6 @@ def _plan_hf(turns: Sequence[dict], tokenizer) -> list:
         *asked, answer = as_messages([turn])
         messages += asked
         prompt = render(messages, True)
-        if tools and len(messages) == len(asked) and prompt == render(messages, True, None):
-            raise DataError("template 'hf': the tokenizer's chat_template ignores tools (it renders the same "
-                            "text with and without them); pick qwen_chat, internlm2_chat or moss_sft")
         messages.append(answer)
         full = render(messages)
         if not (prompt.startswith(rendered) and full.startswith(prompt)):

@@ -139,7 +139,23 @@ def _read_parquet(path: str) -> Iterator[tuple[str, object]]:
     if not table.num_rows:
         raise DataError(at(path, "the table has no rows: no record to read"))
     for index, record in enumerate(table.to_pylist()):
-        yield f"{path}: row {index}", record
+        yield f"{path}: row {index}", without_nulls(record)
+
+
+def without_nulls(value):
+    """A row read through Arrow (parquet, hub datasets) with the nulls of its objects left out.
+
+    Arrow gives every row of a column the union of the keys its objects have, filling the
+    missing ones with null: a tool's parameters or a call's arguments would gain keys that other
+    rows hold. Every map function reads a null as absent, so dropping them changes nothing else
+    (a null written on purpose inside a tool's JSON schema is lost too; write such a schema as a
+    JSON string).
+    """
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
 
 
 def read_hub(dataset_id: str, subset: str | None, split: str, revision: str | None) -> Iterator[tuple[str, object]]:
@@ -160,7 +176,7 @@ def read_hub(dataset_id: str, subset: str | None, split: str, revision: str | No
     except Exception as exc:
         raise DataError(at(f"hub:{dataset_id}", f"cannot load split {split!r}: {exc}")) from None
     for index, record in enumerate(ds):
-        yield f"hub:{dataset_id}[{split}]: row {index}", record
+        yield f"hub:{dataset_id}[{split}]: row {index}", without_nulls(record)
 
 
 # --- format map functions: record -> list of turns {"system", "input", "output"} ---------------
@@ -210,6 +226,8 @@ def map_conversation(record, location: str, fields=None) -> list[dict]:
              for item in _field(turn, "tool_results", where, list, optional=True, default=[])]))
         if index == 0 and turn.get("tools"):
             offered = turn["tools"]  # how tunemake's own held-out file writes them
+        elif turn.get("tools"):
+            raise DataError(at(where, "tools can only be given for the whole conversation (the record or its first turn)"))
     return _with_tools(out, offered, location)
 
 
@@ -334,6 +352,8 @@ def map_sharegpt(record, location: str, fields=None) -> list[dict]:
         elif role in (f["user_tag"], f["observation_tag"], f["assistant_tag"], f["function_tag"]):
             expected = "a gpt or function_call message" if prompt else "a human or observation message"
             raise DataError(at(where, f"{role!r} where {expected} was expected (turns must alternate)"))
+        elif role == f["system_tag"]:
+            raise DataError(at(where, f"a {role!r} message is allowed only first"))
         else:
             known = [f[k] for k in ("system_tag", "user_tag", "assistant_tag", "function_tag", "observation_tag")]
             raise DataError(at(where, f"unknown role {role!r}; expected one of {', '.join(known)} "
@@ -377,8 +397,8 @@ _MOSS_CALL = re.compile(r'(\w+)\("([^"]*)"\)')
 def map_moss_sft(record, location: str, fields=None) -> list[dict]:
     """A moss-003-sft record (``meta_instruction``, ``num_turns``, ``chat.turn_N`` with Human,
     Inner Thoughts, Commands, Tool Responses and MOSS), as XTuner's MOSSSFTDataset reads it: the
-    meta instruction is the system prompt, whose ``- X: enabled. API: F(arg)`` lines become the
-    record's tools; a turn whose Commands call tools becomes a call turn (Inner Thoughts as its
+    meta instruction is the system prompt, as it is, and its ``- X: enabled. API: F(arg)`` lines
+    name the record's tools; a turn whose Commands call tools becomes a call turn (Inner Thoughts as its
     text) and a result turn (Tool Responses as results, MOSS as the answer). Other turns keep
     their Inner Thoughts, Commands, Tool Responses and MOSS text as the answer, markers and all."""
     meta = _field(record, "meta_instruction", location)
@@ -389,9 +409,12 @@ def map_moss_sft(record, location: str, fields=None) -> list[dict]:
         for m in _MOSS_TOOL_LINE.finditer(meta)
     ]
     params = {tool["name"]: list(tool["parameters"]["properties"]) for tool in offered}
-    system = _MOSS_TOOL_LINE.sub("", meta).rstrip("\n")
+    system = meta.removesuffix("\n")  # the template's "{system}\n" writes it back
     turns: list[dict] = []
-    count = int(_field(record, "num_turns", location, (int, str)))
+    count = _field(record, "num_turns", location, object)
+    if not str(count).isdigit():
+        raise DataError(at(location, f"num_turns should be a whole number, got {count!r}"))
+    count = int(count)
     for index in range(1, count + 1):
         where = f"{location}: chat.turn_{index}"
         turn = _field(chat, f"turn_{index}", where, dict)
@@ -410,8 +433,9 @@ def map_moss_sft(record, location: str, fields=None) -> list[dict]:
 
 
 def _moss_results(text: str, calls: list[dict]) -> list[dict]:
-    """``<|Results|>:\nCalculate("2+3") => 5\n<eor>\n`` as one result per call; a block that
-    does not name each call in order is kept whole, as one unnamed result."""
+    """``<|Results|>:\nCalculate("2+3") => 5\n<eor>\n`` as one result per call (a result that
+    starts on the line after ``=>`` keeps that newline); a block that does not name each call in
+    order is kept whole, as one unnamed result."""
     from tunemake.toolforms import moss_call
 
     inner = re.sub(r"^<\|Results\|>:\n?|\n?<eor>\n?$", "", text)
@@ -425,7 +449,7 @@ def _moss_results(text: str, calls: list[dict]) -> list[dict]:
     for index, (call, start) in enumerate(zip(calls, starts)):
         end = starts[index + 1] if index + 1 < len(starts) else len(inner)
         body = inner[start + len(moss_call(call)) + 3:end].removesuffix("\n")
-        results.append(tools.result(call["name"], body.removeprefix(" ").removeprefix("\n"), ""))
+        results.append(tools.result(call["name"], body.removeprefix(" "), ""))
     return results
 
 

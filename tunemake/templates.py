@@ -37,7 +37,7 @@ WIZARDCODER_PREAMBLE = (
 # DeepSeek's full-width <｜end▁of▁sentence｜>, InternLM / MOSS <eoh> <eoa> <eom> <eoc>, Baichuan's
 # <reserved_106>, Gemma's <start_of_turn>, MiniCPM's <用户> and <AI>.
 _SPECIAL_TOKEN = re.compile(
-    r"<\|[^|<>\s]+\|>|<｜[^｜<>\s]+｜>|<eo[a-z]>|<reserved_\d+>|<(?:start|end)_of_turn>|<用户>|<AI>|</?tool_(?:call|response)>"
+    r"<\|[^|<>\s]+\|>|<｜[^｜<>\s]+｜>|<eo[a-z]>|<reserved_\d+>|<(?:start|end)_of_turn>|<用户>|<AI>"
 )
 
 
@@ -279,7 +279,7 @@ def _jinja_format(text: str, values: dict[str, str]) -> str:
 
 
 def _jinja_for(t: Template) -> str:
-    from tunemake.toolforms import FORMS
+    from tunemake.toolforms import FORMS, TOOL_TEMPLATES
 
     form = FORMS.get(t.tool_form) if t.tool_form else None
     instruction = _jinja_format(t.instruction, {"input": "message['content']", "round": "(ns.round | string)"})
@@ -297,7 +297,7 @@ def _jinja_for(t: Template) -> str:
               "{%- set ns.bos = " + ("false" if t.suffix_as_eos else "true") + " -%}")
     if form is None:
         no_tools = "raise_exception(" + _jinja_literal(
-            f"template {t.name!r} has no tool form; these have: hf, qwen_chat, internlm2_chat, moss_sft") + ")"
+            f"template {t.name!r} has no tool form; these have: {', '.join(TOOL_TEMPLATES)}") + ")"
         first_system, calls, tool = pending_system, "", "{{ " + no_tools + " }}"
         head = "{%- if tools -%}{{ " + no_tools + " }}{%- endif -%}"
     else:
@@ -310,12 +310,12 @@ def _jinja_for(t: Template) -> str:
         calls = "{%- if message.tool_calls -%}" + form.jinja_calls() + "{%- endif -%}"
         tool = ("{%- if loop.first or loop.previtem['role'] != 'tool' -%}" + bos + pending_system + "{%- endif -%}"
                 + form.jinja_result() +
-                "{%- if loop.last or loop.nextitem['role'] != 'user' -%}{{ " + _jinja_literal(form.assistant_prefix)
+                "{%- if loop.last or loop.nextitem['role'] not in ('user', 'tool') -%}{{ " + _jinja_literal(form.assistant_prefix)
                 + " }}{%- endif -%}")
     return (
         head +
         "{%- set ns = namespace(system='', round=0, bos=true, tools_done=false, calls=[], result=0, plugins=[], "
-        "lines='', params='', tsys='') -%}"
+        "lines='', params='', tsys='', call='') -%}"
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] -%}"
         "{%- elif message['role'] == 'user' -%}"

@@ -81,16 +81,14 @@ def result(name: str, content, location: str) -> dict:
 
 
 def check_sequence(turns: list[dict], location: str) -> None:
-    """Results only after calls; tools only on the first turn.
+    """Results only after calls.
 
     Raises:
-        DataError: a turn reads tool results with no call in the turn before it.
+        DataError: a turn (counted from 1) reads tool results with no call in the turn before it.
     """
     for index, turn in enumerate(turns):
         if turn.get("tool_results") and (index == 0 or not turns[index - 1].get("tool_calls")):
             raise DataError(at(location, f"turn {index + 1}: a tool result with no tool call before it"))
-        if index and turn.get("tools"):
-            raise DataError(at(location, f"turn {index + 1}: tools can only be given for the whole conversation"))
 
 
 def has_tools(turns: list[dict]) -> bool:
