@@ -93,6 +93,28 @@ def tokenizer_for(tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def tool_tokenizer(tokenizer_dir):
+    """``tool_tokenizer(template)``: the template's test tokenizer with its tool markers as special
+    tokens and the template's chat_template, as a merged model ships them."""
+    from transformers import AutoTokenizer
+
+    from tunemake.templates import TEMPLATES
+    from tunemake.toolforms import FORMS
+
+    loaded = {}
+
+    def get(name: str):
+        if name not in loaded:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(name)))
+            tokenizer.add_special_tokens({"additional_special_tokens": list(FORMS[name].markers)})
+            tokenizer.chat_template = TEMPLATES[name].chat_template()
+            loaded[name] = tokenizer
+        return loaded[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def no_bos_tokenizer(tokenizer_dir):
     """The default template's tokenizer loaded without a bos token (XTuner then adds none)."""
     tokenizer = load_tokenizer(tokenizer_dir("default"), bos_token=None)

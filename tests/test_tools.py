@@ -134,27 +134,6 @@ def text_of(pieces) -> str:
     return "".join("<s>" if p is BOS else "</s>" if p in (EOS, UNLABELLED_EOS) else p[0] for p in pieces)
 
 
-@pytest.fixture(scope="module")
-def tool_tokenizer(tokenizer_dir):
-    """``tool_tokenizer(template)``: the template's test tokenizer with its tool markers as special
-    tokens and the template's chat_template, as a merged model ships them."""
-    from transformers import AutoTokenizer
-
-    from tunemake.toolforms import FORMS
-
-    loaded = {}
-
-    def get(name: str):
-        if name not in loaded:
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(name)))
-            tokenizer.add_special_tokens({"additional_special_tokens": list(FORMS[name].markers)})
-            tokenizer.chat_template = TEMPLATES[name].chat_template()
-            loaded[name] = tokenizer
-        return loaded[name]
-
-    return get
-
-
 # --- formats ------------------------------------------------------------------------------------
 
 

@@ -278,6 +278,12 @@ class ChatSession:
         """Forget the conversation (the random stream goes on)."""
         self.history = []
 
+    @property
+    def turns(self) -> int:
+        """The prompts answered in this conversation (the turns that read tool results are part
+        of the answer they lead to)."""
+        return sum(1 for turn in self.history if not turn.get("tool_results"))
+
     def _turn(self, prompt: str, system: str | None) -> dict:
         if system is not None and self.history:
             raise ChatError("a system text is allowed only on the first prompt of a conversation; reset first")
@@ -382,7 +388,7 @@ class ChatSession:
 
     def _calls(self, new_ids: list[int], prompt: list[int]) -> tuple[str, list[dict]] | None:
         """The answer's text before its calls, and the calls; None when it makes none."""
-        from tunemake.toolforms import FORMS
+        from tunemake.toolforms import FORMS, bind_arguments
         from tunemake.tools import normalize_call
 
         if self.template == HF:
@@ -390,7 +396,7 @@ class ChatSession:
             calls = [normalize_call(call, "the model's answer") for call in parsed.get("tool_calls") or []]
             return (parsed.get("content") or "", calls) if calls else None
         content, calls = FORMS[self.template.tool_form].parse(self._raw(new_ids))
-        return (content, calls) if calls else None
+        return (content, [bind_arguments(call, self.toolbox.schemas) for call in calls]) if calls else None
     def _visible_stops(self) -> list[str]:
         """The stop words' text without special tokens: what a streamer sees."""
         encode, decode = self.tokenizer.encode, self.tokenizer.decode
@@ -428,6 +434,12 @@ def check_tool_template(template: Template | str, tokenizer) -> None:
                         f"{', '.join(TOOL_TEMPLATES)}")
 
 
+def call_line(call: dict) -> str:
+    """How interactive chat shows a call and its result: ``[calculate({"expression": "2+3"}) -> 5]``."""
+    arguments = json.dumps(call["arguments"], ensure_ascii=False) if call["arguments"] is not None else "?"
+    return f"[{call['name']}({arguments}) -> {call['result']}]\n"
+
+
 def _call_turn(turn: dict, content: str, calls: list[dict], raw: str) -> dict:
     """The history's record of an answer that called tools. A call that could not be read has no
     unified form: that answer is kept as the text the model wrote."""
@@ -459,8 +471,7 @@ def _streamer_class():
             if content or self.printed:
                 self.finish(content)
             for call in calls:
-                arguments = json.dumps(call["arguments"], ensure_ascii=False) if call["arguments"] is not None else "?"
-                self.stream.write(f"[{call['name']}({arguments}) -> {call['result']}]\n")
+                self.stream.write(call_line(call))
             self.stream.flush()
 
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
@@ -561,8 +572,10 @@ def run_batch(session: ChatSession, items: Iterable[BatchItem], out: TextIO, sou
             answer = session.ask(item.prompt, system=item.system)
         except ChatError as exc:
             raise ChatError(at(f"{source}:{item.line}", str(exc))) from None
-        out.write(json.dumps({"line": item.line, "turn": len(session.history), "prompt": item.prompt,
-                              "answer": answer}, ensure_ascii=False) + "\n")
+        line = {"line": item.line, "turn": session.turns, "prompt": item.prompt, "answer": answer}
+        if session.toolbox is not None:
+            line["tool_calls"] = session.tool_calls
+        out.write(json.dumps(line, ensure_ascii=False) + "\n")
         out.flush()
         count += 1
     return count
@@ -601,6 +614,8 @@ def run_interactive(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr:
             stderr.write(f"error: {exc}\n")
             continue
         if not streamer:
+            for call in session.tool_calls:
+                stdout.write(call_line(call))
             stdout.write(answer + "\n")
             stdout.flush()
 
@@ -611,8 +626,14 @@ def run_chat(args) -> None:
     Raises:
         ChatError, ConfigError: see :func:`load_chat_model`, :func:`resolve_template`, the batch format.
     """
+    from tunemake.toolbox import load_toolbox
+
     model_dir, adapter = check_model_dirs(args.model, args.adapter, getattr(args, "revision", None))
     template = resolve_template(model_dir, adapter, args.prompt_template)
+    plugins, module = getattr(args, "with_plugins", None) or (), getattr(args, "tools", None)
+    toolbox = load_toolbox(plugins, module) if plugins or module else None
+    if toolbox is not None and template != HF:
+        check_tool_template(template, None)  # before the model loads
     items: Iterable[BatchItem] | None = None
     if args.batch is not None:
         if args.batch == "-":
@@ -631,7 +652,8 @@ def run_chat(args) -> None:
     session = ChatSession(
         model, tokenizer, template, system=args.system or "", temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        max_new_tokens=args.max_new_tokens, stop_words=args.stop_words or (), seed=args.seed)
+        max_new_tokens=args.max_new_tokens, stop_words=args.stop_words or (), seed=args.seed,
+        toolbox=toolbox, max_tool_rounds=getattr(args, "max_tool_rounds", 5))
     if items is not None:
         run_batch(session, items, sys.stdout, source)
         return

@@ -257,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-words", nargs="+", default=[], metavar="W", help="more words that end an answer")
     p.add_argument("--no-streamer", action="store_true", help="print each answer whole, not as it is generated")
     p.add_argument("--batch", metavar="FILE", help="answer the prompts of FILE (- for stdin), JSON lines out; see below")
+    p.add_argument("--with-plugins", nargs="+", default=[], metavar="NAME",
+                   help="built-in tools the model may call: calculate, solve (XTuner's names)")
+    p.add_argument("--tools", metavar="FILE", help="a Python module whose typed, documented functions are tools")
+    p.add_argument("--max-tool-rounds", type=int, default=5, metavar="N",
+                   help="tool calls run per prompt before the model must answer (default 5)")
     p.set_defaults(fn=cmd_chat)
     return parser
 
