@@ -355,8 +355,9 @@ def get_eval_model_path(wildcards):
 def get_eval_input(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
     model = get_eval_model_path(wildcards)
+    tools = TM["evaluation"]["tools"]
     return {"model": model if int(wildcards.epoch) or exp["upstream"] else base_inputs(exp),
-            "data": paths.templated_dataset(exp["data_key"])}
+            "data": paths.templated_dataset(exp["data_key"]), **({"tools": tools} if tools else {})}
 
 
 def get_eval_template(wildcards):

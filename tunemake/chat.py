@@ -379,12 +379,9 @@ class ChatSession:
         return out[0, len(ids):].tolist()
 
     def _raw(self, new_ids: list[int]) -> str:
-        """The generated text up to its stop, special tokens kept (the markers of calls), the stop
-        ids (eos among them) left out."""
-        end = next((k for k, token in enumerate(new_ids) if token in self.stops.ids), len(new_ids))
-        raw = self.tokenizer.decode(new_ids[:end], skip_special_tokens=False)
-        cuts = [raw.find(w) for w in self.stops.words if w in raw]
-        return raw[:min(cuts)] if cuts else raw
+        from tunemake.encode import raw_text
+
+        return raw_text(new_ids, self.tokenizer, self.stops)
 
     def _calls(self, new_ids: list[int], prompt: list[int]) -> tuple[str, list[dict]] | None:
         """The answer's text before its calls, and the calls; None when it makes none."""

@@ -256,6 +256,15 @@ def answer_text(new_ids: Sequence[int], tokenizer, stops: Stops) -> str:
     return text
 
 
+def raw_text(new_ids: Sequence[int], tokenizer, stops: Stops) -> str:
+    """The text of generated ids up to the stop, special tokens kept (the markers a tool call is
+    written with), the stop ids (eos among them) left out, cut at the first stop word."""
+    end = next((k for k, token in enumerate(new_ids) if token in stops.ids), len(new_ids))
+    text = tokenizer.decode(new_ids[:end], skip_special_tokens=False)
+    cuts = [text.find(word) for word in stops.words if word in text]
+    return text[:min(cuts)] if cuts else text
+
+
 def encode_record(turns, tokenizer, template, max_length: int, pretrain: bool = False) -> Encoded:
     """Encode one record, piece by piece, exactly as XTuner's ``encode_fn``."""
     bos, eos = special_ids(tokenizer)

@@ -30,6 +30,7 @@ from tunemake.encode import IGNORE_INDEX, answer_text, generation_stops, prompt_
 from tunemake.errors import ConfigError, TunemakeError, at
 from tunemake.resources import evaluation_batch_bytes, shape_from_config, spread_bytes, weight_parameters
 from tunemake.templates import HF, Template, get_template
+from tunemake.tools import has_tools
 
 log = logging.getLogger("tunemake.evaluate")
 
@@ -40,6 +41,8 @@ METRICS_PLOT = "metrics_per_epoch.png"
 TRAINING_PLOT = "training_loss.png"
 FIXED_COLUMNS = ("experiment", "epoch", "heldout_loss", "perplexity")
 DECIMALS = 4  # every number in summary.tsv: fixed precision, so the file is reproducible
+#: The scores of an evaluation file, per family, and the prefix of their summary.tsv columns.
+SCORES = {"exact_match": "exact_match", "tool_calls": "tool_call_accuracy"}
 
 
 class EvaluateError(TunemakeError):
@@ -61,6 +64,7 @@ def evaluate_model(
     threads: int | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    tools: str | None = None,
 ) -> dict:
     """Evaluate ``model_dir`` on the held-out split of ``data_dir`` and write ``out_json`` atomically.
 
@@ -74,7 +78,9 @@ def evaluate_model(
     stop, special tokens skipped, cut at a stop word that spans several tokens. A record scores
     when ``answer.strip() == reference.strip()``; records are grouped by their ``task`` field, else
     their dataset name, and pooled as ``all``. Pretrain records (no input in any turn) get loss
-    only. A dataset with an empty held-out split gives ``null`` loss and no scores.
+    only. A dataset with an empty held-out split gives ``null`` loss and no scores. Records with
+    tools are answered with the tools run, and their calls scored (``tool_calls``, per family; see
+    :mod:`tunemake.tool_eval`).
 
     Args:
         model_dir: an HF model directory (``config.json``, weights, tokenizer); its tokenizer must
@@ -92,6 +98,8 @@ def evaluate_model(
         threads: ``torch.set_num_threads`` for the evaluation (restored afterwards).
         revision: the hub revision when ``model_dir`` is a hub id (read from the local cache).
         trust_remote_code: let transformers run the model's own code.
+        tools: a Python module whose functions the model's calls may run, beside the built-in
+            plugins (``evaluation.tools``).
 
     Returns:
         The dictionary written to ``out_json``.
@@ -109,6 +117,7 @@ def evaluate_model(
     if not (model_dir / "config.json").is_file():
         raise EvaluateError(at(named, "not a model directory (no config.json); build it first"))
     records, heldout_rows, longest = _read_heldout(data_dir)
+    tool_calls: dict[str, dict] = {}
 
     previous_threads = torch.get_num_threads()
     if threads:
@@ -120,24 +129,26 @@ def evaluate_model(
             loss, tokens = _heldout_loss(model, data_dir, heldout_rows, tokenizer, batch_size)
             scored = [r for r in records if _has_input(r["conversation"])][:max_prompts]
             prompts = [prompt_ids(r["conversation"], template, tokenizer) for r in scored]
-            answers = generate_answers(model, tokenizer, [ids for _, ids in prompts], template,
-                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+            plain = [i for i, r in enumerate(scored) if not has_tools(r["conversation"])]
+            answers = dict(zip(plain, generate_answers(model, tokenizer, [prompts[i][1] for i in plain], template,
+                                                       max_new_tokens=max_new_tokens, batch_size=batch_size)))
+            calls = _with_tools(model, tokenizer, template, scored, answers, tools, max_new_tokens, batch_size)
     finally:
         torch.set_num_threads(previous_threads)
 
     exact_match: dict[str, dict] = {}
     examples = []
-    for record, (prompt_text, _), answer in zip(scored, prompts, answers):
-        reference = record["conversation"][-1]["output"]
+    for index, (record, (prompt_text, _)) in enumerate(zip(scored, prompts)):
+        reference, answer = record["conversation"][-1]["output"], answers[index]
         correct = answer.strip() == reference.strip()
         for family in (family_of(record), ALL):
-            counts = exact_match.setdefault(family, {"correct": 0, "total": 0})
-            counts["correct"] += correct
-            counts["total"] += 1
+            _count(exact_match, family, int(correct), 1)
+            if index in calls and calls[index][1]:
+                _count(tool_calls, family, *calls[index])
         if len(examples) < EXAMPLES:
             examples.append({"task": family_of(record), "prompt": prompt_text, "reference": reference,
                              "answer": answer, "correct": correct})
-    for counts in exact_match.values():
+    for counts in (*exact_match.values(), *tool_calls.values()):
         counts["rate"] = round(counts["correct"] / counts["total"], 6)
 
     result = {
@@ -153,6 +164,7 @@ def evaluate_model(
             "records": heldout_rows,
         },
         "exact_match": exact_match,
+        **({"tool_calls": tool_calls} if tool_calls else {}),
         "generation": {"seed": seed, "max_new_tokens": max_new_tokens, "greedy": True},
         "examples": examples,
         "seconds": round(time.perf_counter() - started, 3),
@@ -162,6 +174,33 @@ def evaluate_model(
              result["heldout"]["loss"], tokens, exact_match.get(ALL, {}).get("rate"), len(scored),
              result["seconds"])
     return result
+
+
+def _count(table: dict, family: str, correct: int, total: int) -> None:
+    counts = table.setdefault(family, {"correct": 0, "total": 0})
+    counts["correct"] += correct
+    counts["total"] += total
+
+
+def _with_tools(model, tokenizer, template, scored: list[dict], answers: dict, tools: str | None,
+                max_new_tokens: int, batch_size: int) -> dict[int, tuple[int, int]]:
+    """Answer the scored records that have tools with the tools run (into ``answers``, by index);
+    return each one's ``(right call turns, call turns)`` (:mod:`tunemake.tool_eval`)."""
+    from tunemake.tool_eval import ToolScorer
+    from tunemake.toolbox import PLUGINS, load_toolbox
+
+    indices = [i for i, r in enumerate(scored) if has_tools(r["conversation"])]
+    if not indices:
+        return {}
+    stops = answer_stops(model, tokenizer, template)
+
+    def generate(prompts):
+        return generate_ids(model, tokenizer, prompts, stops, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    scorer = ToolScorer(generate, tokenizer, template, stops, load_toolbox(list(PLUGINS), tools))
+    records = [scored[i] for i in indices]
+    answers.update(zip(indices, scorer.final_answers(records)))
+    return dict(zip(indices, scorer.call_accuracy(records)))
 
 
 def family_of(record: dict) -> str:
@@ -317,7 +356,6 @@ def _heldout_loss(model, data_dir: Path, rows: int, tokenizer, batch_size: int) 
     return loss, tokens
 
 
-@torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[list[int]], template, *, max_new_tokens: int = 64,
                      batch_size: int = 16, progress: bool = True) -> list[str]:
     """Greedy answers to tokenized prompts, batched with left padding; in the prompts' order.
@@ -326,17 +364,31 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], template, *, ma
     Nothing in the model's ``generation_config.json`` (sampling, repetition penalty) applies. The
     model may be spread over several GPUs: the prompts go to :func:`input_device`.
     """
+    stops = answer_stops(model, tokenizer, template)
+    generated = generate_ids(model, tokenizer, prompts, stops, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, progress=progress)
+    return [answer_text(ids, tokenizer, stops) for ids in generated]
+
+
+def answer_stops(model, tokenizer, template):
+    """Where an evaluation's answers stop: the template's stop words and the model's eos."""
+    return generation_stops(tokenizer, template, getattr(model.generation_config, "eos_token_id", None))
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompts: list[list[int]], stops, *, max_new_tokens: int = 64,
+                 batch_size: int = 16, progress: bool = True) -> list[list[int]]:
+    """The ids greedy decoding writes after each prompt (see :func:`generate_answers`)."""
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
-    stops = generation_stops(tokenizer, template, getattr(model.generation_config, "eos_token_id", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops.ids, default=0)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               eos_token_id=sorted(stops.ids) or None, pad_token_id=pad_id)
     device = input_device(model)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    answers: list[str] = [""] * len(prompts)
+    generated: list[list[int]] = [[] for _ in prompts]
     # generate() fills every field left unset from model.generation_config: lend it an empty one.
     model_config, model.generation_config = model.generation_config, GenerationConfig()
     try:
@@ -351,10 +403,10 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], template, *, ma
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                     generation_config=config)
             for row, i in enumerate(batch):
-                answers[i] = answer_text(output[row, length:].tolist(), tokenizer, stops)
+                generated[i] = output[row, length:].tolist()
     finally:
         model.generation_config = model_config
-    return answers
+    return generated
 
 
 # --- summary and plots -------------------------------------------------------------------------
@@ -371,7 +423,8 @@ def summarize(
 
     Columns: ``experiment``, ``epoch``, ``heldout_loss``, ``perplexity``, then
     ``exact_match_<family>`` for every family any file scores (the demo's families in their own
-    order, then others alphabetically), then ``exact_match_all``. Rows are sorted by experiment,
+    order, then others alphabetically), then ``exact_match_all``, then
+    ``tool_call_accuracy_<family>`` the same way for the families with tool calls. Rows are sorted by experiment,
     then epoch; numbers have :data:`DECIMALS` decimals; a value a file lacks is blank.
 
     Plots, written to ``plots_dir`` when given: :data:`METRICS_PLOT` (held-out loss and each
@@ -399,21 +452,22 @@ def summarize(
             raise EvaluateError(at(str(path), f"experiment {key[0]!r} epoch {key[1]} is also evaluated in {seen[key]}"))
         seen[key] = str(path)
     evals.sort(key=lambda ev: (ev["experiment"], ev["epoch"]))
-    families = _families(evals)
-    columns = [*FIXED_COLUMNS, *(f"exact_match_{family}" for family in families)]
+    scores = {metric: _families(evals, metric) for metric in SCORES}
+    columns = [*FIXED_COLUMNS, *(f"{SCORES[m]}_{family}" for m, families in scores.items() for family in families)]
 
     rows = []
     for ev in evals:
         heldout = ev.get("heldout") or {}
         row = {"experiment": ev["experiment"], "epoch": ev["epoch"],
                "heldout_loss": heldout.get("loss"), "perplexity": heldout.get("perplexity")}
-        for family in families:
-            row[f"exact_match_{family}"] = (ev.get("exact_match") or {}).get(family, {}).get("rate")
+        for metric, families in scores.items():
+            for family in families:
+                row[f"{SCORES[metric]}_{family}"] = (ev.get(metric) or {}).get(family, {}).get("rate")
         rows.append(row)
 
     if plots_dir is not None:
         plots_dir = Path(plots_dir)
-        plot_metrics(rows, families, plots_dir / METRICS_PLOT)
+        plot_metrics(rows, columns[len(FIXED_COLUMNS):], plots_dir / METRICS_PLOT)
         plot_training_loss(train_logs or {}, plots_dir / TRAINING_PLOT)
     with atomic_file(out_tsv, newline="\n") as handle:
         handle.write("\t".join(columns) + "\n")
@@ -442,9 +496,9 @@ def _read_eval(path: Path) -> dict:
     return ev
 
 
-def _families(evals: list[dict]) -> list[str]:
+def _families(evals: list[dict], metric: str = "exact_match") -> list[str]:
     """Every family scored anywhere: the demo's in their order, the others sorted, ``all`` last."""
-    seen = {family for ev in evals for family in (ev.get("exact_match") or {})}
+    seen = {family for ev in evals for family in (ev.get(metric) or {})}
     ordered = [f for f in TASK_FAMILIES if f in seen] + sorted(seen - set(TASK_FAMILIES) - {ALL})
     return ordered + [ALL] if seen else ordered
 
@@ -475,9 +529,12 @@ def _save(figure, target: Path) -> None:
         figure.savefig(handle, format="png", metadata={"Software": None})
 
 
-def plot_metrics(rows: list[dict], families: list[str], target: str | os.PathLike) -> None:
-    """Held-out loss and exact match per family against epoch, one line per experiment."""
-    panels = [("heldout_loss", "held-out loss")] + [(f"exact_match_{f}", f"exact match: {f}") for f in families]
+def plot_metrics(rows: list[dict], score_columns: list[str], target: str | os.PathLike) -> None:
+    """Held-out loss and each score column (exact match, tool-call accuracy, per family) against
+    epoch, one line per experiment."""
+    titles = {column: f"{metric.replace('_', ' ')}: {column[len(metric) + 1:]}"
+              for column in score_columns for metric in SCORES.values() if column.startswith(metric + "_")}
+    panels = [("heldout_loss", "held-out loss")] + [(column, titles[column]) for column in score_columns]
     figure, axes = _figure(len(panels))
     experiments = sorted({row["experiment"] for row in rows})
     for ax, (column, title) in zip(axes, panels):
@@ -488,7 +545,7 @@ def plot_metrics(rows: list[dict], families: list[str], target: str | os.PathLik
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        if column.startswith("exact_match_"):
+        if column != "heldout_loss":
             ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     if experiments:

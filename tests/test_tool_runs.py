@@ -1,7 +1,8 @@
-"""Chat that runs tools: the built-in plugins, a user's tool module, and the loop that reads a
-model's calls, runs them and feeds the results back in the form training wrote them.
+"""Tools that run: the built-in plugins, a user's tool module, chat's loop that reads a model's
+calls, runs them and feeds the results back as training wrote them, and the evaluations of tool
+use (call accuracy, final answers with the tools run).
 
-The loop is driven by a scripted model (its answers given in advance), so each test knows what
+The loops are driven by scripted models (their answers given in advance), so each test knows what
 the model "writes"; the prompts it receives are checked against the template's own rendering.
 """
 
@@ -223,3 +224,86 @@ def test_cli_refuses_tools_before_loading_the_model(tmp_path, capsys):
     assert "template 'default' cannot write tool calls" in err and "Traceback" not in err
     assert main(["chat", str(model), "--with-plugins", "search"]) != 0
     assert "unknown plugin 'search'" in capsys.readouterr().err
+
+
+# --- evaluations of tool use ---------------------------------------------------------------------
+
+
+CALC = [{"type": "function", "function": {"name": "calculate", "parameters": {
+    "type": "object", "properties": {"expression": {"type": "string"}}}}}]
+ASKED = {"dataset": "d", "conversation": [
+    {"system": "", "input": "What is 2+3?", "output": "", "tools": CALC,
+     "tool_calls": [{"name": "calculate", "arguments": {"expression": "2+3"}}]},
+    {"system": "", "input": "", "output": "It is 5.", "tool_results": [{"name": "calculate", "content": "5"}]},
+]}
+
+
+def scripted_generate(tokenizer, replies: dict[str, str], seen: list[str]):
+    """``generate(prompts)`` answering each prompt by the first key its text ends with."""
+    def generate(prompts):
+        out = []
+        for prompt in prompts:
+            text = tokenizer.decode(prompt)
+            seen.append(text)
+            reply = next(answer for ending, answer in replies.items() if text.endswith(ending))
+            out.append(tokenizer.encode(reply, add_special_tokens=False) + [tokenizer.eos_token_id])
+        return out
+    return generate
+
+
+def scorer(tool_tokenizer, replies, seen, toolbox=None):
+    from tunemake.encode import generation_stops
+    from tunemake.tool_eval import ToolScorer
+
+    tokenizer = tool_tokenizer("qwen_chat")
+    template = TEMPLATES["qwen_chat"]
+    return ToolScorer(scripted_generate(tokenizer, replies, seen), tokenizer, template,
+                      generation_stops(tokenizer, template), toolbox or load_toolbox(["calculate", "solve"]))
+
+
+ASKS = "What is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+READS = "</tool_response><|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_evaluation_scores_calls_and_the_answer_reached_with_the_tools_run(tool_tokenizer):
+    seen: list[str] = []
+    tools = scorer(tool_tokenizer, {ASKS: qwen_call("calculate", {"expression": "2+3"}), READS: "It is 5."}, seen)
+    assert tools.call_accuracy([ASKED]) == [(1, 1)]
+    assert tools.final_answers([ASKED]) == ["It is 5."]
+    assert seen[-1].endswith("<tool_response>\n5" + READS[1:])  # calculate ran
+
+
+def test_evaluation_counts_wrong_arguments_as_a_wrong_call(tool_tokenizer):
+    tools = scorer(tool_tokenizer, {ASKS: qwen_call("calculate", {"expression": "3+2"}), READS: "It is 5."}, [])
+    assert tools.call_accuracy([ASKED]) == [(0, 1)]
+
+
+def test_a_recorded_call_without_an_implementation_replays_its_result(tool_tokenizer):
+    record = json.loads(json.dumps(ASKED))
+    first = record["conversation"][0]
+    first["tools"] = [{"type": "function", "function": {"name": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    first["input"], first["tool_calls"] = "Weather in Paris?", [{"name": "weather", "arguments": {"city": "Paris"}}]
+    record["conversation"][1] = {"system": "", "input": "", "output": "Sunny.",
+                                 "tool_results": [{"name": "weather", "content": "sunny"}]}
+    seen: list[str] = []
+    replies = {"Weather in Paris?<|im_end|>\n<|im_start|>assistant\n": qwen_call("weather", {"city": "Paris"}),
+               READS: "Sunny."}
+    assert scorer(tool_tokenizer, replies, seen).final_answers([record]) == ["Sunny."]
+    assert "<tool_response>\nsunny\n</tool_response>" in seen[-1]
+    replies["Weather in Paris?<|im_end|>\n<|im_start|>assistant\n"] = qwen_call("weather", {"city": "Rome"})
+    scorer(tool_tokenizer, replies, seen).final_answers([record])
+    assert "<tool_response>\nerror: no tool 'weather' to run\n</tool_response>" in seen[-1]
+
+
+def test_summary_has_a_tool_call_accuracy_column_per_family(tmp_path):
+    from tunemake.evaluate import summarize
+
+    ev = {"experiment": "e", "epoch": 1, "heldout": {"loss": 1.0, "perplexity": 2.7},
+          "exact_match": {"tools": {"rate": 0.5}, "all": {"rate": 0.5}},
+          "tool_calls": {"tools": {"rate": 0.75}, "all": {"rate": 0.75}}}
+    (tmp_path / "e.json").write_text(json.dumps(ev))
+    summarize([tmp_path / "e.json"], tmp_path / "summary.tsv", plots_dir=tmp_path / "plots")
+    header, row = (tmp_path / "summary.tsv").read_text().splitlines()
+    assert header.split("\t")[-2:] == ["tool_call_accuracy_tools", "tool_call_accuracy_all"]
+    assert row.split("\t")[-2:] == ["0.7500", "0.7500"]
