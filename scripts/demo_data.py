@@ -12,4 +12,5 @@ run(
     seed=demo["seed"],
     corpus_docs=demo["corpus_docs"],
     tasks_per_family=demo["tasks_per_family"],
+    tool_tasks=demo["tool_tasks"],
 )

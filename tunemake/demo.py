@@ -24,7 +24,14 @@ CORPUS_FILE = "corpus.txt"
 TASKS_FILE = "tasks.jsonl"
 
 #: The task families in ``tasks.jsonl``, in the order the summary lists them.
-TASK_FAMILIES = ("arithmetic", "reversal", "facts", "multi_turn")
+TASK_FAMILIES = ("arithmetic", "reversal", "facts", "multi_turn", "tool_arithmetic")
+
+#: The one tool of the ``tool_arithmetic`` family, described compactly: every token of the
+#: description is in every prompt of the family, and the demo's rows are 256 tokens.
+CALCULATE_TOOL = {"type": "function", "function": {
+    "name": "calculate", "description": "Evaluate arithmetic",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}},
+}}
 
 #: What :func:`build_demo_tokenizer` writes into the model directory (transformers 5 names).
 TOKENIZER_FILES = ("chat_template.jinja", "tokenizer.json", "tokenizer_config.json")
@@ -171,6 +178,7 @@ def generate_demo_data(
     seed: int = 0,
     corpus_docs: int = 3000,
     tasks_per_family: int = 600,
+    tool_tasks: int = 300,
 ) -> dict:
     """Write the demo's pre-training corpus and instruction tasks into ``out_dir``.
 
@@ -195,6 +203,10 @@ def generate_demo_data(
       measures memorisation, not reasoning.
     - ``multi_turn``: ``Repeat these words: ...`` -> the words, then one or two of ``And the
       first one?``, ``And the last one?``, ``How many words were there?``.
+    - ``tool_arithmetic``: the arithmetic questions with :data:`CALCULATE_TOOL` offered: the
+      model calls ``calculate`` with ``"17 + 25"``, reads ``42`` back and answers ``42``
+      (``tunemake.tools``' form; evaluations run the call). Its sums are drawn from every pair,
+      as the answer comes from the tool.
 
     Word lists of the reversal and multi-turn tasks are unique and, like the sums, never appear
     in the corpus. The facts family has a ceiling: 20 countries x 3 attributes x 5 phrasings =
@@ -206,6 +218,7 @@ def generate_demo_data(
             files, and the tasks do not depend on ``corpus_docs``.
         corpus_docs: number of corpus documents (lines). Default 3000.
         tasks_per_family: records per task family (facts capped as above). Default 600.
+        tool_tasks: records of the ``tool_arithmetic`` family. Default 300.
 
     Returns:
         ``{"corpus_docs": int, "tasks": {family: number of records}}``.
@@ -236,6 +249,9 @@ def generate_demo_data(
         + _fact_tasks(tasks_rng, tasks_per_family)
         + _multi_turn_tasks(tasks_rng, task_lists[tasks_per_family:])
     )
+    # their own generator: the other families do not change with the number of tool tasks
+    tools_rng = random.Random(f"{seed}-tools")
+    records += _tool_tasks(tools_rng, tools_rng.sample(all_pairs, min(tool_tasks, len(all_pairs))))
     tasks_rng.shuffle(records)
 
     task_pair_set = set(task_pairs)
@@ -320,11 +336,24 @@ def _multi_turn_tasks(rng: random.Random, lists: list[list[str]]) -> list[dict]:
     return [_record("multi_turn", _multi_turns(rng, words)) for words in lists]
 
 
-# Three in ten corpus documents state facts, three play with word lists, two show sums and two
-# are user/assistant exchanges.
+def _tool_tasks(rng: random.Random, pairs: list[tuple[int, int]]) -> list[dict]:
+    return [_tool_record(*_arithmetic_turn(rng, a, b), f"{a} + {b}") for a, b in pairs]
+
+
+def _tool_record(question: str, answer: str, expression: str) -> dict:
+    call = {"name": "calculate", "arguments": {"expression": expression}}
+    return {"task": "tool_arithmetic", "conversation": [
+        {"system": "", "input": question, "output": "", "tools": [CALCULATE_TOOL], "tool_calls": [call]},
+        {"system": "", "input": "", "output": answer, "tool_results": [{"name": "calculate", "content": answer}]},
+    ]}
+
+
+# Three in eleven corpus documents state facts, three play with word lists, two show sums, two
+# are user/assistant exchanges and one shows the calculate tool (so that the tokenizer learns its
+# description and calls as a few tokens).
 # fmt: off
 _DOC_KINDS = ("fact", "words", "fact", "sums", "dialogue",
-              "fact", "words", "sums", "dialogue", "words")
+              "fact", "words", "sums", "dialogue", "words", "tool")
 # fmt: on
 
 
@@ -356,6 +385,8 @@ class _CorpusMaker:
             sentences = [self.word_sentence() for _ in range(rng.randint(2, 4))]
         elif kind == "sums":
             sentences = [self.sum_sentence() for _ in range(rng.randint(2, 4))]
+        elif kind == "tool":
+            sentences = self.tool_doc()
         else:
             sentences = self.dialogue()
         return " ".join(sentences)
@@ -389,6 +420,14 @@ class _CorpusMaker:
             a=a, b=b, sum=a + b, name=rng.choice(_NAMES), item=rng.choice(_ITEMS)
         )
 
+    def tool_doc(self) -> list[str]:
+        """The calculate tool as a prompt lists it (its JSON, without the newlines a corpus line
+        cannot hold), and a call with its result."""
+        a, b = self.rng.choice(self.pairs)
+        described = json.dumps([CALCULATE_TOOL["function"]], indent=4).replace("\n", "")
+        call = json.dumps({"name": "calculate", "parameters": {"expression": f"{a} + {b}"}})
+        return [f"The tools: {described}", f"The call {call} gives {a + b}."]
+
     def dialogue(self) -> list[str]:
         rng = self.rng
         kind = rng.choice(("facts", "arithmetic", "reversal", "multi_turn"))
@@ -417,8 +456,8 @@ def build_demo_tokenizer(
 
     Any UTF-8 text round-trips (byte-level pre-tokenizer and decoder); digits are split one per
     token, so numbers never eat the vocabulary and sums can be learnt digit by digit. ``<s>``,
-    ``</s>``, ``<pad>`` and every token of ``template.special_tokens()`` are special tokens (one
-    id each, never split or merged); there is no unk token, as byte level never needs one. The
+    ``</s>``, ``<pad>``, every token of ``template.special_tokens()`` and the markers of its tool
+    form (``tunemake.toolforms``) are special tokens (one id each, never split or merged); there is no unk token, as byte level never needs one. The
     tokenizer adds no bos/eos of its own: the template's encoder and ``chat_template`` add them.
 
     ``out_dir`` may already hold other files (the model's weights): each of
@@ -463,8 +502,11 @@ def build_demo_tokenizer(
     if not docs:
         raise DataError(at(str(corpus), "holds no text to train a tokenizer on"))
 
+    from tunemake.toolforms import FORMS
+
     special = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN]
-    special += [token for token in template.special_tokens() if token not in special]
+    markers = FORMS[template.tool_form].markers if template.tool_form else ()
+    special += [token for token in (*template.special_tokens(), *markers) if token not in special]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
