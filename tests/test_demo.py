@@ -17,9 +17,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunemake import demo
 from tunemake.errors import ConfigError, DataError, TunemakeError
+from tunemake.formats import map_conversation
 from tunemake.templates import HF, TEMPLATES
+from tunemake.toolbox import calculate
 
-SMALL = {"corpus_docs": 300, "tasks_per_family": 60}
+SMALL = {"corpus_docs": 300, "tasks_per_family": 60, "tool_tasks": 60}
 TINY_MODEL = {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "intermediate_size": 128}
 
 
@@ -58,6 +60,20 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
         assert (tmp_path / "a" / file).read_bytes() != (tmp_path / "c" / file).read_bytes()
 
 
+def test_the_tool_family_offers_the_built_in_calculate_plugin():
+    from tunemake.toolbox import load_toolbox
+
+    assert load_toolbox(["calculate"]).schemas == [demo.CALCULATE_TOOL]
+
+
+def test_the_other_families_do_not_depend_on_the_number_of_tool_tasks(tmp_path):
+    for name, tools in (("a", 10), ("b", 40)):
+        demo.generate_demo_data(tmp_path / name, corpus_docs=100, tasks_per_family=40, tool_tasks=tools)
+    plain = [sorted(json.dumps(r, sort_keys=True) for r in _records(tmp_path / name) if r["task"] != "tool_arithmetic")
+             for name in ("a", "b")]
+    assert plain[0] == plain[1]
+
+
 def test_tasks_do_not_depend_on_corpus_size(tmp_path):
     demo.generate_demo_data(tmp_path / "a", corpus_docs=100, tasks_per_family=40)
     demo.generate_demo_data(tmp_path / "b", corpus_docs=500, tasks_per_family=40)
@@ -73,7 +89,8 @@ def test_summary_matches_files_and_leaves_no_temporary_files(tmp_path):
     for record in _records(tmp_path):
         counts[record["task"]] += 1
     assert summary["tasks"] == counts
-    assert counts == {family: SMALL["tasks_per_family"] for family in demo.TASK_FAMILIES}
+    assert counts == {family: SMALL["tool_tasks" if family == "tool_arithmetic" else "tasks_per_family"]
+                      for family in demo.TASK_FAMILIES}
     assert sorted(p.name for p in tmp_path.iterdir()) == [demo.CORPUS_FILE, demo.TASKS_FILE]
 
 
@@ -96,12 +113,16 @@ def test_records_are_xtuner_conversations(data_dir):
         assert record["task"] in demo.TASK_FAMILIES
         turns = record["conversation"]
         assert turns and turns[0]["system"] == ""
+        if record["task"] == "tool_arithmetic":
+            assert map_conversation(record, "tasks.jsonl") == turns  # already the unified form
+            continue
         for turn in turns:
             assert set(turn) - {"system"} == {"input", "output"}
             assert turn["input"].strip() and turn["output"].strip()
     lengths = {len(r["conversation"]) for r in records if r["task"] == "multi_turn"}
     assert lengths == {2, 3}
-    assert {len(r["conversation"]) for r in records if r["task"] != "multi_turn"} == {1}
+    assert {len(r["conversation"]) for r in records if r["task"] not in ("multi_turn", "tool_arithmetic")} == {1}
+    assert {len(r["conversation"]) for r in records if r["task"] == "tool_arithmetic"} == {2}
 
 
 def test_families_are_shuffled_together(data_dir):
@@ -121,6 +142,14 @@ def test_answers_are_correct(data_dir):
             words = first["input"].split(": ", 1)[1].split()
             assert first["output"].split() == words[::-1]
             assert 3 <= len(words) <= 5
+        elif record["task"] == "tool_arithmetic":
+            a, b = map(int, re.findall(r"\d+", first["input"]))
+            (call,) = first["tool_calls"]
+            assert call == {"name": "calculate", "arguments": {"expression": f"{a} + {b}"}}
+            assert calculate(call["arguments"]["expression"]) == str(a + b)
+            assert first["tools"] == [demo.CALCULATE_TOOL]
+            assert record["conversation"][1]["tool_results"] == [{"name": "calculate", "content": str(a + b)}]
+            assert record["conversation"][1]["output"] == str(a + b)
         elif record["task"] == "multi_turn":
             words = first["input"].split(": ", 1)[1].split()
             assert first["output"].split() == words

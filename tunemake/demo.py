@@ -26,11 +26,14 @@ TASKS_FILE = "tasks.jsonl"
 #: The task families in ``tasks.jsonl``, in the order the summary lists them.
 TASK_FAMILIES = ("arithmetic", "reversal", "facts", "multi_turn", "tool_arithmetic")
 
-#: The one tool of the ``tool_arithmetic`` family, described compactly: every token of the
-#: description is in every prompt of the family, and the demo's rows are 256 tokens.
+#: The one tool of the ``tool_arithmetic`` family: the built-in ``calculate`` plugin's schema
+#: (``tunemake.toolbox``), so ``tunemake chat --with-plugins calculate`` offers the model what it
+#: was trained with.
 CALCULATE_TOOL = {"type": "function", "function": {
-    "name": "calculate", "description": "Evaluate arithmetic",
-    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}},
+    "name": "calculate", "description": "Evaluate arithmetic.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "like 17 + 25"}},
+                   "required": ["expression"]},
+    "return": {"type": "string"},
 }}
 
 #: What :func:`build_demo_tokenizer` writes into the model directory (transformers 5 names).

@@ -35,6 +35,8 @@ class ToolError(TunemakeError):
 
 
 # --- calculate -----------------------------------------------------------------------------------
+# The docstrings below are what a model is shown (``get_json_schema``): short, as every token of
+# a tool's description is in every prompt that offers it.
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -100,10 +102,10 @@ def format_number(value) -> str:
 
 
 def calculate(expression: str) -> str:
-    """Evaluate an arithmetic expression.
+    """Evaluate arithmetic.
 
     Args:
-        expression: the expression, e.g. "17 + 25" or "sqrt(2) * 3"
+        expression: like 17 + 25
     """
     return format_number(_number(_parse(expression)))
 
@@ -136,10 +138,10 @@ def _sympy(node: ast.expr, symbols: dict):
 
 
 def solve(equation: str) -> str:
-    """Solve an equation, or several separated by semicolons, for their unknowns.
+    """Solve equations for their unknowns.
 
     Args:
-        equation: the equation, e.g. "x^2 - 4 = 0" or "x + y = 3; x - y = 1"
+        equation: like x^2 = 4; several separated by ;
     """
     import sympy
 
