@@ -496,34 +496,41 @@ def _with_template(tokenizer, chat_template):
 # --- the data stage -----------------------------------------------------------------------------
 
 
-def _recipe(tmp_path, tokenizer_dir, records, template="qwen_chat", fmt="openai", heldout=0.0):
+def _recipe(tmp_path, tokenizer_dir, records, template="qwen_chat", fmt="openai", heldout=0.0, tokenizer=None):
     from tunemake.config import load_config
 
     path = tmp_path / "tools.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     config = {
-        "models": {"tiny": {"path": str(tokenizer_dir("qwen_chat")), "template": template}},
+        "models": {"tiny": {"path": str(tokenizer or tokenizer_dir("qwen_chat")), "template": template}},
         "datasets": {"calls": {"path": str(path), "format": fmt, "heldout_fraction": heldout}},
         "experiments": [{"model": "tiny", "datasets": "calls", "method": "lora", "max_length": 1024}],
     }
     return path, next(iter(load_config(config)["experiments"].values()))["data_recipe"]
 
 
-def test_data_stage_counts_tool_records_and_calls_and_drops_unknown_calls(tmp_path, tokenizer_dir, caplog):
-    from tunemake.data import build_templated_dataset
+def test_data_stage_counts_tool_records_and_calls_and_drops_unknown_calls(tmp_path, tokenizer_dir, corpus_path,
+                                                                         caplog):
+    from dataclasses import replace
 
+    from tunemake.data import build_templated_dataset
+    from tunemake.demo import build_demo_tokenizer
+
+    # a tokenizer for qwen_chat's text, but not for its tool markers
+    without_markers = tmp_path / "tokenizer"
+    build_demo_tokenizer(corpus_path, without_markers, replace(TEMPLATES["qwen_chat"], tool_form=None), vocab_size=500)
     unknown = json.loads(json.dumps(OPENAI_RECORD))
     unknown["messages"][2]["tool_calls"][0]["function"]["name"] = "search"
     plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-    path, recipe = _recipe(tmp_path, tokenizer_dir, [OPENAI_RECORD, unknown, plain, OPENAI_RECORD])
+    path, recipe = _recipe(tmp_path, tokenizer_dir, [OPENAI_RECORD, unknown, plain, OPENAI_RECORD],
+                           tokenizer=without_markers)
     with caplog.at_level("WARNING", logger="tunemake.data"):
         stats = build_templated_dataset(recipe, tmp_path / "out")
     calls = stats["datasets"]["calls"]
     assert (calls["tool_records"], calls["tool_calls"], calls["dropped"]["unknown_tool"]) == (2, 2, 1)
     assert (stats["tool_records"], stats["records_in"], stats["records_out"]["train"]) == (2, 4, 3)
     assert f"{path}:2: calls 'search'" in caplog.text
-    # the test tokenizer has no <tool_call> token: said once
-    assert caplog.text.count("no single token for <tool_call>") == 1
+    assert caplog.text.count("no single token for <tool_call>") == 1  # said once
 
 
 def test_data_stage_refuses_tools_with_a_template_that_cannot_write_them(tmp_path, tokenizer_dir):

@@ -460,8 +460,9 @@ def build_demo_tokenizer(
     Any UTF-8 text round-trips (byte-level pre-tokenizer and decoder); digits are split one per
     token, so numbers never eat the vocabulary and sums can be learnt digit by digit. ``<s>``,
     ``</s>``, ``<pad>``, every token of ``template.special_tokens()`` and the markers of its tool
-    form (``tunemake.toolforms``) are special tokens (one id each, never split or merged); there is no unk token, as byte level never needs one. The
-    tokenizer adds no bos/eos of its own: the template's encoder and ``chat_template`` add them.
+    form (``tunemake.toolforms``) are special tokens (one id each, never split or merged); there
+    is no unk token, as byte level never needs one. The tokenizer adds no bos/eos of its own: the
+    template's encoder and ``chat_template`` add them.
 
     ``out_dir`` may already hold other files (the model's weights): each of
     :data:`TOKENIZER_FILES` is written to a temporary directory beside it and renamed into

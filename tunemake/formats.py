@@ -510,7 +510,7 @@ def map_msagent_react(record, location: str, fields=None) -> list[dict]:
         role, value = _field(message, "from", where), _field(message, "value", where)
         if role == "system":
             apis = _api_descriptions(value)
-            system += ("你是一个可以调用外部工具的助手，可以使用的工具包括：\n" f"{apis}\n" + _REACT_FORMAT.format(names=str(list(apis))))
+            system += f"{_REACT_INTRO}{apis}\n" + _REACT_FORMAT.format(names=str(list(apis)))
         elif role == "user":
             user += f"{value}\n"
         elif role == "assistant":
@@ -523,6 +523,7 @@ def map_msagent_react(record, location: str, fields=None) -> list[dict]:
     return conversation
 
 
+_REACT_INTRO = "你是一个可以调用外部工具的助手，可以使用的工具包括：\n"
 _REACT_FORMAT = (
     "如果使用工具请遵循以下格式回复：\n```\n"
     "Thought:思考你当前步骤需要解决什么问题，是否需要使用工具\n"

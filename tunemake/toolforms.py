@@ -98,11 +98,12 @@ class QwenForm(ToolForm):
         text = output
         for index, call in enumerate(calls):
             text += "\n" if (output or index) else ""
-            text += '<tool_call>\n{"name": "' + call["name"] + '", "arguments": ' + _json(call["arguments"]) + "}\n</tool_call>"
+            text += f'<tool_call>\n{{"name": "{call["name"]}", "arguments": {_json(call["arguments"])}}}\n</tool_call>'
         return text
 
     def results(self, results, calls):
-        return "<|im_start|>user" + "".join(f"\n<tool_response>\n{r['content']}\n</tool_response>" for r in results) + "<|im_end|>\n"
+        responses = "".join(f"\n<tool_response>\n{r['content']}\n</tool_response>" for r in results)
+        return f"<|im_start|>user{responses}<|im_end|>\n"
 
     def parse(self, text):
         start = text.find("<tool_call>")
