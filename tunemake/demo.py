@@ -425,11 +425,16 @@ class _CorpusMaker:
 
     def tool_doc(self) -> list[str]:
         """The calculate tool as a prompt lists it (its JSON, without the newlines a corpus line
-        cannot hold), and a call with its result."""
-        a, b = self.rng.choice(self.pairs)
+        cannot hold), then questions answered through it: the operands copied into a call, the
+        result copied into the answer, as the tool family asks (with the corpus's sums)."""
         described = json.dumps([CALCULATE_TOOL["function"]], indent=4).replace("\n", "")
-        call = json.dumps({"name": "calculate", "parameters": {"expression": f"{a} + {b}"}})
-        return [f"The tools: {described}", f"The call {call} gives {a + b}."]
+        sentences = [f"The tools: {described}"]
+        for _ in range(self.rng.randint(2, 3)):
+            a, b = self.rng.choice(self.pairs)
+            question, answer = _arithmetic_turn(self.rng, a, b)
+            call = json.dumps({"name": "calculate", "parameters": {"expression": f"{a} + {b}"}})
+            sentences.append(f"Asked: {question} Call: {call} Result: {answer} Answer: {answer}")
+        return sentences
 
     def dialogue(self) -> list[str]:
         rng = self.rng
