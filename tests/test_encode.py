@@ -545,6 +545,22 @@ def test_pack_without_packing_one_row_per_sample():
         assert pos == list(range(len(row)))
 
 
+@pytest.mark.parametrize("max_length", [7, 32, 64])
+def test_whole_packing_splits_no_sample_and_keeps_the_shuffle(max_length):
+    samples = _samples(60, max_len=max_length)  # no longer than a row, as encode cuts them
+    packed = pack(samples, max_length, seed=4, packing="whole")
+    rows = _rows(packed, "input_ids")
+    assert all(0 < len(row) <= max_length for row in rows)
+    for row, positions in zip(rows, _rows(packed, "position_ids")):
+        docs = _order(row)
+        assert [t for i in docs for t in samples[i].input_ids] == row  # whole samples only
+        assert positions == [p for i in docs for p in range(len(samples[i].input_ids))]
+    assert _order(packed.input_ids.tolist()) == _order(pack(samples, max_length, seed=4).input_ids.tolist())
+    # a row ends only where the next sample would not fit
+    for row, following in zip(rows, rows[1:]):
+        assert len(row) + len(samples[_order(following)[0]].input_ids) > max_length
+
+
 def test_pack_empty():
     packed = pack([], 16, seed=0)
     assert packed.num_rows == 0 and len(packed.input_ids) == 0

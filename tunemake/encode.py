@@ -349,13 +349,21 @@ class Packed:
         return len(self.offsets) - 1
 
 
-def pack(samples: Sequence[Encoded], max_length: int, seed: int, packing: bool = True) -> Packed:
+#: ``packing: whole``: rows hold whole samples, none split across two.
+WHOLE = "whole"
+
+
+def pack(samples: Sequence[Encoded], max_length: int, seed: int, packing: bool | str = True) -> Packed:
     """Shuffle samples with ``seed`` and concatenate them into rows of ``max_length`` tokens.
 
-    Unlike XTuner's packer, no token is dropped: the last row is shorter instead. A sample may be
-    split across two rows. ``position_ids`` restart at 0 at every document piece (a sample, or the
-    part of a sample that opens a row), so attention and positions can stay inside a document.
-    With ``packing=False`` each (shuffled) sample is its own row.
+    ``packing=True`` (XTuner's ``pack_to_max_length``): every row is full but the last; a sample
+    may be split across two rows, its second part then trained without its first. Unlike XTuner's
+    packer, no token is dropped: the last row is shorter instead. ``packing="whole"``: a row takes
+    the shuffled samples in turn until the next does not fit, so no sample is split (every sample
+    fits a row: it was cut to ``max_length``); rows are shorter, ``stats.json``'s packing
+    efficiency says by how much. ``position_ids`` restart at 0 at every document piece (a sample,
+    or the part of a sample that opens a row), so attention and positions can stay inside a
+    document. With ``packing=False`` each (shuffled) sample is its own row.
     """
     order = np.random.default_rng(seed).permutation(len(samples))
     shuffled = [samples[i] for i in order]
@@ -368,7 +376,10 @@ def pack(samples: Sequence[Encoded], max_length: int, seed: int, packing: bool =
     np.cumsum(lengths[:-1], out=doc_starts[1:])
     index = np.arange(total, dtype=np.int64)
     doc_start_of = np.repeat(doc_starts, lengths)
-    if packing:
+    if packing == WHOLE:
+        offsets = np.append(doc_starts[_whole_rows(lengths, max_length)], total)
+        position_ids = index - doc_start_of
+    elif packing:
         offsets = np.append(np.arange(0, total, max_length, dtype=np.int64), total)
         row_start_of = (index // max_length) * max_length
         position_ids = index - np.maximum(doc_start_of, row_start_of)
@@ -376,3 +387,14 @@ def pack(samples: Sequence[Encoded], max_length: int, seed: int, packing: bool =
         offsets = np.append(doc_starts, total)
         position_ids = index - doc_start_of
     return Packed(input_ids, labels, position_ids.astype(np.int32), offsets.astype(np.int64))
+
+
+def _whole_rows(lengths: np.ndarray, max_length: int) -> list[int]:
+    """The samples that open a row when each row takes samples in turn until the next does not fit."""
+    starts, used = [], max_length
+    for index, length in enumerate(lengths.tolist()):
+        if used + length > max_length:
+            starts.append(index)
+            used = 0
+        used += length
+    return starts
