@@ -271,6 +271,7 @@ def test_evaluation_scores_calls_and_the_answer_reached_with_the_tools_run(tool_
     assert tools.call_accuracy([ASKED]) == [(1, 1)]
     assert tools.final_answers([ASKED]) == ["It is 5."]
     assert seen[-1].endswith("<tool_response>\n5\n" + READS)  # calculate ran
+    assert len(seen) == 2  # the call turn's prompt is the first round's: generated once
 
 
 def test_evaluation_counts_wrong_arguments_as_a_wrong_call(tool_tokenizer):

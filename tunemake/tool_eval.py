@@ -50,12 +50,19 @@ class ToolScorer:
     """
 
     def __init__(self, generate, tokenizer, template, stops, toolbox, max_rounds: int = 5):
-        self.generate, self.tokenizer, self.template, self.stops = generate, tokenizer, template, stops
+        self._generate, self.tokenizer, self.template, self.stops = generate, tokenizer, template, stops
         self.toolbox, self.max_rounds = toolbox, max_rounds
+        self._generated: dict[tuple, list[int]] = {}  # a call turn's prompt is often a first round's
         self.readable = template != HF or bool(getattr(tokenizer, "response_template", None))
         if not self.readable:
             log.warning("template 'hf': the tokenizer has no response_template, so tool calls cannot be read: "
                         "tool-call accuracy is not scored and answers are taken as they come")
+
+    def generate(self, prompts: list[list[int]]) -> list[list[int]]:
+        """Greedy generations, each distinct prompt generated once per scorer."""
+        missing = [p for p in dict.fromkeys(map(tuple, prompts)) if p not in self._generated]
+        self._generated.update(zip(missing, self._generate([list(p) for p in missing]) if missing else []))
+        return [self._generated[tuple(p)] for p in prompts]
 
     def calls(self, new_ids: list[int], prompt: list[int], tools: list[dict]) -> tuple[str, list[dict]]:
         """The text before the calls a generation makes, and the calls (arguments named)."""
@@ -91,7 +98,7 @@ class ToolScorer:
             prompts = [prompt_ids([*states[i]["turns"], states[i]["turn"]], self.template, self.tokenizer)[1]
                        for i in active]
             still = []
-            for i, prompt, new_ids in zip(active, prompts, self.generate(prompts) if prompts else []):
+            for i, prompt, new_ids in zip(active, prompts, self.generate(prompts)):
                 state = states[i]
                 content, calls = self.calls(new_ids, prompt, state["tools"]) if round_ < self.max_rounds else ("", [])
                 if not calls:
