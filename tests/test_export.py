@@ -20,6 +20,8 @@ import pytest
 import yaml
 from smk import REPO, artefact_digests, planned_jobs, snakemake, write_config
 
+from tunemake.toolbox import calculate
+
 pytestmark = pytest.mark.slow
 
 SMALL_CONFIG = REPO / "tests" / "configs" / "demo_small.yaml"
@@ -164,3 +166,12 @@ def test_demo_config_fine_tune_works(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     answer = json.loads(out.stdout.splitlines()[-1])
     assert answer["prompt"] == "Reverse: cat dog sun" and answer["answer"]
+    # with the calculate plugin, the tool family's question goes through a call that runs
+    out = subprocess.run([sys.executable, "-m", "tunemake.cli", "chat", "merged/tiny_full_corpus_lora_embed_tasks",
+                          "--batch", "-", "--temperature", "0", "--with-plugins", "calculate"],
+                         input=json.dumps({"prompt": "What is 27 plus 16?"}) + "\n", capture_output=True, text=True,
+                         cwd=work)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (call, *_) = json.loads(out.stdout.splitlines()[-1])["tool_calls"]
+    assert call["name"] == "calculate" and call["result"] == calculate(call["arguments"]["expression"])
+    assert float(final["tool_call_accuracy_tool_arithmetic"]) > 0  # the family's calls are learnt
