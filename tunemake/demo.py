@@ -181,7 +181,7 @@ def generate_demo_data(
     seed: int = 0,
     corpus_docs: int = 3000,
     tasks_per_family: int = 600,
-    tool_tasks: int = 300,
+    tool_tasks: int = 0,
 ) -> dict:
     """Write the demo's pre-training corpus and instruction tasks into ``out_dir``.
 
@@ -221,7 +221,7 @@ def generate_demo_data(
             files, and the tasks do not depend on ``corpus_docs``.
         corpus_docs: number of corpus documents (lines). Default 3000.
         tasks_per_family: records per task family (facts capped as above). Default 600.
-        tool_tasks: records of the ``tool_arithmetic`` family. Default 300.
+        tool_tasks: records of the ``tool_arithmetic`` family. Default 0 (the demo config asks for 300).
 
     Returns:
         ``{"corpus_docs": int, "tasks": {family: number of records}}``.
