@@ -15,6 +15,7 @@ from tunemake.encode import BOS, EOS, IGNORE_INDEX, UNLABELLED_EOS, encode_recor
 from tunemake.errors import ConfigError, DataError
 from tunemake.formats import map_conversation, map_moss_sft, map_msagent_react, map_openai, map_sharegpt
 from tunemake.templates import HF, TEMPLATES
+from tunemake.toolforms import TOOL_TEMPLATES
 
 LOC = "tools.jsonl:3"
 
@@ -536,12 +537,48 @@ def test_data_stage_counts_tool_records_and_calls_and_drops_unknown_calls(tmp_pa
 def test_data_stage_refuses_tools_with_a_template_that_cannot_write_them(tmp_path, tokenizer_dir):
     from tunemake.data import build_templated_dataset
 
+    """A tool record past the records the config looks at is refused by the data job."""
+    from tunemake.formats import PEEK_RECORDS
+
     plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-    path, recipe = _recipe(tmp_path, tokenizer_dir, [plain, OPENAI_RECORD], template="default")
+    path, recipe = _recipe(tmp_path, tokenizer_dir, [plain] * PEEK_RECORDS + [OPENAI_RECORD], template="default")
     with pytest.raises(DataError) as info:
         build_templated_dataset(recipe, tmp_path / "out")
-    assert str(info.value).startswith(f"{path}:2: this record has tools, and template 'default' cannot write tool calls")
+    assert str(info.value).startswith(f"{path}:{PEEK_RECORDS + 1}: this record has tools, and template 'default' "
+                                      "cannot write tool calls")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_tool_records_with_a_template_without_a_tool_form_are_a_config_error(tmp_path, tokenizer_dir, suffix):
+    """The config looks at the first records of each local file, whatever the format's file type."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tunemake.config import load_config
+
+    plain = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    records = [plain, SHAREGPT_RECORD]
+    path = tmp_path / f"calls{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(records), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records) if suffix == ".jsonl" else json.dumps(records))
+    where = {".jsonl": f"{path}:2", ".json": f"{path}: record 1", ".parquet": f"{path}: row 1"}[suffix]
+    config = {
+        "models": {"tiny": {"path": str(tokenizer_dir("qwen_chat")), "template": "default"}},
+        "datasets": {"calls": {"path": str(path), "format": "sharegpt"}},
+        "experiments": [{"name": "plain", "model": "tiny", "datasets": ["calls"], "method": "lora"},
+                        {"name": "tools", "model": "tiny", "datasets": ["calls"], "method": "lora",
+                         "template": "qwen_chat"}],
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    assert str(info.value) == (f"config: experiments[0].template: dataset 'calls' (first at {where}) calls tools, and "
+                               "template 'default' cannot write them; the templates with a tool form are "
+                               + ", ".join(TOOL_TEMPLATES))
+    config["experiments"].pop(0)
+    load_config(config)  # a template with a tool form reads them
 
 
 def test_moss_data_with_a_template_without_a_tool_form_is_a_config_error(tmp_path, tokenizer_dir):

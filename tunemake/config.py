@@ -260,6 +260,7 @@ def load_config(source: str | os.PathLike | Sequence[str | os.PathLike] | dict,
     if check_files:
         config["source_files"] = {name: expand_sources(dataset, name, where(("datasets", name, "path")))
                                   for name, dataset in config["datasets"].items()}
+        check_tool_templates(config)
     return config
 
 
@@ -556,18 +557,41 @@ def resolve_experiment(exp: dict, config: dict, origin: str) -> None:
         dataset = config["datasets"][name]
         if dataset["format"] == "custom" and "fields" not in dataset:
             dataset["fields"] = {"input": "input", "output": "output", "system": None}
-        if dataset["format"] in TOOL_FORMATS and template != HF and not template.tool_form:
-            raise ConfigError(
-                f"{key}.template: dataset {name!r} (format {dataset['format']}) calls tools, and template "
-                f"{template.name!r} cannot write them; the templates with a tool form are {', '.join(TOOL_TEMPLATES)}"
-            )
+        if dataset["format"] in TOOL_FORMATS and not writes_tools(template):
+            raise ConfigError(_no_tool_form(key, name, f"format {dataset['format']}", template))
     exp["data_recipe"] = data_recipe(exp, config)
     exp["data_key"] = recipe_key(exp["data_recipe"])
 
 
-#: The formats whose records call tools; openai, sharegpt and conversation records may too, which
-#: the data stage finds record by record.
+#: The formats whose records call tools. Records of other formats may too: the config looks at the
+#: first records of each local file (:func:`check_tool_templates`), the data job at every record.
 TOOL_FORMATS = ("moss_sft",)
+
+
+def writes_tools(template) -> bool:
+    return template == HF or bool(template.tool_form)
+
+
+def _no_tool_form(key: str, dataset: str, why: str, template) -> str:
+    return (f"{key}.template: dataset {dataset!r} ({why}) calls tools, and template {template.name!r} cannot "
+            f"write them; the templates with a tool form are {', '.join(TOOL_TEMPLATES)}")
+
+
+def check_tool_templates(config: dict) -> None:
+    """Refuse an experiment whose template has no tool form while its local data has tool records
+    among the first each file holds (:func:`tunemake.formats.first_tool_record`)."""
+    from tunemake.formats import first_tool_record
+
+    found: dict[str, str | None] = {}
+    for exp in config["experiments"].values():
+        template = get_template(exp["template"], config.get("templates"))
+        if writes_tools(template):
+            continue
+        for name in exp["datasets"]:
+            if name not in found:
+                found[name] = first_tool_record(config["datasets"][name], config["source_files"][name])
+            if found[name]:
+                raise ConfigError(_no_tool_form(exp["_key"], name, f"first at {found[name]}", template))
 _FIELDS_OF = {
     "custom": ("input", "output", "system", "loss"),
     "sharegpt": ("messages", "system", "tools", "role_tag", "content_tag", "user_tag", "assistant_tag",

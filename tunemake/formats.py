@@ -582,6 +582,57 @@ MAP_FUNCTIONS: dict[str, Callable[..., list[dict]]] = {
 }
 
 
+#: How many records of each local file :func:`first_tool_record` reads, and the largest ``.json``
+#: file it parses whole: the look runs every time the config loads, so it stays cheap.
+PEEK_RECORDS = 100
+PEEK_JSON_BYTES = 8 << 20
+
+
+def first_tool_record(dataset: dict, files: list[str], limit: int = PEEK_RECORDS) -> str | None:
+    """Where the first record that offers, calls or reads tools is, among the first ``limit``
+    records of each local file; None when none of them does.
+
+    The config looks here when it loads, so that a template without a tool form is refused
+    before any job runs. It reads the head of a ``.jsonl`` file, the first rows of a parquet file,
+    and a ``.json`` file of at most 8 MB. A file that does not exist yet (another rule builds it)
+    or does not read is passed over, as is a record that does not fit the format: the data job
+    reads every record, reports those, and refuses a tool record past the ones looked at.
+    """
+    map_fn = MAP_FUNCTIONS.get(dataset["format"])
+    for path in files:
+        try:
+            for location, record in _head(path, limit):
+                if tools.has_tools(map_fn(record, location, dataset.get("fields"))):
+                    return location
+        except (DataError, OSError, ValueError):
+            continue
+    return None
+
+
+def _head(path: str, limit: int) -> Iterator[tuple[str, object]]:
+    """The first ``limit`` records of a local file, numbered as :func:`read_file` numbers them."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, "rb") as file:  # lines end at b"\n" only, as read_file splits them
+            count = 0
+            for lineno, line in enumerate(file, start=1):
+                if count == limit:
+                    return
+                text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                if text.strip():
+                    count += 1
+                    yield f"{path}:{lineno}", json.loads(text)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=limit), None)
+        for index, record in enumerate(batch.to_pylist() if batch is not None else ()):
+            yield f"{path}: row {index}", without_nulls(record)
+    elif suffix == ".json" and Path(path).stat().st_size <= PEEK_JSON_BYTES:
+        for index, item in zip(range(limit), read_file(path)):
+            yield item
+
+
 def read_dataset(dataset: dict, files: list[str] | None = None) -> Iterator[tuple[str, dict, list[dict]]]:
     """Yield ``(location, raw record, unified turns)`` for every record of a configured dataset.
 
