@@ -7,7 +7,11 @@ the demo's templated task data, then trains one epoch per setting through
 tokens/s, peak memory per setting, and the card. Not a speed benchmark against a baseline (see
 the GPU performance work for that): a record that each path runs and learns on real GPUs.
 
-    python bench/gpu_train_check.py [--json out.json] [--settings lora,qlora,zero2,ddp,zero3,zero3_full]
+    python bench/gpu_train_check.py [--json out.json] [--settings lora,qlora,zero2,ddp,zero3,zero3_full,...]
+
+Each epoch's log says whether it trained through the fast path (``tunemake.train.engine.route``);
+``qlora_zero2_1`` / ``qlora`` (one GPU) and ``qlora_zero2`` / ``qlora_ddp`` (two) compare the fast
+path under ZeRO-2 with it under plain torch: tokens/s and losses.
 """
 
 from __future__ import annotations
@@ -40,7 +44,13 @@ SETTINGS = {
     # are tested over gloo on the CPU)
     "zero3": {"method": "lora", "gpus": 1, "precision": "bf16", "deepspeed": "zero3"},
     "zero3_full": {"method": "full", "gpus": 1, "precision": "bf16", "deepspeed": "zero3"},
+    # the fast path under ZeRO-2 against the same method without DeepSpeed (issue 27)
+    "qlora_zero2_1": {"method": "qlora", "gpus": 1, "precision": "bf16", "deepspeed": "zero2"},
+    "qlora_ddp": {"method": "qlora", "gpus": 2, "precision": "bf16"},
+    "qlora_zero2": {"method": "qlora", "gpus": 2, "precision": "bf16", "deepspeed": "zero2"},
 }
+#: (DeepSpeed setting, the same without DeepSpeed): tokens/s and losses compared when both ran
+PAIRS = (("qlora_zero2_1", "qlora"), ("qlora_zero2", "qlora_ddp"))
 
 
 def main() -> int:
@@ -107,6 +117,13 @@ def main() -> int:
         if r.get("status") == 0:
             print(f"{r['setting']:10} {r['gpus']:>4} {r['first_loss']:>8.3f} -> {r['last_loss']:<7.3f} "
                   f"{r['heldout_loss']:>9.3f} {r['tokens_per_s_median']:>10.0f} {r['peak_memory_mib_rank0']:>9.0f}")
+    done = {r["setting"]: r for r in results if r.get("status") == 0}
+    for zero, plain in PAIRS:
+        if zero in done and plain in done:
+            a, b = done[zero], done[plain]
+            print(f"{zero} / {plain}: tokens/s {a['tokens_per_s_median'] / b['tokens_per_s_median']:.3f}, "
+                  f"first loss {a['first_loss']:.4f} vs {b['first_loss']:.4f}, last {a['last_loss']:.4f} vs "
+                  f"{b['last_loss']:.4f}, held-out {a['heldout_loss']:.4f} vs {b['heldout_loss']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"card": card, "gpus": torch.cuda.device_count(), "results": results}, indent=2))
     return 0 if all(r.get("status") == 0 for r in results) else 1

@@ -12,7 +12,8 @@ Repos (each with two commits, the older one also the branch ``v1``, unless said 
 - :data:`INTERNLM`: remote code, like the real repo: ``model_type`` ``internlm``, which
   transformers does not know, so config, model and tokenizer load only with
   ``trust_remote_code=True``. The model is Llama's code under InternLM's names (with attention
-  biases, as InternLM has); the tokenizer is a slow, pure-Python byte-level one (one token per
+  biases, as InternLM has), not declaring transformers' attention interface, as remote code
+  written before it does not; the tokenizer is a slow, pure-Python byte-level one (one token per
   UTF-8 byte) whose pad token is its eos, as InternLM's is. The commits' weights differ.
 - :data:`INTERNLM2`: remote code whose modelling file fails to import under transformers 5
   (``LlamaFlashAttention2`` is gone), as the real InternLM2 code does: config and tokenizer load,
@@ -301,6 +302,8 @@ class InternLMModel(LlamaModel):
 
 class InternLMForCausalLM(LlamaForCausalLM):
     config_class = InternLMConfig
+    # Remote code written before transformers' attention interface does not declare it.
+    _supports_attention_backend = False
 '''
 
 # The real InternLM2 code imports this at the top of modeling_internlm2.py; transformers 5 removed

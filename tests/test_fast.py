@@ -1,7 +1,7 @@
 """The fast path (tunemake.train.fast) computes the model's own loss and gradients, on packed rows.
 
-Tiny Llamas built in memory; the reference is the model's forward with train.make_batch's dense
-block-diagonal mask. The compiled / varlen path is checked on CUDA only.
+Tiny Llamas built in memory; the reference is the model's forward with a dense block-diagonal
+mask (tests/packed.py). The compiled / varlen path is checked on CUDA only.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from tunemake.train.fast import FastCausalLM, unsupported
-from tunemake.train.batches import Rows, make_batch
+from packed import dense_batch, packed_rows
+from tunemake.train import documents
+from tunemake.train.batches import make_batch
 from tunemake.train.engine import step_model
 from tunemake.train.launch import Dist
 from tunemake.train.model import fast_path
@@ -44,25 +46,6 @@ def with_lora(model, dropout: float = 0.0, modules_to_save=None, **options):
             if "lora_B" in name:  # zero at init: make the A gradients non-trivial
                 p.normal_(0, 0.05)
     return model
-
-
-def packed_rows(lengths_per_row, vocab=97, seed=0):
-    """Rows of several documents each, with position_ids restarting at every document."""
-    rng = np.random.default_rng(seed)
-    rows = Rows.__new__(Rows)
-    values = {"input_ids": [], "labels": [], "position_ids": []}
-    offsets = [0]
-    for docs in lengths_per_row:
-        ids = rng.integers(1, vocab, size=sum(docs))
-        labels = ids.copy()
-        labels[: docs[0] // 2] = -100  # a prompt without targets
-        values["input_ids"].append(ids)
-        values["labels"].append(labels)
-        values["position_ids"].append(np.concatenate([np.arange(d) for d in docs]))
-        offsets.append(offsets[-1] + sum(docs))
-    rows.columns = {k: (np.array(offsets, dtype=np.int64), np.concatenate(v)) for k, v in values.items()}
-    rows.num_rows = len(lengths_per_row)
-    return rows
 
 
 def loss_and_grads(model, batch, autocast=None):
@@ -100,9 +83,9 @@ def test_fast_path_equals_reference_fp32(method):
     elif method == "lora_head":
         model = with_lora(model, modules_to_save=["lm_head", "embed_tokens"])
     rows = packed_rows(ROWS)
-    ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], pad_id=0))
+    ref = loss_and_grads(model, dense_batch(rows, [0, 1, 2]))
     fast = FastCausalLM(model, torch.float32)
-    got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False))
+    got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], 0, documents.ROWS))
     assert_close(ref, got, rtol=1e-4)
 
 
@@ -115,9 +98,9 @@ def test_frozen_adapter_halves_get_no_gradient(frozen):
         if frozen in name:
             p.requires_grad_(False)
     rows = packed_rows(ROWS)
-    ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], pad_id=0))
+    ref = loss_and_grads(model, dense_batch(rows, [0, 1, 2]))
     fast = FastCausalLM(model, torch.float32)
-    got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False))
+    got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], 0, documents.ROWS))
     assert got[1] and not any(frozen in name for name in got[1])
     assert_close(ref, got, rtol=1e-4)
     assert all(p.grad is None for name, p in model.named_parameters() if frozen in name)
@@ -137,8 +120,8 @@ def test_concatenated_lora_products_equal_reference(checkpoint, options):
     assert len(fast._lora_b_slots.pairs) == 2 * 5  # two layers, q/k/v and gate/up in each
     rows = packed_rows(ROWS)
     for _ in range(2):
-        ref = loss_and_grads(reference, make_batch(rows, [0, 1, 2], pad_id=0))
-        got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False))
+        ref = loss_and_grads(reference, dense_batch(rows, [0, 1, 2]))
+        got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], 0, documents.ROWS))
         assert_close(ref, got, rtol=1e-4)
         with torch.no_grad():
             for net in (reference, model):
@@ -168,10 +151,10 @@ def test_concatenated_lora_under_bf16_autocast():
         if p.requires_grad:
             p.data = p.data.float()  # adapters in fp32, as build_model keeps them
     rows = packed_rows(ROWS)
-    ref = loss_and_grads(copy.deepcopy(model), make_batch(rows, [0, 1, 2], pad_id=0), autocast=torch.bfloat16)
+    ref = loss_and_grads(copy.deepcopy(model), dense_batch(rows, [0, 1, 2]), autocast=torch.bfloat16)
     fast = FastCausalLM(model, torch.bfloat16)
     assert fast._lora_b_slots
-    got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False), autocast=torch.bfloat16)
+    got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], 0, documents.ROWS), autocast=torch.bfloat16)
     assert all(g.dtype == torch.float32 for g in got[1].values())
     assert_close(ref, got, rtol=3e-2)
 
@@ -198,7 +181,7 @@ def test_documents_do_not_see_each_other():
     """A document's loss does not change when another document of the row changes."""
     model = with_lora(tiny_llama())
     fast = FastCausalLM(model, torch.float32)
-    batch = make_batch(packed_rows([[12, 12]]), [0], pad_id=0, dense_mask=False)
+    batch = make_batch(packed_rows([[12, 12]]), [0], 0, documents.ROWS)
     batch["labels"][0, 11:] = -100  # targets in the first document only
     other = {k: v.clone() for k, v in batch.items()}
     other["input_ids"][0, 12:] = (other["input_ids"][0, 12:] + 5) % 97
@@ -209,9 +192,9 @@ def test_documents_do_not_see_each_other():
 def test_bf16_autocast_close_to_reference():
     model = with_lora(tiny_llama())
     rows = packed_rows(ROWS)
-    ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], pad_id=0), autocast=torch.bfloat16)
+    ref = loss_and_grads(model, dense_batch(rows, [0, 1, 2]), autocast=torch.bfloat16)
     fast = FastCausalLM(model, torch.bfloat16)
-    got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False), autocast=torch.bfloat16)
+    got = loss_and_grads(fast, make_batch(rows, [0, 1, 2], 0, documents.ROWS), autocast=torch.bfloat16)
     assert_close(ref, got, rtol=3e-2)
 
 
@@ -225,7 +208,7 @@ def test_checkpointing_gives_the_same_gradients(method, autocast, monkeypatch):
 
     model = tiny_llama() if method == "full" else with_lora(tiny_llama(), dropout=0.1 if method == "lora_dropout" else 0.0)
     model.train()
-    batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
+    batch = make_batch(packed_rows(ROWS), [0, 1, 2], 0, documents.ROWS)
     torch.manual_seed(3)
     dtype = autocast or torch.float32
     plain = loss_and_grads(FastCausalLM(model, dtype), batch, autocast)
@@ -271,7 +254,7 @@ def test_lora_dropout_masks_follow_the_seed():
     assert not torch.equal(first[0], masks(8)[0])
     dropped = 1 - torch.cat([m.reshape(-1) for m in first]).float().mean().item()
     assert abs(dropped - 0.25) < 0.02
-    batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
+    batch = make_batch(packed_rows(ROWS), [0, 1, 2], 0, documents.ROWS)
     runs = []
     for seed in (1, 1, 2):
         torch.manual_seed(seed)
@@ -285,7 +268,7 @@ def test_recomputation_follows_parameters_unfrozen_later():
     """A parameter switched to trainable after the first step gets its gradient through the
     recomputed layers, as through the plain ones."""
     model = with_lora(tiny_llama())
-    batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
+    batch = make_batch(packed_rows(ROWS), [0, 1, 2], 0, documents.ROWS)
     recomputing = FastCausalLM(model, torch.float32, checkpoint=True)
     loss_and_grads(recomputing, batch)
     norm = model.base_model.model.model.layers[0].input_layernorm.weight
@@ -298,7 +281,7 @@ def test_recomputation_follows_parameters_unfrozen_later():
 
 def test_recomputed_layers_refuse_a_second_backward():
     model = with_lora(tiny_llama())
-    batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
+    batch = make_batch(packed_rows(ROWS), [0, 1, 2], 0, documents.ROWS)
     loss = FastCausalLM(model, torch.float32, checkpoint=True)(**batch).loss
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="ran twice"):
@@ -311,7 +294,7 @@ def test_flex_attention_eager_matches_dense(monkeypatch):
     import tunemake.train.fast.model as fast_model
 
     model = with_lora(tiny_llama())
-    batch = make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False)
+    batch = make_batch(packed_rows(ROWS), [0, 1, 2], 0, documents.ROWS)
     dense = loss_and_grads(FastCausalLM(model, torch.float32), batch)
     monkeypatch.setattr(fast_model, "choose_attention", lambda *args: "flex")
     try:
@@ -330,9 +313,9 @@ def test_lora_dropout_keeps_first_loss():
                 p.zero_()
     rows = packed_rows(ROWS)
     model.train()
-    ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], pad_id=0))[0]
+    ref = loss_and_grads(model, dense_batch(rows, [0, 1, 2]))[0]
     got = loss_and_grads(FastCausalLM(model, torch.float32),
-                         make_batch(rows, [0, 1, 2], pad_id=0, dense_mask=False))[0]
+                         make_batch(rows, [0, 1, 2], 0, documents.ROWS))[0]
     assert abs(got.item() - ref.item()) <= 1e-5 * ref.item()
 
 
@@ -557,7 +540,7 @@ def assert_close_on_cuda_batches(model, fast):
     """The fast path's loss and every gradient against the model's own forward under bf16 autocast,
     on three batches whose longest documents differ (the varlen kernels' ``max_len`` follows it)."""
     for rows in (ROWS, [[30, 5], [12, 12, 3]], [[60], [4, 4]]):
-        batch = {k: v.cuda() for k, v in make_batch(packed_rows(rows), range(len(rows)), pad_id=0).items()}
+        batch = {k: v.cuda() for k, v in dense_batch(packed_rows(rows), range(len(rows))).items()}
         ref = loss_and_grads(model, batch, autocast=torch.bfloat16)
         lean = {k: v for k, v in batch.items() if k != "attention_mask"}
         got = loss_and_grads(fast, lean, autocast=torch.bfloat16)
@@ -671,7 +654,7 @@ def test_compiled_recomputation_draws_the_same_dropout_masks():
         if p.requires_grad:
             p.data = p.data.float()
     model.train()
-    batch = {k: v.cuda() for k, v in make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0, dense_mask=False).items()}
+    batch = {k: v.cuda() for k, v in make_batch(packed_rows(ROWS), [0, 1, 2], 0, documents.ROWS).items()}
     runs = []
     for checkpoint in (False, True):
         torch.manual_seed(5)
@@ -713,7 +696,7 @@ def test_qlora_path_close_to_reference(device):
     recomputed in the backward pass, against bitsandbytes' own layers."""
     pytest.importorskip("bitsandbytes")
     model = qlora_tiny(device)
-    batch = {k: v.to(device) for k, v in make_batch(packed_rows(ROWS), [0, 1, 2], pad_id=0).items()}
+    batch = {k: v.to(device) for k, v in dense_batch(packed_rows(ROWS), [0, 1, 2]).items()}
     ref = loss_and_grads(model, batch, autocast=torch.bfloat16)
     fast = FastCausalLM(model, torch.bfloat16)
     assert fast._checkpoint

@@ -1,5 +1,5 @@
 """Batches of a templated dataset's packed rows: each rank's share of an epoch, in a seeded order,
-padded, with labels masked where a document starts."""
+in the layout the model takes them (:mod:`tunemake.train.documents`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from tunemake.encode import IGNORE_INDEX
+from tunemake.train import documents
 from tunemake.train.spec import TrainError
 
 
@@ -30,37 +31,16 @@ class Rows:
         return values[offsets[index]:offsets[index + 1]]
 
 
-def make_batch(rows: Rows, indices, pad_id: int, dense_mask: bool = True) -> dict[str, torch.Tensor]:
-    """Pad rows to the longest and build a block-diagonal causal mask from ``position_ids``.
+def make_batch(rows: Rows, indices, pad_id: int, layout: str) -> dict:
+    """Rows ``indices`` as a micro-batch in ``layout`` (:mod:`tunemake.train.documents`)."""
+    positions = "position_ids" in rows.columns
+    return documents.make_batch([(rows.row("input_ids", i), rows.row("labels", i),
+                                  rows.row("position_ids", i) if positions else None) for i in indices], pad_id, layout)
 
-    A document piece starts where ``position_ids`` is 0; tokens attend only within their piece,
-    and the first token of a piece is not a target (nothing in its document precedes it).
-    Padding forms its own piece, with no targets. Without ``dense_mask`` there is no
-    ``attention_mask``: the fast path finds the pieces from ``position_ids`` itself.
-    """
-    length = max(len(rows.row("input_ids", i)) for i in indices)
-    n = len(indices)
-    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((n, length), dtype=torch.long)
-    for b, i in enumerate(indices):
-        ids = torch.from_numpy(rows.row("input_ids", i).astype(np.int64))
-        k = len(ids)
-        input_ids[b, :k] = ids
-        labels[b, :k] = torch.from_numpy(rows.row("labels", i).astype(np.int64))
-        if "position_ids" in rows.columns:
-            position_ids[b, :k] = torch.from_numpy(rows.row("position_ids", i).astype(np.int64))
-        else:
-            position_ids[b, :k] = torch.arange(k)
-        position_ids[b, k:] = torch.arange(length - k)
-    labels[position_ids == 0] = IGNORE_INDEX
-    if not dense_mask:
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-    doc = torch.cumsum(position_ids == 0, dim=1)
-    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    mask = (doc[:, :, None] == doc[:, None, :]) & causal
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": mask[:, None]}
+
+def row_tokens(rows: Rows, indices) -> int:
+    offsets = rows.columns["input_ids"][0]
+    return int(sum(offsets[i + 1] - offsets[i] for i in indices))
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
@@ -98,14 +78,20 @@ class EpochBatches:
         """The micro-batches of optimizer step ``step`` (0-based)."""
         return range(step * self.accumulation, min((step + 1) * self.accumulation, self.micro_per_epoch))
 
-    def stream(self, first_step: int, pad_id: int, dense_mask: bool, device: torch.device):
+    def stream(self, first_step: int, pad_id: int, layout: str, device: torch.device):
         """The micro-batches from optimizer step ``first_step`` to the epoch's end, in order, each
-        ``(batch on the device, tokens, labelled tokens)``. A batch is built when the loop asks for
-        it, after launching the previous one's work, so on CUDA the CPU builds it while the GPU
-        runs; it is copied from pinned memory without blocking."""
-        pin = device.type == "cuda"
+        ``(batch on the device, tokens, labelled tokens)`` (tokens: the rows', padding not counted).
+        A batch is built when the loop asks for it, after launching the previous one's work, so on
+        CUDA the CPU builds it while the GPU runs; it is copied from pinned memory without blocking."""
         for micro in range(first_step * self.accumulation, self.micro_per_epoch):
             indices = self.mine[micro * self.batch_size:(micro + 1) * self.batch_size]
-            batch = make_batch(self.rows, indices, pad_id, dense_mask=dense_mask)
-            counts = batch["input_ids"].numel(), int((batch["labels"] != IGNORE_INDEX).sum())
-            yield {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}, *counts
+            batch = make_batch(self.rows, indices, pad_id, layout)
+            counts = row_tokens(self.rows, indices), int((batch["labels"] != IGNORE_INDEX).sum())
+            yield to_device(batch, device), *counts
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device`` (from pinned memory, without blocking, on CUDA)."""
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}

@@ -1,11 +1,13 @@
 """The distributed engine: how a training process steps its model, behind one small interface.
 
-:class:`TorchEngine` is torch's AdamW, inside DDP when there are several processes, through the
-CUDA fast path (``tunemake.train.fast``) where it supports the model; :class:`DeepSpeedEngine` is a
-DeepSpeed engine with ZeRO 1/2/3 (+ offload), by preset name or JSON file, "auto" fields filled
-from the experiment (the torch AdamW is handed to DeepSpeed, so no optimizer is compiled). Both
-answer :class:`Engine`: forward and backward of a micro-batch, an optimizer step, its state saved
-and loaded.
+:func:`route` decides, in one place, whether the step goes through the CUDA fast path
+(``tunemake.train.fast``) or the model's own forward, and how batches reach the model.
+:class:`TorchEngine` is torch's AdamW, inside DDP when there are several processes;
+:class:`DeepSpeedEngine` is a DeepSpeed engine with ZeRO 1/2/3 (+ offload), by preset name or JSON
+file, "auto" fields filled from the experiment (the torch AdamW is handed to DeepSpeed, so no
+optimizer is compiled). Both take the fast path where :func:`route` does, and answer
+:class:`Engine`: forward and backward of a micro-batch, an optimizer step, its state saved and
+loaded.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import logging
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
 from tunemake.config import DEEPSPEED_PRESETS
+from tunemake.train import documents
 from tunemake.train.launch import Dist
-from tunemake.train.model import fast_path
 from tunemake.train.spec import Method, Settings, TrainError
 
 log = logging.getLogger("tunemake.train")
@@ -34,9 +36,8 @@ class Engine(Protocol):
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
 
-    @property
-    def fast(self) -> bool:
-        """Whether the step runs through the fast path (batches need no dense mask)."""
+    #: the way the step goes and the layout batches take (:func:`route`)
+    route: Route
 
     def forward_backward(self, batch: dict, micro_batches: int, boundary: bool) -> torch.Tensor:
         """Add one micro-batch's gradients (of ``micro_batches`` in this step; ``boundary``: the
@@ -55,10 +56,14 @@ def make_engine(model, method: Method, train: Settings, dist: Dist, amp_dtype, s
     :func:`tunemake.train.model.build_model`, trainable weights loaded), with its optimizer state
     loaded from ``state_dir`` when given."""
     ds_config = deepspeed_config(train, dist.world)
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0) if ds_config else None
+    way = route(model, dist.device, amp_dtype, stage)
+    stepped = step_model(model, dist, amp_dtype, method.gradient_checkpointing, stage)
     if ds_config:
-        engine = DeepSpeedEngine(model, train, dist, ds_config)
+        engine = DeepSpeedEngine(stepped, train, dist, ds_config)
     else:
-        engine = TorchEngine(model, method, train, dist, amp_dtype)
+        engine = TorchEngine(stepped, train, dist, amp_dtype)
+    engine.route = way
     if state_dir is not None:
         engine.load_state(state_dir, dist.rank)
     return engine
@@ -84,16 +89,13 @@ def set_lr(optimizer, lr: float) -> None:
 class TorchEngine:
     """torch's AdamW (fused on CUDA), DDP across processes, the fast path where it serves."""
 
-    def __init__(self, model, method: Method, train: Settings, dist: Dist, amp_dtype):
+    def __init__(self, model, train: Settings, dist: Dist, amp_dtype):
+        """``model``: what :func:`step_model` made (the fast path, DDP)."""
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, train, dist.device)
-        self.model = step_model(model, dist, amp_dtype, checkpoint=method.gradient_checkpointing)
+        self.model = model
         self.dist, self.amp_dtype, self.max_grad_norm = dist, amp_dtype, train.max_grad_norm
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
-    @property
-    def fast(self) -> bool:
-        return fast_path(self.model) is not None
 
     def forward_backward(self, batch: dict, micro_batches: int, boundary: bool) -> torch.Tensor:
         sync = boundary or self.dist.world == 1
@@ -115,9 +117,9 @@ class DeepSpeedEngine:
     """A DeepSpeed engine; its checkpoints (one shard per rank) hold the trainable weights too."""
 
     TAG = "deepspeed"
-    fast = False
 
     def __init__(self, model, train: Settings, dist: Dist, ds_config: dict):
+        """``model``: what :func:`step_model` made (the fast path, or the model)."""
         _init_deepspeed_comm(dist)
         import deepspeed
 
@@ -206,23 +208,49 @@ def make_optimizer(params, train: Settings, device: torch.device):
                              eps=1e-8, fused=device.type == "cuda" or None)
 
 
-def step_model(model, dist: Dist, amp_dtype, checkpoint: bool = False):
-    """What the training loop calls: on CUDA the fast path (``tunemake.train.fast``) where it supports
-    the model, else the model's own forward; inside DDP when there are several processes.
+class Route(NamedTuple):
+    """Which way a training step goes (:func:`route`)."""
 
-    ``TUNEMAKE_FAST=0`` in the environment turns the fast path off.
-    """
-    if dist.device.type == "cuda" and os.environ.get("TUNEMAKE_FAST", "1") != "0":
+    fast: bool  #: through :class:`tunemake.train.fast.FastCausalLM`
+    layout: str  #: how batches reach the model (:mod:`tunemake.train.documents`)
+    why: str  #: said in the log at the start of every epoch
+
+
+def route(model, device: torch.device, amp_dtype, zero_stage: int | None = None) -> Route:
+    """The way ``model`` (as ``build_model`` made it) trains on ``device``: the CUDA fast path where
+    it supports the model and its weights are whole on every process (without DeepSpeed, ZeRO-1
+    and ZeRO-2; ``zero_stage`` None: no DeepSpeed), else the model's own forward, its packed rows
+    as documents. ``TUNEMAKE_FAST=0`` in the environment turns the fast path off."""
+    from tunemake.train import fast
+
+    if device.type != "cuda":
+        reason = "it runs on CUDA only"
+    elif os.environ.get("TUNEMAKE_FAST", "1") == "0":
+        reason = "TUNEMAKE_FAST=0"
+    elif zero_stage == 3:
+        reason = "ZeRO-3 partitions the weights it reads whole"
+    else:
+        reason = fast.unsupported(model, amp_dtype or torch.float32)  # no autocast: fp32
+        if reason:
+            reason = f"it does not support {reason}"
+    if reason is None:
+        return Route(True, documents.ROWS, "training through the fast path")
+    layout = documents.layout_for(model, fast=False)
+    if layout == documents.FLAT:
+        how = f"documents in one flat row, attention {documents.attention_for(model, amp_dtype)}"
+    else:
+        how = "documents as a padded batch (its code does not use transformers' attention interface)"
+    return Route(False, layout, f"training through the model's own forward, {how}; not the fast path: {reason}")
+
+
+def step_model(model, dist: Dist, amp_dtype, checkpoint: bool = False, zero_stage: int | None = None):
+    """What the step calls: the fast path around ``model`` where :func:`route` takes it, inside DDP
+    when there are several processes and no DeepSpeed (``zero_stage`` None)."""
+    if route(model, dist.device, amp_dtype, zero_stage).fast:
         from tunemake.train import fast
 
-        reason = fast.unsupported(model, amp_dtype)
-        if reason is None:
-            model = fast.FastCausalLM(model, amp_dtype, checkpoint=checkpoint)
-            if dist.main:
-                log.info("training through the fast path (attention: %s)", model.attention)
-        elif dist.main:
-            log.info("fast path not used: %s; training through the model's own forward", reason)
-    if dist.world > 1:
+        model = fast.FastCausalLM(model, amp_dtype, checkpoint=checkpoint)
+    if dist.world > 1 and zero_stage is None:
         from torch.nn.parallel import DistributedDataParallel
 
         # gradients as views into DDP's buckets: no copy into the buckets and no second copy of the

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from tunemake.encode import IGNORE_INDEX
-from tunemake.train.batches import Rows, make_batch
+from tunemake.train import documents
+from tunemake.train.batches import Rows, make_batch, to_device
 from tunemake.train.launch import Dist
 from tunemake.train.model import fast_path, is_partitioned_model, unwrap
 
@@ -39,12 +40,14 @@ def heldout_loss(model, data_dir: str, batch_size: int, dist: Dist, pad_id: int,
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     forward = unwrap(model) if fast_path(model) else model
+    layout = documents.layout_for(unwrap(model), fast=False)
     for index, counted in heldout_batches(rows.num_rows, dist.rank, dist.world, max(1, batch_size)):
-        batch = {k: v.to(dist.device) for k, v in make_batch(rows, index, pad_id).items()}
-        with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = forward(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                             attention_mask=batch["attention_mask"], use_cache=False).logits.float()
-        targets = batch["labels"][:, 1:]
+        batch = to_device(make_batch(rows, index, pad_id, layout), dist.device)
+        labels = batch.pop("labels")
+        with (documents.apart(unwrap(model), layout, amp_dtype),
+              torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)):
+            logits = forward(**batch, use_cache=False).logits.float()
+        targets = labels[:, 1:]
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1),
             ignore_index=IGNORE_INDEX, reduction="sum")

@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 
 from tunemake.schedule import lr_factor
+from tunemake.train import documents
 from tunemake.train.batches import EpochBatches, Rows, step_seed
 from tunemake.train.checkpoint import find_start, save_resume_point, write_epoch
 from tunemake.train.engine import make_engine, partition_context, set_lr
 from tunemake.train.evaluation import heldout_loss, sample_generations
 from tunemake.train.launch import Dist, setup_processes
 from tunemake.train.metrics import EpochLog, memory_mb
-from tunemake.train.model import autocast_dtype, build_model, is_partitioned_model, load_trainable
+from tunemake.train.model import autocast_dtype, build_model, is_partitioned_model, load_trainable, unwrap
 from tunemake.train.spec import EpochSpec, TrainError
 
 log = logging.getLogger("tunemake.train")
@@ -72,7 +73,10 @@ def train_epoch(spec: EpochSpec) -> int:
     counters, metrics, pad_id = start.counters, start.metrics, spec.pad_id()
 
     reports = EpochLog(spec.log_dir, spec.experiment, epoch, batches.steps, start.step, dist.main)
-    stream = batches.stream(start.step, pad_id, dense_mask=not engine.fast, device=dist.device)
+    layout = engine.route.layout
+    if dist.main:
+        log.info("epoch %d: %s", epoch, engine.route.why)
+    stream = batches.stream(start.step, pad_id, layout, device=dist.device)
     pending: list[Step] = []  # steps whose loss and grad norm are still on the device
     engine.model.train()
     lr = 0.0
@@ -86,7 +90,9 @@ def train_epoch(spec: EpochSpec) -> int:
             for micro in micro_batches:
                 batch, tokens, trained = next(stream)
                 torch.manual_seed(step_seed(train.seed, epoch, micro * dist.world + dist.rank))
-                current.loss_sum += engine.forward_backward(batch, len(micro_batches), boundary=micro == micro_batches[-1])
+                with documents.apart(unwrap(engine.model), layout, amp_dtype):
+                    current.loss_sum += engine.forward_backward(batch, len(micro_batches),
+                                                                boundary=micro == micro_batches[-1])
                 current.tokens, current.trained = current.tokens + tokens, current.trained + trained
             current.grad_norm = engine.step()
             pending.append(current)
