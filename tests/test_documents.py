@@ -191,8 +191,8 @@ def test_models_the_fast_path_does_not_take_are_named(offline_hub, monkeypatch):
     from tunemake.train.engine import route
 
     torch.manual_seed(0)
-    assert route(lora(gemma2()), CUDA, torch.bfloat16, 2).why.endswith(
-        "not the fast path: it does not support model_type 'gemma2' (supported: llama, mistral, qwen2)")
+    assert "not the fast path: it does not support model_type 'gemma2' (supported: llama," in route(
+        lora(gemma2()), CUDA, torch.bfloat16, 2).why
     assert route(lora(llama()), CUDA, None).why.endswith("it does not support fp32 training")
     way = route(remote_code(offline_hub), CUDA, torch.bfloat16)
     assert way.layout == DOCUMENTS and "padded batch" in way.why

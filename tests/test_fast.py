@@ -106,6 +106,34 @@ def test_frozen_adapter_halves_get_no_gradient(frozen):
     assert all(p.grad is None for name, p in model.named_parameters() if frozen in name)
 
 
+def tiny_qwen3(seed: int = 0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(**CONFIG, head_dim=24)  # heads wider than hidden / heads, as Qwen3-8B's
+    config._attn_implementation = "sdpa"
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():  # norms of ones would hide a query/key norm applied wrongly
+        for name, p in model.named_parameters():
+            if "q_norm" in name or "k_norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fast_path_equals_reference_for_qwen3(method):
+    """Qwen3 (each query and key head RMS-normalized before the rotation): the model's own loss and
+    every gradient, the norms' too when they train."""
+    model = tiny_qwen3()
+    if method == "lora":
+        model = with_lora(model)
+    rows = packed_rows(ROWS)
+    ref = loss_and_grads(model, dense_batch(rows, [0, 1, 2]))
+    got = loss_and_grads(FastCausalLM(model, torch.float32), make_batch(rows, [0, 1, 2], 0, documents.ROWS))
+    assert method == "lora" or any("q_norm" in name for name in got[1])
+    assert_close(ref, got, rtol=1e-4)
+
+
 # ranks and scales that differ between the projections of one product (PEFT's rank / alpha patterns)
 MIXED = {"rank_pattern": {"k_proj": 4, "up_proj": 16}, "alpha_pattern": {"v_proj": 4, "gate_proj": 32}}
 

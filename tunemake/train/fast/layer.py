@@ -1,4 +1,4 @@
-"""One Llama decoder layer written out (:func:`decoder_layer`), compiled once and run for every layer,
+"""One Llama decoder layer (Mistral's, Qwen2's, Qwen3's with its query/key norms) written out (:func:`decoder_layer`), compiled once and run for every layer,
 and its recomputation in the backward pass (:class:`Recomputed`).
 """
 
@@ -124,6 +124,8 @@ def decoder_layer(x, cos, sin, meta, weights: LayerWeights, shape: Shape):
     q = q.reshape(b, n, shape.heads, shape.head_dim)
     k = k.reshape(b, n, shape.kv_heads, shape.head_dim)
     v = v.reshape(b, n, shape.kv_heads, shape.head_dim)
+    if weights.qk_norm is not None:  # Qwen3: each head normalized before the rotation
+        q, k = rms_norm(q, weights.qk_norm[0], shape.eps), rms_norm(k, weights.qk_norm[1], shape.eps)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     q = (q * cos + rotate_half(q) * sin).to(dtype)
     k = (k * cos + rotate_half(k) * sin).to(dtype)

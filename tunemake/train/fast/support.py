@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def base_model(model):
@@ -39,6 +39,9 @@ def unsupported(model, compute_dtype=torch.bfloat16) -> str | None:
     inner = getattr(base, "model", None)
     if inner is None or not all(hasattr(inner, name) for name in ("layers", "norm", "rotary_emb", "embed_tokens")):
         return "not a Llama-style module tree"
+    first = inner.layers[0]
+    if hasattr(first.self_attn, "q_norm") and first.self_attn.q_norm.variance_epsilon != first.input_layernorm.variance_epsilon:
+        return "query/key norms with another epsilon than the layers'"
     for layer in inner.layers:
         for proj in projections(layer):
             reason = projection_problem(proj)

@@ -42,6 +42,7 @@ class LayerWeights(NamedTuple):
     post_norm: torch.Tensor
     gate_up: Group
     down_proj: Projection
+    qk_norm: tuple | None = None  # Qwen3's RMSNorm weights of the query and key heads, or None
 
 
 #: what :func:`group` puts in place of a stacked weight for NF4 projections that
@@ -89,9 +90,11 @@ def layer_weights(layer, stacked, training: bool) -> LayerWeights:
     """A decoder layer's weights; ``stacked``: its (q/k/v, gate/up) from :func:`stack_storage`."""
     attn, mlp = layer.self_attn, layer.mlp
     qkv, gate_up = stacked
+    qk_norm = (attn.q_norm.weight, attn.k_norm.weight) if hasattr(attn, "q_norm") else None
     return LayerWeights(layer.input_layernorm.weight, group((attn.q_proj, attn.k_proj, attn.v_proj), qkv, training),
                         projection(attn.o_proj, training), layer.post_attention_layernorm.weight,
-                        group((mlp.gate_proj, mlp.up_proj), gate_up, training), projection(mlp.down_proj, training))
+                        group((mlp.gate_proj, mlp.up_proj), gate_up, training), projection(mlp.down_proj, training),
+                        qk_norm)
 
 
 def row_blocks(stacked, projs, rows) -> list:
