@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from energy import Meter  # noqa: E402
 from tunemake.train.fast import FastCausalLM  # noqa: E402
 from tunemake.train.batches import Rows, make_batch  # noqa: E402
+from tunemake.train.documents import ROWS  # noqa: E402
 from tunemake.train.engine import make_optimizer, micro_step, optimizer_step, step_model  # noqa: E402
 from tunemake.train.launch import setup_processes  # noqa: E402
 from tunemake.train.model import build_model, fast_path, trainable_state  # noqa: E402
@@ -396,7 +397,7 @@ def setting(kind, args, model_dir, dist, results, out):
     start = trainable_state(model)
     params = [p for p in model.parameters() if p.requires_grad]
     rows = packed_batch(args, dist.rank)
-    user_batch = {k: v.to(device) for k, v in make_batch(rows, range(args.batch), 0, dense_mask=False).items()}
+    user_batch = {k: v.to(device) for k, v in make_batch(rows, range(args.batch), 0, ROWS).items()}
 
     def restore():
         with torch.no_grad():
