@@ -600,6 +600,13 @@ def test_compiled_cuda_path_close_to_reference(backend, kv_heads, head_dim, monk
 
 
 @cuda
+def test_compiled_cuda_path_close_to_reference_for_qwen3():
+    """Qwen3's query/key head norms in the compiled layer, LoRA under bf16 autocast."""
+    model = with_lora(tiny_qwen3()).cuda()
+    assert_close_on_cuda_batches(model, FastCausalLM(model, torch.bfloat16))
+
+
+@cuda
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_public_varlen_attention_equals_reference(kv_heads, monkeypatch):
     """Where aten's private flash attention ops are missing (and FlashAttention-4 is not installed)
