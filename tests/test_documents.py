@@ -242,3 +242,22 @@ def test_the_fast_path_under_zero2_trains_as_without_deepspeed(tmp_path):
     for name, weight in plain.items():
         assert torch.allclose(zero2[name], weight, atol=1e-6), name
     assert all(w.abs().sum() > 0 for n, w in plain.items() if "lora_B" in n)  # lora_B starts at zero: it trained
+
+
+def test_bf16_deepspeed_skips_the_per_tensor_overflow_check_unless_asked(tmp_path):
+    """bf16 needs no loss scale, so DeepSpeed's inf/nan check of every gradient tensor, which costs
+    CPU time each step, is off; a config file that sets it keeps its value."""
+    import json
+    from dataclasses import replace
+
+    from tunemake.train.engine import deepspeed_config
+    from tunemake.train.spec import Settings
+
+    train = Settings(seed=0, batch_size=2, grad_accumulation=1, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999),
+                     max_grad_norm=1.0, precision="bf16", deepspeed="zero2", gpus=1, nodes=1, nproc=1, epochs=1,
+                     schedule={}, save_steps=10)
+    assert deepspeed_config(train, 1)["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert "check_grad_overflow" not in deepspeed_config(replace(train, precision="fp16"), 1)["bf16"]
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto", "check_grad_overflow": True}}))
+    assert deepspeed_config(replace(train, deepspeed=str(path)), 1)["bf16"]["check_grad_overflow"] is True

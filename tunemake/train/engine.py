@@ -184,9 +184,23 @@ def deepspeed_config(train: Settings, world: int) -> dict | None:
         section = config.setdefault(key, {})
         if section.get("enabled", "auto") == "auto":
             section["enabled"] = wanted
+    if precision == "bf16" and "check_grad_overflow" not in config["bf16"] and _has_overflow_switch():
+        # bf16 has fp32's exponent range and no loss scale: DeepSpeed's check of every gradient
+        # tensor for inf/nan before each step only costs CPU time (docs/gpu.md); the epoch loop
+        # stops on a non-finite loss itself.
+        config["bf16"]["check_grad_overflow"] = False
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("wall_clock_breakdown", False)
     return config
+
+
+def _has_overflow_switch() -> bool:
+    """Whether this DeepSpeed's bf16 section takes ``check_grad_overflow`` (0.18 on)."""
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:
+        return False
+    return "check_grad_overflow" in DeepSpeedBF16Config.model_fields
 
 
 def _init_deepspeed_comm(dist: Dist) -> None:
