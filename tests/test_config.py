@@ -290,6 +290,17 @@ def test_deepspeed_json_file_is_accepted():
     assert only(experiments(exp(deepspeed="ds/my_zero.json")))["deepspeed"] == "ds/my_zero.json"
 
 
+def test_qlora_under_zero3_is_refused_when_the_config_loads(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3}}')
+    for deepspeed in ("zero3", "zero3_offload", str(ds)):
+        message = config_error(config_with(experiments=[exp(method="qlora", deepspeed=deepspeed)]))
+        assert message == ("config: experiments[0].deepspeed: ZeRO-3 is not supported with QLoRA (4/8-bit weights, "
+                           "which it cannot partition); use zero2")
+    assert only(experiments(exp(method="qlora", deepspeed="zero2")))["deepspeed"] == "zero2"
+    assert only(experiments(exp(method="lora", deepspeed="zero3")))["deepspeed"] == "zero3"
+
+
 def test_duplicate_names():
     message = config_error(config_with(experiments=[exp(), exp(seed=1)]))
     assert message.startswith("config: experiments[1]:") and "'tiny_lora_chat'" in message

@@ -552,6 +552,8 @@ def resolve_experiment(exp: dict, config: dict, origin: str) -> None:
             f"{key}.deepspeed: {deepspeed!r} is neither a ZeRO config name "
             f"({', '.join(DEEPSPEED_PRESETS)}) nor a .json file"
         )
+    if exp["method_config"]["type"] == "qlora" and zero_stage(deepspeed) == 3:
+        raise ConfigError(f"{key}.deepspeed: {QLORA_ZERO3}")
     template = get_template(exp["template"], config.get("templates"))
     for name in exp["datasets"]:
         dataset = config["datasets"][name]
@@ -561,6 +563,21 @@ def resolve_experiment(exp: dict, config: dict, origin: str) -> None:
             raise ConfigError(_no_tool_form(key, name, f"format {dataset['format']}", template))
     exp["data_recipe"] = data_recipe(exp, config)
     exp["data_key"] = recipe_key(exp["data_recipe"])
+
+
+QLORA_ZERO3 = "ZeRO-3 is not supported with QLoRA (4/8-bit weights, which it cannot partition); use zero2"
+
+
+def zero_stage(deepspeed: str | None) -> int | None:
+    """The ZeRO stage of a preset name or of a DeepSpeed JSON file that exists (None otherwise)."""
+    if not deepspeed:
+        return None
+    if deepspeed in DEEPSPEED_PRESETS:
+        return DEEPSPEED_PRESETS[deepspeed]["zero_optimization"]["stage"]
+    try:
+        return json.loads(Path(deepspeed).read_text()).get("zero_optimization", {}).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None  # the train stage reports an unreadable file
 
 
 #: The formats whose records call tools. Records of other formats may too: the config looks at the

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tunemake.config import DTYPE_BYTES
+from tunemake.config import DTYPE_BYTES, QLORA_ZERO3
 from tunemake.hub import load_pretrained
 from tunemake.train.spec import BaseModel, Method, TrainError
 
@@ -68,7 +68,7 @@ def build_model(method: Method, base: BaseModel, device: torch.device, precision
     base = base.resolved()
     if partitioned is not None:
         if method.type == "qlora":
-            raise TrainError("deepspeed: ZeRO-3 is not supported with QLoRA (4/8-bit weights); use zero2")
+            raise TrainError(f"deepspeed: {QLORA_ZERO3}")  # a JSON file changed since the config was read
         model = _from_config(base, None, partitioned)
         load_weights(model, Path(base.dir))
         _log_partition(model)
