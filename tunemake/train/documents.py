@@ -23,14 +23,12 @@ compiled it would compile anew for every row length.
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import numpy as np
 import torch
 
 from tunemake.encode import IGNORE_INDEX
 
-log = logging.getLogger("tunemake.train")
 
 ROWS, FLAT, DOCUMENTS = "rows", "flat", "documents"
 #: The name :func:`document_attention` is registered under in transformers' AttentionInterface.
