@@ -29,7 +29,6 @@ import torch
 
 from tunemake.encode import IGNORE_INDEX
 
-
 ROWS, FLAT, DOCUMENTS = "rows", "flat", "documents"
 #: The name :func:`document_attention` is registered under in transformers' AttentionInterface.
 ATTENTION = "tunemake_documents"
