@@ -29,6 +29,7 @@ from tunemake.templates import TEMPLATES
 from tunemake.train import RESUME_EXIT_CODE, EpochSpec, TrainError, launch, train_epoch
 from tunemake.train.batches import Rows, make_batch
 from tunemake.train.documents import FLAT, apart
+from tunemake.train.engine import size_buckets
 from tunemake.train.checkpoint import save_gathered
 from tunemake.train.evaluation import heldout_batches, heldout_loss
 from tunemake.train.launch import Dist, setup_processes
@@ -279,6 +280,10 @@ def test_deepspeed_zero2_two_processes_match_one_and_chain(project, tmp_path):
     assert ds_ckpt["trainable"].keys() == one_ckpt["trainable"].keys()
     rel = abs(ds_ckpt["metrics"]["train_loss"] - one_ckpt["metrics"]["train_loss"]) / one_ckpt["metrics"]["train_loss"]
     assert rel < 0.02, (ds_ckpt["metrics"], one_ckpt["metrics"])
+    # DeepSpeed's buckets sized to the LoRA's gradients, not its default 5e8 elements (4 GB a process)
+    peak = {name: max(json.loads(line)["memory_mb"] for line in Path(tmp_path, name, spec.log_dir, "epoch_1.metrics.jsonl")
+                      .read_text().splitlines()[:-1]) for name, spec in (("zero2", zero), ("one", one))}
+    assert peak["zero2"] < 1.5 * peak["one"], peak
     # one shard of optimizer state per rank, and epoch 2 resumes from them
     shards = sorted(p.name for p in (tmp_path / "zero2" / zero.out.state / "deepspeed").iterdir())
     assert sum("optim_states" in name for name in shards) == 2, shards
@@ -327,6 +332,18 @@ def test_every_zero_stage_trains_like_ddp(project, tmp_path, ddp_reference, stag
     assert {k: v.shape for k, v in ckpt["trainable"].items()} == {k: v.shape for k, v in ddp_reference["trainable"].items()}
     rel = abs(ckpt["metrics"]["train_loss"] - ddp_reference["metrics"]["train_loss"]) / ddp_reference["metrics"]["train_loss"]
     assert rel < 1e-3, (ckpt["metrics"]["train_loss"], ddp_reference["metrics"]["train_loss"])
+
+
+def test_zero_buckets_fit_the_trainable_weights_unless_the_config_sets_them(tmp_path):
+    zero2 = {"zero_optimization": {"stage": 2, "overlap_comm": True}}
+    assert size_buckets(zero2, 1000)["zero_optimization"] == {
+        "stage": 2, "overlap_comm": True, "reduce_bucket_size": 1000, "allgather_bucket_size": 1000}
+    assert size_buckets(zero2, 10**10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    own = {"zero_optimization": {"stage": 1, "reduce_bucket_size": 5e7, "allgather_bucket_size": "auto"}}
+    assert size_buckets(own, 1000)["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 5e7,
+                                                             "allgather_bucket_size": 1000}
+    zero3 = {"zero_optimization": {"stage": 3}}
+    assert size_buckets(zero3, 1000) == zero3
 
 
 def test_deepspeed_sigterm_then_rerun_gives_identical_tensors(project, tmp_path):

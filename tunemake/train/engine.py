@@ -134,7 +134,8 @@ class DeepSpeedEngine:
                                          eps=1e-8, adamw_mode=True)
         else:
             optimizer = make_optimizer(params, train, dist.device)
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        config = size_buckets(ds_config, sum(p.numel() for p in params))
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
 
     def forward_backward(self, batch: dict, micro_batches: int, boundary: bool) -> torch.Tensor:
         # tunemake, not DeepSpeed, decides where an accumulation ends (the last optimizer step of
@@ -192,6 +193,26 @@ def deepspeed_config(train: Settings, world: int) -> dict | None:
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("wall_clock_breakdown", False)
     return config
+
+
+# DeepSpeed's default for ZeRO-1/2's reduce and all-gather buckets, in elements
+_BUCKET = 500_000_000
+
+
+def size_buckets(config: dict, trainable: int) -> dict:
+    """``config`` with ZeRO-1/2's bucket sizes no larger than the ``trainable`` elements, where the
+    config leaves them unset or "auto".
+
+    DeepSpeed allocates each bucket at its full size (twice with ``overlap_comm``) whatever the
+    model: 4 GB for a LoRA of 100k parameters in fp32. Every gradient still fits one bucket, as
+    with the default, so the reduction and the numbers are the same. ZeRO-3 keeps its own sizes.
+    """
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage") not in (1, 2):
+        return config
+    sized = {key: min(_BUCKET, trainable) for key in ("reduce_bucket_size", "allgather_bucket_size")
+             if zero.get(key, "auto") == "auto"}
+    return {**config, "zero_optimization": {**zero, **sized}}
 
 
 def _has_overflow_switch() -> bool:
