@@ -7,6 +7,9 @@ checkpointing; ``qlora``: NF4 + double quant + checkpointing) it times, from the
 
 - ``baseline``: the model's own forward (SDPA, packed documents found from ``position_ids``) +
   ``torch.optim.AdamW``, bf16 autocast: what a user writes with transformers + PEFT;
+- ``strong`` (CUDA, with ``liger-kernel`` installed): the same, with the packed row handed over as
+  varlen documents to FlashAttention-4 or torch's varlen kernel and Liger-Kernel applied
+  (bench/strong_baseline.py): what a user who cares about speed configures;
 - ``tunemake``: ``tunemake.train.engine.step_model`` (the fast path the train stage picks on CUDA) +
   ``make_optimizer``; both through ``tunemake.train.engine.micro_step`` and ``optimizer_step``.
 
@@ -15,10 +18,11 @@ checkpointing; ``qlora``: NF4 + double quant + checkpointing) it times, from the
 overhead moves the GPU's waits: where the GPU waited for the CPU and each layer's GPU time.
 
 Reports tokens/s (median over --steps after --warmup), peak memory, first-step loss and grad
-norm, ratios to the baseline, the card's joules a step (NVML's energy counter, bench/energy.py:
+norm, ratios to the baseline and to the strong baseline, the card's joules a step (NVML's energy counter, bench/energy.py:
 at the card's power limit the step's time follows its energy); prints a table and writes JSON.
-``--rounds N`` times the baseline and tunemake N times in turns and reports the median of the N
-same-round ratios (the baseline's speed follows the host's CPU, which drifts within a run).
+``--rounds N`` times the baselines and tunemake N times in turns and reports the median of the N
+same-round ratios (the baseline's speed follows the host's CPU, which drifts within a run; the
+host's CPU model is in the JSON).
 Under ``torchrun`` (several GPUs) it times the tunemake step in DDP only.
 
     python bench/train_speed.py --json train_speed.json
@@ -29,6 +33,7 @@ Under ``torchrun`` (several GPUs) it times the tunemake step in DDP only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -45,9 +50,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from energy import Meter  # noqa: E402
+import strong_baseline  # noqa: E402
 from tunemake.train.fast import FastCausalLM  # noqa: E402
-from tunemake.train.batches import Rows, make_batch  # noqa: E402
-from tunemake.train.documents import ROWS  # noqa: E402
+from tunemake.train.batches import Rows, make_batch, to_device  # noqa: E402
+from tunemake.train.documents import FLAT, ROWS  # noqa: E402
 from tunemake.train.engine import make_optimizer, micro_step, optimizer_step, step_model  # noqa: E402
 from tunemake.train.launch import setup_processes  # noqa: E402
 from tunemake.train.model import build_model, fast_path, trainable_state  # noqa: E402
@@ -261,14 +267,15 @@ def layer_timeline(fast, batch, params, optimizer, steps: int = 3) -> dict:
             "host_step": round(host[-1], 2)}
 
 
-def alternate(first: dict, steppers: dict, batch, params, args, device, restore) -> dict:
-    """``--rounds``: the baseline and tunemake timed again in turns, the order swapped each round.
+def alternate(first: dict, steppers: dict, params, args, device, restore) -> dict:
+    """``--rounds``: the baselines and tunemake timed again in turns, the order reversed each round.
 
     The baseline's speed follows the host's CPU, which can change within minutes (its step is
     close to CPU-bound), so one comparison per setting can meet a slow or a fast spell on one
-    side only. Each later round times both (``--warmup`` 1, ``--steps`` as given, fresh
-    optimizers) back to back; round 1 is ``first``, the measurements above. Reports each round's
-    tokens/s and ratio, and their medians, and the median of each side's joules a step.
+    side only. Each later round times every variant (``--warmup`` 1, ``--steps`` as given, fresh
+    optimizers) back to back; round 1 is ``first``, the measurements above. ``steppers``: name ->
+    (model, optimizer factory, batch, context the step runs in). Reports each round's tokens/s and
+    tunemake's ratio to each baseline, their medians, and the median of each side's joules a step.
     """
     quick = argparse.Namespace(**{**vars(args), "warmup": 1})
     rounds = [{name: first[name]["tokens_per_s"] for name in steppers}]
@@ -276,11 +283,12 @@ def alternate(first: dict, steppers: dict, batch, params, args, device, restore)
     for index in range(1, args.rounds):
         tokens = {}
         for name in (list(steppers) if index % 2 == 0 else list(steppers)[::-1]):
-            model, make_opt = steppers[name]
+            model, make_opt, batch, context = steppers[name]
             restore()
             optimizer = make_opt()
-            timed = run(f"{name} (round {index + 1})", model, batch, params, optimizer, quick, device,
-                        with_phases=False)
+            with context():
+                timed = run(f"{name} (round {index + 1})", model, batch, params, optimizer, quick, device,
+                            with_phases=False)
             tokens[name] = timed["tokens_per_s"]
             if "joules_per_step" in timed:
                 joules.setdefault(name, []).append(timed["joules_per_step"])
@@ -291,10 +299,15 @@ def alternate(first: dict, steppers: dict, batch, params, args, device, restore)
                "median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
                **{f"median_{name}_tokens_per_s": statistics.median(r[name] for r in rounds) for name in steppers},
                **{f"median_{name}_joules_per_step": statistics.median(j) for name, j in joules.items()}}
+    if "strong" in steppers:
+        strong_ratios = [r["tunemake"] / r["strong"] for r in rounds]
+        summary.update(median_ratio_strong=statistics.median(strong_ratios), min_ratio_strong=min(strong_ratios),
+                       max_ratio_strong=max(strong_ratios))
     print(f"  rounds: ratio median {summary['median_ratio']:.3f} (min {summary['min_ratio']:.3f}, max "
-          f"{summary['max_ratio']:.3f}) over {len(rounds)}; baseline median "
-          f"{summary['median_baseline_tokens_per_s']:,.0f} tok/s, tunemake "
-          f"{summary['median_tunemake_tokens_per_s']:,.0f}"
+          f"{summary['max_ratio']:.3f}) over {len(rounds)}"
+          + (f", to the strong baseline {summary['median_ratio_strong']:.3f} (min {summary['min_ratio_strong']:.3f}, "
+             f"max {summary['max_ratio_strong']:.3f})" if "strong" in steppers else "")
+          + "; medians (tok/s): " + ", ".join(f"{name} {summary[f'median_{name}_tokens_per_s']:,.0f}" for name in steppers)
           + (f"; J a step, medians: { {name: round(statistics.median(j), 1) for name, j in joules.items()} }"
              if joules else ""), flush=True)
     return summary
@@ -397,7 +410,7 @@ def setting(kind, args, model_dir, dist, results, out):
     start = trainable_state(model)
     params = [p for p in model.parameters() if p.requires_grad]
     rows = packed_batch(args, dist.rank)
-    user_batch = {k: v.to(device) for k, v in make_batch(rows, range(args.batch), 0, ROWS).items()}
+    user_batch = to_device(make_batch(rows, range(args.batch), 0, ROWS), device)
 
     def restore():
         with torch.no_grad():
@@ -411,9 +424,20 @@ def setting(kind, args, model_dir, dist, results, out):
 
     entry = {"setting": kind, "variants": []}
     results.append(entry)
+    steppers = {}
     if dist.world == 1 and not args.only_tunemake:
-        optimizer = baseline_optimizer()
-        entry["variants"].append(run("baseline", model, user_batch, params, optimizer, args, device))
+        steppers["baseline"] = (model, baseline_optimizer, user_batch, contextlib.nullcontext)
+        why_not = strong_baseline.unavailable(device)
+        if why_not:
+            print(f"  strong baseline: skipped, {why_not}", flush=True)
+        else:
+            flat = to_device(make_batch(rows, range(args.batch), 0, FLAT), device)
+            steppers["strong"] = (model, baseline_optimizer, flat, lambda: strong_baseline.strong(model))
+            entry["strong"] = strong_baseline.describe()
+    for name, (stepper, make_opt, batch, context) in steppers.items():
+        optimizer = make_opt()
+        with context():
+            entry["variants"].append(run(name, stepper, batch, params, optimizer, args, device))
         del optimizer
         restore()
     stepped = step_model(model, dist, torch.bfloat16, checkpoint=chosen.gradient_checkpointing)
@@ -422,12 +446,11 @@ def setting(kind, args, model_dir, dist, results, out):
     fast = fast_path(stepped)
     entry["attention"] = fast.attention if fast else "the model's own forward"
     del optimizer
-    if args.rounds > 1 and dist.world == 1 and not args.only_tunemake:
+    if args.rounds > 1 and steppers:
         first = {v["variant"]: v for v in entry["variants"]}
-        entry["alternating"] = alternate(
-            first, {"baseline": (model, baseline_optimizer),
-                    "tunemake": (stepped, lambda: make_optimizer(params, TRAIN, device))},
-            user_batch, params, args, device, restore)
+        steppers["tunemake"] = (stepped, lambda: make_optimizer(params, TRAIN, device), user_batch,
+                                contextlib.nullcontext)
+        entry["alternating"] = alternate(first, steppers, params, args, device, restore)
     del stepped, fast
     if args.timeline and device.type == "cuda" and dist.world == 1:
         restore()
@@ -458,7 +481,16 @@ def environment(args, dist) -> dict:
     return {"card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "gpus": dist.world,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "date": time.strftime("%Y-%m-%d"), "args": vars(args),
-            "cpus": len(os.sched_getaffinity(0)), "omp_threads": torch.get_num_threads()}
+            "cpus": len(os.sched_getaffinity(0)), "omp_threads": torch.get_num_threads(), "host_cpu": host_cpu()}
+
+
+def host_cpu() -> str:
+    """The host CPU's model name: the baselines' speed follows it."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
 
 
 def main() -> int:
@@ -501,26 +533,32 @@ def main() -> int:
 
     if dist.main:
         env = environment(args, dist)
-        print(f"\ncard: {env['card']} x {dist.world}, torch {env['torch']}, seq {args.seq}, batch {args.batch} per GPU, "
-              f"{env['cpus']} CPUs, {env['omp_threads']} threads")
-        print(f"{'setting':10} {'variant':11} {'tok/s/GPU':>10} {'peak GiB':>9} {'ratio':>6} {'loss':>9} {'grad norm':>10} {'J/step':>7}")
+        print(f"\ncard: {env['card']} x {dist.world}, host {env['host_cpu']}, torch {env['torch']}, seq {args.seq}, "
+              f"batch {args.batch} per GPU, {env['cpus']} CPUs, {env['omp_threads']} threads")
+        print(f"{'setting':10} {'variant':11} {'tok/s/GPU':>10} {'peak GiB':>9} {'ratio':>6} {'/strong':>7} {'loss':>9} "
+              f"{'grad norm':>10} {'J/step':>7}")
         for entry in results:
-            base = next((v for v in entry["variants"] if v["variant"] == "baseline"), None)
+            found = {v["variant"]: v for v in entry["variants"]}
+            base, strong = found.get("baseline"), found.get("strong")
             for v in entry["variants"]:
                 ratio = v["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
                 v["ratio"] = ratio
+                to_strong = v["tokens_per_s"] / strong["tokens_per_s"] if strong else float("nan")
+                if strong:
+                    v["ratio_strong"] = to_strong
                 if base:
                     v["loss_rel_diff"] = abs(v["first_step"]["loss"] / base["first_step"]["loss"] - 1)
                     v["grad_norm_rel_diff"] = abs(v["first_step"]["grad_norm"] / base["first_step"]["grad_norm"] - 1)
                 print(f"{entry['setting']:10} {v['variant']:11} {v['tokens_per_s']:>10,.0f} {v['peak_gib'] or 0:>9.2f} "
-                      f"{ratio:>6.2f} {v['first_step']['loss']:>9.5f} {v['first_step']['grad_norm']:>10.5f} "
+                      f"{ratio:>6.2f} {to_strong:>7.2f} {v['first_step']['loss']:>9.5f} {v['first_step']['grad_norm']:>10.5f} "
                       + (f"{v['joules_per_step']:>7.1f}" if "joules_per_step" in v else f"{'-':>7}"))
             if "alternating" in entry:
                 alt = entry["alternating"]
                 print(f"{entry['setting']:10} {'rounds':11} {alt['median_tunemake_tokens_per_s']:>10,.0f} {'':>9} "
-                      f"{alt['median_ratio']:>6.2f}  median of {len(alt['rounds'])} same-round ratios "
-                      f"({alt['min_ratio']:.2f}-{alt['max_ratio']:.2f}); baseline median "
-                      f"{alt['median_baseline_tokens_per_s']:,.0f} tok/s")
+                      f"{alt['median_ratio']:>6.2f} {alt.get('median_ratio_strong', float('nan')):>7.2f}  median of "
+                      f"{len(alt['rounds'])} same-round ratios ({alt['min_ratio']:.2f}-{alt['max_ratio']:.2f}); "
+                      + ", ".join(f"{name} median {alt[f'median_{name}_tokens_per_s']:,.0f} tok/s"
+                                  for name in ("baseline", "strong") if f"median_{name}_tokens_per_s" in alt))
         if out:
             out.write_text(json.dumps({"results": results, **env}, indent=2))
     dist.barrier()

@@ -58,7 +58,7 @@ def make_engine(model, method: Method, train: Settings, dist: Dist, amp_dtype, s
     ds_config = deepspeed_config(train, dist.world)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0) if ds_config else None
     way = route(model, dist.device, amp_dtype, stage)
-    stepped = step_model(model, dist, amp_dtype, method.gradient_checkpointing, stage)
+    stepped = step_model(model, dist, amp_dtype, method.gradient_checkpointing, stage, way)
     if ds_config:
         engine = DeepSpeedEngine(stepped, train, dist, ds_config)
     else:
@@ -249,14 +249,16 @@ class Route(NamedTuple):
     fast: bool  #: through :class:`tunemake.train.fast.FastCausalLM`
     layout: str  #: how batches reach the model (:mod:`tunemake.train.documents`)
     why: str  #: said in the log at the start of every epoch
+    liger: dict | None = None  #: Liger-Kernel's arguments for the model's own forward (:mod:`tunemake.train.liger`)
 
 
 def route(model, device: torch.device, amp_dtype, zero_stage: int | None = None) -> Route:
     """The way ``model`` (as ``build_model`` made it) trains on ``device``: the CUDA fast path where
     it supports the model and its weights are whole on every process (without DeepSpeed, ZeRO-1
     and ZeRO-2; ``zero_stage`` None: no DeepSpeed), else the model's own forward, its packed rows
-    as documents. ``TUNEMAKE_FAST=0`` in the environment turns the fast path off."""
-    from tunemake.train import fast
+    as documents, with Liger-Kernel where it applies (:mod:`tunemake.train.liger`).
+    ``TUNEMAKE_FAST=0`` in the environment turns the fast path off."""
+    from tunemake.train import fast, liger
 
     if device.type != "cuda":
         reason = "it runs on CUDA only"
@@ -275,16 +277,25 @@ def route(model, device: torch.device, amp_dtype, zero_stage: int | None = None)
         how = f"documents in one flat row, attention {documents.attention_for(model, amp_dtype)}"
     else:
         how = "documents as a padded batch (its code does not use transformers' attention interface)"
-    return Route(False, layout, f"training through the model's own forward, {how}; not the fast path: {reason}")
+    why = f"training through the model's own forward, {how}; not the fast path: {reason}"
+    kernels = liger.plan(model, device, zero_stage)
+    return Route(False, layout, f"{why}; {liger.describe(kernels)}" if kernels else why, kernels)
 
 
-def step_model(model, dist: Dist, amp_dtype, checkpoint: bool = False, zero_stage: int | None = None):
-    """What the step calls: the fast path around ``model`` where :func:`route` takes it, inside DDP
+def step_model(model, dist: Dist, amp_dtype, checkpoint: bool = False, zero_stage: int | None = None,
+               way: Route | None = None):
+    """What the step calls: the fast path around ``model`` where :func:`route` (or ``way``, what it
+    returned) takes it, else the model with Liger-Kernel applied where the route says; inside DDP
     when there are several processes and no DeepSpeed (``zero_stage`` None)."""
-    if route(model, dist.device, amp_dtype, zero_stage).fast:
+    way = way or route(model, dist.device, amp_dtype, zero_stage)
+    if way.fast:
         from tunemake.train import fast
 
         model = fast.FastCausalLM(model, amp_dtype, checkpoint=checkpoint)
+    elif way.liger:
+        from tunemake.train import liger
+
+        liger.apply(model, way.liger)
     if dist.world > 1 and zero_stage is None:
         from torch.nn.parallel import DistributedDataParallel
 
