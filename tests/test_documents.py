@@ -261,3 +261,33 @@ def test_bf16_deepspeed_skips_the_per_tensor_overflow_check_unless_asked(tmp_pat
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto", "check_grad_overflow": True}}))
     assert deepspeed_config(replace(train, deepspeed=str(path)), 1)["bf16"]["check_grad_overflow"] is True
+
+
+def gemma2_no_softcap():
+    """Gemma 2's sliding window (5) without soft-capping: what torch's varlen kernel takes."""
+    model = gemma2()
+    model.config.attn_logit_softcapping = None
+    return model
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("build", [llama, qwen3, gemma2_no_softcap])
+def test_on_cuda_a_flat_row_goes_through_the_varlen_kernel_as_documents_alone(build):
+    """bf16 on CUDA: one varlen kernel for the row (grouped-query heads, a sliding window), the
+    middle document's logits as the document's own alone, to bf16's precision."""
+    from tunemake.train import documents
+
+    assert documents._varlen() is not None  # torch >= 2.11: the kernel, not the loop per document
+    torch.manual_seed(0)
+    model = build().to("cuda", torch.bfloat16)
+    ids, labels, positions = one_row(model.config.vocab_size)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v
+             for k, v in pieces_batch([(ids, labels, positions)], 0, FLAT).items()}
+    start, end = LENGTHS[0], LENGTHS[0] + LENGTHS[1]
+    with torch.no_grad():
+        with apart(model, FLAT, torch.bfloat16):
+            packed = middle_logits(model, batch, FLAT).float()
+        alone = model(input_ids=torch.from_numpy(ids[None, start:end]).cuda(), use_cache=False).logits[0].float()
+        leaky = model(input_ids=torch.from_numpy(ids[None]).cuda(), use_cache=False).logits[0, start:end].float()
+    error, leak = ((x - alone).abs().max() / alone.abs().max() for x in (packed, leaky))
+    assert error < 2e-2 and leak > 4 * error, (error, leak)  # the check can tell attention across documents

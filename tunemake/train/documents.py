@@ -9,9 +9,10 @@ A packed row holds several documents, each starting where ``position_ids`` is 0.
   ``max_length_q/k`` (transformers' ``FlashAttentionKwargs``), for a model whose attention goes
   through transformers' attention interface. The attention is flash attention's varlen kernel
   where ``flash_attn`` is installed on CUDA and the model computes in half precision, else
-  :func:`document_attention`: causal SDPA per document, or the eager maths per document where a
-  sliding window or Gemma's logit soft-capping needs it. Memory grows with the documents'
-  lengths, not the row's.
+  :func:`document_attention`: torch's varlen kernel over the whole row on CUDA in half precision
+  (without soft-capping or dropout), else causal SDPA per document, or the eager maths per
+  document where a sliding window or Gemma's logit soft-capping needs it. Memory grows with the
+  documents' lengths, not the row's.
 - ``documents``: the documents as a padded batch with a padding mask, for a model whose code
   bypasses the interface (remote code with its own attention): exact for any model, at the cost
   of the padding.
@@ -23,6 +24,8 @@ compiled it would compile anew for every row length.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 
 import numpy as np
 import torch
@@ -145,6 +148,14 @@ def document_attention(module, query, key, value, attention_mask, scaling=None, 
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     dropout = dropout if module.training else 0.0
+    varlen = _varlen()
+    if varlen and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not softcap and not dropout:
+        # one kernel for the row, the bounds read on the device: no host sync a layer
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        window = (sliding_window - 1 if sliding_window else -1, 0)
+        longest = kwargs.get("max_length_q") or int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+        out = varlen(q, k, v, cu_seq_lens_q, cu_seq_lens_q, longest, longest, scale=scaling, window_size=window)
+        return out[None], None
     bounds = cu_seq_lens_q.tolist()
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -156,6 +167,17 @@ def document_attention(module, query, key, value, attention_mask, scaling=None, 
             out = _eager(q, k, v, scaling, dropout, sliding_window, softcap)
         outputs.append(out)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _varlen():
+    """torch's ``varlen_attn`` where it takes a scale and a window (torch 2.11 on), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn if "window_size" in params and "scale" in params else None
 
 
 def _eager(q, k, v, scaling: float, dropout: float, sliding_window: int | None, softcap: float | None):
