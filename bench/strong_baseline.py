@@ -59,7 +59,9 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     dropout, no soft-capping (the bench's models have neither)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, d)
+    # QLoRA's 4-bit products come out in fp32 beside fp32 norms: cast as transformers' flash path does
+    dtype = torch.get_autocast_dtype("cuda") if query.dtype == torch.float32 else query.dtype
+    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # (T, heads, d)
     groups = q.shape[1] // k.shape[1]
     extra = {}
     if groups > 1:

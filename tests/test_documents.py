@@ -193,11 +193,12 @@ def test_models_the_fast_path_does_not_take_are_named(offline_hub, monkeypatch):
     torch.manual_seed(0)
     assert "not the fast path: it does not support model_type 'gemma2' (supported: llama," in route(
         lora(gemma2()), CUDA, torch.bfloat16, 2).why
-    assert route(lora(llama()), CUDA, None).why.endswith("it does not support fp32 training")
+    # (on a GPU with liger-kernel installed, the route's reason is followed by what Liger replaces)
+    assert "not the fast path: it does not support fp32 training" in route(lora(llama()), CUDA, None).why
     way = route(remote_code(offline_hub), CUDA, torch.bfloat16)
     assert way.layout == DOCUMENTS and "padded batch" in way.why
     monkeypatch.setenv("TUNEMAKE_FAST", "0")
-    assert route(lora(llama()), CUDA, torch.bfloat16).why.endswith("not the fast path: TUNEMAKE_FAST=0")
+    assert "not the fast path: TUNEMAKE_FAST=0" in route(lora(llama()), CUDA, torch.bfloat16).why
 
 
 def _steps_under(deepspeed: bool) -> dict[str, torch.Tensor]:

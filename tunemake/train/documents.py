@@ -149,9 +149,12 @@ def document_attention(module, query, key, value, attention_mask, scaling=None, 
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     dropout = dropout if module.training else 0.0
     varlen = _varlen()
-    if varlen and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not softcap and not dropout:
+    # fp32 inputs under half-precision autocast (QLoRA's 4-bit products) compute in that half
+    # precision, as SDPA under autocast does
+    half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    if varlen and query.is_cuda and half in (torch.bfloat16, torch.float16) and not softcap and not dropout:
         # one kernel for the row, the bounds read on the device: no host sync a layer
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        q, k, v = (t[0].transpose(0, 1).to(half) for t in (query, key, value))
         window = (sliding_window - 1 if sliding_window else -1, 0)
         longest = kwargs.get("max_length_q") or int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
         out = varlen(q, k, v, cu_seq_lens_q, cu_seq_lens_q, longest, longest, scale=scaling, window_size=window)
