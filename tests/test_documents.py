@@ -41,6 +41,13 @@ def gemma2():
     return Gemma2ForCausalLM(config)
 
 
+def phi3():
+    """An architecture the fast path does not cover."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return Phi3ForCausalLM(Phi3Config(**SHAPE, pad_token_id=0))
+
+
 def remote_code(offline_hub):
     """The hub fixture's InternLM: remote code that does not declare the attention interface."""
     from hub_fixture import INTERNLM
@@ -191,8 +198,8 @@ def test_models_the_fast_path_does_not_take_are_named(offline_hub, monkeypatch):
     from tunemake.train.engine import route
 
     torch.manual_seed(0)
-    assert "not the fast path: it does not support model_type 'gemma2' (supported: llama," in route(
-        lora(gemma2()), CUDA, torch.bfloat16, 2).why
+    assert "not the fast path: it does not support model_type 'phi3' (supported: llama," in route(
+        lora(phi3()), CUDA, torch.bfloat16, 2).why
     # (on a GPU with liger-kernel installed, the route's reason is followed by what Liger replaces)
     assert "not the fast path: it does not support fp32 training" in route(lora(llama()), CUDA, None).why
     way = route(remote_code(offline_hub), CUDA, torch.bfloat16)

@@ -134,6 +134,42 @@ def test_fast_path_equals_reference_for_qwen3(method):
     assert_close(ref, got, rtol=1e-4)
 
 
+def tiny_gemma2(seed: int = 0, attn_softcap: float | None = 1.0, final_softcap: float | None = 0.5):
+    """Gemma 2 with every feature the fast path computes mattering: a sliding window (5) shorter
+    than the documents, attention and final logits soft-capped low enough to change them, a
+    query scale other than 1/sqrt(head_dim), GQA, norms of (1 + weight) away from zero."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(**CONFIG, head_dim=16, sliding_window=5, attn_logit_softcapping=attn_softcap,
+                          final_logit_softcapping=final_softcap, query_pre_attn_scalar=24)
+    config._attn_implementation = "eager"
+    model = Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5)
+            if "q_proj" in name or "k_proj" in name:  # attention logits of a few units: the cap bites
+                p.mul_(10)
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fast_path_equals_reference_for_gemma2(method):
+    """Gemma 2 on the fast path: the loss and every gradient of the model's own forward (its
+    documents apart, tunemake.train.documents, itself checked against each document alone)."""
+    model = tiny_gemma2()
+    if method == "lora":
+        model = with_lora(model)
+    assert unsupported(model, torch.bfloat16) is None
+    rows = packed_rows(ROWS)
+    with documents.apart(model, documents.FLAT):
+        ref = loss_and_grads(model, make_batch(rows, [0, 1, 2], 0, documents.FLAT))
+    got = loss_and_grads(FastCausalLM(model, torch.float32), make_batch(rows, [0, 1, 2], 0, documents.ROWS))
+    assert method == "lora" or any("pre_feedforward_layernorm" in name for name in got[1])
+    assert_close(ref, got, rtol=1e-4)
+
+
 # ranks and scales that differ between the projections of one product (PEFT's rank / alpha patterns)
 MIXED = {"rank_pattern": {"k_proj": 4, "up_proj": 16}, "alpha_pattern": {"v_proj": 4, "gate_proj": 32}}
 
@@ -316,12 +352,14 @@ def test_recomputed_layers_refuse_a_second_backward():
         loss.backward()
 
 
-def test_flex_attention_eager_matches_dense(monkeypatch):
-    """Flex attention (the CUDA fallback where torch has no varlen attention) with its block mask per
-    document equals the dense mask, run eagerly on the CPU."""
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma2])
+def test_flex_attention_eager_matches_dense(monkeypatch, build):
+    """Flex attention (the CUDA fallback where torch has no varlen attention, and Gemma 2's on
+    CUDA: soft-capping as a score modification, sliding windows in the block mask) with its block
+    mask per document equals the dense mask, run eagerly on the CPU."""
     import tunemake.train.fast.model as fast_model
 
-    model = with_lora(tiny_llama())
+    model = with_lora(build())
     batch = make_batch(packed_rows(ROWS), [0, 1, 2], 0, documents.ROWS)
     dense = loss_and_grads(FastCausalLM(model, torch.float32), batch)
     monkeypatch.setattr(fast_model, "choose_attention", lambda *args: "flex")
@@ -604,6 +642,23 @@ def test_compiled_cuda_path_close_to_reference_for_qwen3():
     """Qwen3's query/key head norms in the compiled layer, LoRA under bf16 autocast."""
     model = with_lora(tiny_qwen3()).cuda()
     assert_close_on_cuda_batches(model, FastCausalLM(model, torch.bfloat16))
+
+
+@cuda
+def test_compiled_cuda_path_close_to_reference_for_gemma2():
+    """Gemma 2 in the compiled layer (flex attention with soft-capping and sliding windows), LoRA
+    under bf16 autocast, against the model's own forward with its documents apart."""
+    model = with_lora(tiny_gemma2()).cuda()
+    fast = FastCausalLM(model, torch.bfloat16)
+    assert fast.attention == "flex"
+    for rows in (ROWS, [[30, 5], [12, 12, 3]]):
+        packed = packed_rows(rows)
+        flat = {k: v.cuda() if isinstance(v, torch.Tensor) else v
+                for k, v in make_batch(packed, range(len(rows)), 0, documents.FLAT).items()}
+        with documents.apart(model, documents.FLAT, torch.bfloat16):
+            ref = loss_and_grads(model, flat, autocast=torch.bfloat16)
+        lean = {k: v.cuda() for k, v in make_batch(packed, range(len(rows)), 0, documents.ROWS).items()}
+        assert_close(ref, loss_and_grads(fast, lean, autocast=torch.bfloat16), rtol=3e-2)
 
 
 @cuda

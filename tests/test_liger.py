@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from test_documents import MODELS, lora, one_row
+from test_documents import MODELS, lora, one_row, phi3
 from tunemake.train import liger
 from tunemake.train.documents import FLAT, apart
 from tunemake.train.documents import make_batch as pieces_batch
@@ -76,8 +76,10 @@ def test_the_route_names_liger_and_leaves_the_fast_path_alone(monkeypatch):
     from tunemake.train.engine import route
 
     torch.manual_seed(0)
-    way = route(lora(MODELS["gemma2"]()), CUDA, torch.bfloat16, 2)
-    assert way.liger and way.why.endswith("Liger-Kernel for RoPE, RMSNorm, GeGLU, fused linear cross-entropy")
+    way = route(lora(phi3()), CUDA, torch.bfloat16, 2)  # an architecture the fast path does not cover
+    assert way.liger and way.why.endswith("Liger-Kernel for RoPE, RMSNorm, SwiGLU, fused linear cross-entropy")
+    way = route(lora(MODELS["gemma2"]()), CUDA, torch.bfloat16, 3)  # ZeRO-3: the model's own loss
+    assert way.why.endswith("Liger-Kernel for RoPE, RMSNorm, GeGLU")
     assert route(lora(MODELS["llama"]()), CUDA, torch.bfloat16).liger is None  # the fast path
     monkeypatch.setenv("TUNEMAKE_LIGER", "0")
-    assert route(lora(MODELS["gemma2"]()), CUDA, torch.bfloat16, 2).liger is None
+    assert route(lora(phi3()), CUDA, torch.bfloat16, 2).liger is None

@@ -22,12 +22,16 @@ forward under autocast; it only computes it with fewer passes over memory:
   included, so the full logits are never held.
 
 Supported: Llama-architecture decoders (``model_type`` llama, mistral without sliding window,
-qwen2 without sliding window), SiLU MLP, q/k/v biases, grouped-query attention, rope scaling (the
+qwen2 without sliding window, qwen3 with its query/key norms), SiLU MLP; Gemma 2 (norms of
+(1 + weight) after attention and the MLP too, GeGLU, scaled embeddings, attention and final
+logits soft-capped, sliding-window layers: attention by flex attention on CUDA); q/k/v biases,
+grouped-query attention, rope scaling (the
 model's own rotary module is used), plain LoRA adapters (one active adapter, any dropout, rsLoRA
 scaling), NF4/FP4 bitsandbytes base weights, full fine-tuning, trainable embeddings / head
 (``modules_to_save``), bf16 or fp16 autocast, DDP. Not supported (:func:`unsupported` says why
 and the train stage runs the model's own forward instead): DoRA and other LoRA variants, 8-bit
-base weights, sliding-window attention, other architectures, fp32 training, DeepSpeed.
+base weights, sliding-window attention outside Gemma 2, attention dropout, other architectures,
+fp32 training, ZeRO-3.
 On the CPU the same code runs without compilation and with a dense mask, for the tests.
 """
 

@@ -7,8 +7,9 @@ into what it reads, :func:`attend` runs it inside the compiled layer:
   and heads of 32 to 256 (128 on Blackwell); ``TUNEMAKE_FA4=0`` turns it off;
 - ``flash``: aten's FlashAttention-2 varlen ops called directly;
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn``, torch's public API for the same kernels;
-- ``flex``: flex attention with a block mask per document, where neither of those exists;
-- ``dense``: SDPA with a block-diagonal mask (the CPU).
+- ``flex``: flex attention with a block mask per document, where neither of those exists, and
+  for models that soft-cap attention logits or have sliding-window layers (Gemma 2);
+- ``dense``: SDPA with a block-diagonal mask (the CPU); the exact maths with soft-capping.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ import torch.nn.functional as F
 VARLEN = ("fa4", "flash", "varlen")
 
 
-def choose(device, heads: int, kv_heads: int, head_dim: int, scale: float) -> str:
-    """The backend for a model's attention on ``device`` (one of the module docstring's names)."""
+def choose(device, heads: int, kv_heads: int, head_dim: int, scale: float, masked: bool = False) -> str:
+    """The backend for a model's attention on ``device`` (one of the module docstring's names);
+    ``masked``: the model soft-caps attention logits or has sliding-window layers."""
     if device.type != "cuda":
         return "dense"
+    if masked:
+        return "flex"
     if fa4() is not None and fa4_head_dim_ok(head_dim):
         return "fa4"
     if flash_available():
@@ -39,10 +43,11 @@ def choose(device, heads: int, kv_heads: int, head_dim: int, scale: float) -> st
     return "flex"
 
 
-def metadata(position_ids, backend: str):
+def metadata(position_ids, backend: str, window: int | None = None):
     """What :func:`attend` reads for a step: a row's documents start where ``position_ids`` is 0
     (and at the row's start). Varlen backends: (document offsets, longest length, function);
-    flex: a block mask; dense: a boolean mask [B, 1, L, L]."""
+    flex: a block mask; dense: a boolean mask [B, 1, L, L]. ``window``: a query sees the keys
+    less than this many positions back (flex and dense only)."""
     b, n = position_ids.shape
     starts = position_ids == 0
     starts[:, 0] = True
@@ -59,11 +64,14 @@ def metadata(position_ids, backend: str):
         from torch.nn.attention.flex_attention import create_block_mask
 
         def same_document_causal(bi, hi, qi, ki):
-            return (doc[bi, qi] == doc[bi, ki]) & (qi >= ki)
+            seen = (doc[bi, qi] == doc[bi, ki]) & (qi >= ki)
+            return seen if window is None else seen & (qi - ki < window)
 
         return create_block_mask(same_document_causal, b, None, n, n, device=position_ids.device)
-    causal = torch.tril(torch.ones(n, n, dtype=torch.bool, device=position_ids.device))
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+    index = torch.arange(n, device=position_ids.device)
+    distance = index[:, None] - index[None, :]
+    seen = distance >= 0 if window is None else (distance >= 0) & (distance < window)
+    return ((doc[:, :, None] == doc[:, None, :]) & seen)[:, None]
 
 
 def attend(q, k, v, meta, shape):
@@ -82,10 +90,30 @@ def attend(q, k, v, meta, shape):
     if shape.attention == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
-        out = flex_attention(q, k, v, block_mask=meta, scale=shape.scale, enable_gqa=gqa)
+        cap = shape.softcap
+
+        def capped(score, bi, hi, qi, ki):
+            return cap * torch.tanh(score / cap)
+
+        out = flex_attention(q, k, v, score_mod=capped if cap else None, block_mask=meta, scale=shape.scale,
+                             enable_gqa=gqa)
+    elif shape.softcap:
+        out = capped_attention(q, k, v, meta, shape)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta, scale=shape.scale, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(b, n, shape.heads * shape.head_dim)
+
+
+def capped_attention(q, k, v, mask, shape):
+    """Attention with soft-capped logits and a boolean ``mask``, the exact maths (the CPU):
+    q [B, H, L, D], k/v [B, kv heads, L, D]."""
+    groups = shape.heads // shape.kv_heads
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * shape.scale
+    scores = torch.tanh(scores / shape.softcap) * shape.softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 @functools.cache

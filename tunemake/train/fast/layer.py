@@ -1,5 +1,6 @@
-"""One Llama decoder layer (Mistral's, Qwen2's, Qwen3's with its query/key norms) written out (:func:`decoder_layer`), compiled once and run for every layer,
-and its recomputation in the backward pass (:class:`Recomputed`).
+"""One decoder layer written out (:func:`decoder_layer`): Llama's (Mistral's, Qwen2's, Qwen3's with
+its query/key norms) or Gemma 2's; compiled once and run for every layer, and its recomputation
+in the backward pass (:class:`Recomputed`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class Shape:
     scale: float
     compute_dtype: torch.dtype
     attention: str  # a backend of tunemake.train.fast.attention: "fa4", "flash", "varlen", "flex" or "dense"
+    gemma: bool = False  # Gemma's layer: norms of (1 + weight) in fp32, one after attention and the MLP, GeGLU
+    softcap: float | None = None  # attention logits soft-capped: softcap * tanh(logit / softcap)
+    window: int | None = None  # a query sees the keys less than this many positions back (sliding-window layers)
 
 
 def dropped(x, dropout):
@@ -93,13 +97,14 @@ def joined(x, group: Group):
     return torch.cat(linears(x, group), dim=-1)
 
 
-def mlp(h, gate_up: Group, down_proj: Projection):
-    """The MLP on ``h``: by :class:`tunemake.train.fast.lora.GatedDown` where the down projection has no
-    bias and no LoRA dropout, else by :func:`linears` and :func:`linear`."""
-    if down_proj.bias is None and not down_proj.dropout:
+def mlp(h, gate_up: Group, down_proj: Projection, gelu: bool = False):
+    """The MLP on ``h``, SiLU-gated (or GeGLU with tanh's GELU, Gemma's): by
+    :class:`tunemake.train.fast.lora.GatedDown` where SiLU's down projection has no bias and no LoRA
+    dropout, else by :func:`linears` and :func:`linear`."""
+    if not gelu and down_proj.bias is None and not down_proj.dropout:
         return GatedDown.apply(joined(h, gate_up), down_proj.weight, down_proj.lora_a, down_proj.lora_b, down_proj.scale)
     gate, up = linears(h, gate_up)
-    return linear(F.silu(gate) * up, down_proj)
+    return linear((F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up, down_proj)
 
 
 def rms_norm(x, weight, eps):
@@ -109,17 +114,25 @@ def rms_norm(x, weight, eps):
     return weight * h.to(x.dtype)
 
 
+def gemma_norm(x, weight, eps):
+    # as Gemma2RMSNorm: (1 + weight) applied in fp32, then cast back
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.float())).to(x.dtype)
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 def decoder_layer(x, cos, sin, meta, weights: LayerWeights, shape: Shape):
-    """One Llama decoder layer; ``x`` is the residual stream [B, L, hidden] in the model's dtype,
+    """One decoder layer; ``x`` is the residual stream [B, L, hidden] in the model's dtype,
     ``meta`` what :func:`tunemake.train.fast.attention.metadata` made for the step."""
     b, n, _ = x.shape
     dtype = shape.compute_dtype
-    h = rms_norm(x, weights.input_norm, shape.eps).to(dtype)
+    norm = gemma_norm if shape.gemma else rms_norm
+    h = norm(x, weights.input_norm, shape.eps).to(dtype)
     q, k, v = linears(h, weights.qkv)
     q = q.reshape(b, n, shape.heads, shape.head_dim)
     k = k.reshape(b, n, shape.kv_heads, shape.head_dim)
@@ -129,7 +142,12 @@ def decoder_layer(x, cos, sin, meta, weights: LayerWeights, shape: Shape):
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     q = (q * cos + rotate_half(q) * sin).to(dtype)
     k = (k * cos + rotate_half(k) * sin).to(dtype)
-    x = x + lora_linear(attend(q, k, v, meta, shape), weights.o_proj)
+    attended = lora_linear(attend(q, k, v, meta, shape), weights.o_proj)
+    if shape.gemma:  # a norm after attention and after the MLP, before each joins the residual
+        x = x + gemma_norm(attended, weights.post_norm, shape.eps)
+        h = gemma_norm(x, weights.pre_mlp_norm, shape.eps).to(dtype)
+        return x + gemma_norm(mlp(h, weights.gate_up, weights.down_proj, gelu=True), weights.post_mlp_norm, shape.eps)
+    x = x + attended
     h = rms_norm(x, weights.post_norm, shape.eps).to(dtype)
     return x + mlp(h, weights.gate_up, weights.down_proj)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutput
@@ -15,7 +17,7 @@ from .kernels import BlockCopy
 from .layer import Recomputed, Shape, compiled_layer, decoder_layer
 from .lora import Wide
 from .loss import LinearCrossEntropy
-from .support import base_model, is_4bit, projections, unsupported
+from .support import GEMMA, base_model, is_4bit, norm_eps, projections, unsupported
 from .weights import b_slots, dequantized, head_weight, layer_weights, nf4_groups, stack_storage, trainable, with_masks
 
 #: rows are padded to a multiple of this where the layer is compiled, so a run compiles for a few lengths only
@@ -59,8 +61,20 @@ class FastCausalLM(torch.nn.Module):
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         scale = float(getattr(first.self_attn, "scaling", head_dim ** -0.5))
         device = next(module.parameters()).device
-        self._shape = Shape(heads, kv_heads, head_dim, float(first.input_layernorm.variance_epsilon), scale,
-                            compute_dtype, choose_attention(device, heads, kv_heads, head_dim, scale))
+        gemma = config.model_type in GEMMA
+        softcap = getattr(config, "attn_logit_softcapping", None) if gemma else None
+        windows = [getattr(layer.self_attn, "sliding_window", None) if gemma else None for layer in self._inner.layers]
+        self._shape = Shape(heads, kv_heads, head_dim, norm_eps(first.input_layernorm), scale, compute_dtype,
+                            choose_attention(device, heads, kv_heads, head_dim, scale, bool(softcap or any(windows))),
+                            gemma, softcap)
+        # a layer's shape: its sliding window, if any (Gemma 2 alternates windowed and global layers)
+        self._layer_shapes = {id(layer): dataclasses.replace(self._shape, window=window)
+                              for layer, window in zip(self._inner.layers, windows)}
+        # Gemma scales its embeddings by sqrt(hidden): in the model's forward in older transformers,
+        # inside the embedding module (``embed_scale``) in newer ones
+        scaled_inside = hasattr(base.get_input_embeddings(), "embed_scale")
+        self._embed_scale = config.hidden_size ** 0.5 if gemma and not scaled_inside else None
+        self._logit_softcap = getattr(config, "final_logit_softcapping", None) if gemma else None
         self._quantized = any(is_4bit(p) for p in projections(first))
         self._fp4 = any(is_4bit(p) and getattr(p, "base_layer", p).weight.quant_state.quant_type != "nf4"
                         for p in projections(first))
@@ -130,7 +144,7 @@ class FastCausalLM(torch.nn.Module):
                 weights = dequantized(weights, self._nf4_plans[key], self._shape.compute_dtype)
         if seed is not None:
             weights = with_masks(weights, x, seed)
-        return fn(x, cos, sin, meta, weights, self._shape)
+        return fn(x, cos, sin, meta, weights, self._layer_shapes[id(layer)])
 
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None, **unused):
         """Mean loss over the target tokens (``labels`` shifted by one, -100 ignored).
@@ -149,17 +163,22 @@ class FastCausalLM(torch.nn.Module):
             n += padded
         targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1).reshape(-1)
         keep = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)
-        meta = attention_metadata(position_ids, self._shape.attention)
+        # what attention reads, for each sliding window the layers have (None: none)
+        metas = {shape.window: None for shape in self._layer_shapes.values()}
+        metas = {window: attention_metadata(position_ids, self._shape.attention, window) for window in metas}
 
         if self._lora_b_slots:  # the B blocks of the concatenated products: this step's values
             self._lora_b_slots()
         x = self.module.get_input_embeddings()(input_ids)
+        if self._embed_scale:  # rounded to the embeddings' dtype first, as Gemma does
+            x = x * torch.tensor(self._embed_scale, dtype=x.dtype)
         cos, sin = self._inner.rotary_emb(x, position_ids)
         # LoRA dropout: one seed a forward pass from torch's generator (what seeding makes
         # reproducible), one a layer from it, for masks that the recomputation draws again
         step_seed = int(torch.randint(0, 2**62, ())) if self._dropout else None
         for index, layer in enumerate(self._inner.layers):
             seed = None if step_seed is None else (step_seed + 1_000_003 * (index + 1)) % 2**63
+            meta = metas[self._layer_shapes[id(layer)].window]
             if self._checkpoint and torch.is_grad_enabled():
                 x = self._recompute(layer, x, cos, sin, meta, seed)
             else:
@@ -167,7 +186,7 @@ class FastCausalLM(torch.nn.Module):
         x = self._inner.norm(x)
         hidden = x.reshape(b * n, -1).index_select(0, keep)
         loss = LinearCrossEntropy.apply(hidden, head_weight(self._head), targets.index_select(0, keep),
-                                        self._shape.compute_dtype, self._compile)
+                                        self._shape.compute_dtype, self._compile, self._logit_softcap)
         # a transformers output, as the model's own forward returns: DDP's static graph and
         # unused-parameter search find the loss in it
         return CausalLMOutput(loss=loss)

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import torch
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+#: architectures whose layers are Gemma's: RMSNorm of (1 + weight), a norm after attention and
+#: after the MLP, GeGLU, embeddings scaled by sqrt(hidden), soft-capping, sliding-window layers
+GEMMA = ("gemma2",)
 
 
 def base_model(model):
@@ -30,24 +33,36 @@ def unsupported(model, compute_dtype=torch.bfloat16) -> str | None:
     config = base.config
     if config.model_type not in ARCHITECTURES:
         return f"model_type {config.model_type!r} (supported: {', '.join(ARCHITECTURES)})"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"hidden_act {config.hidden_act!r}"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
+    if config.model_type in GEMMA:
+        if getattr(config, "hidden_activation", None) != "gelu_pytorch_tanh":
+            return f"hidden_activation {getattr(config, 'hidden_activation', None)!r}"
+    else:
+        if getattr(config, "hidden_act", "silu") != "silu":
+            return f"hidden_act {config.hidden_act!r}"
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            return "sliding-window attention"
     if getattr(config, "pretraining_tp", 1) != 1:
         return "pretraining_tp > 1"
     inner = getattr(base, "model", None)
     if inner is None or not all(hasattr(inner, name) for name in ("layers", "norm", "rotary_emb", "embed_tokens")):
         return "not a Llama-style module tree"
     first = inner.layers[0]
-    if hasattr(first.self_attn, "q_norm") and first.self_attn.q_norm.variance_epsilon != first.input_layernorm.variance_epsilon:
+    if hasattr(first.self_attn, "q_norm") and norm_eps(first.self_attn.q_norm) != norm_eps(first.input_layernorm):
         return "query/key norms with another epsilon than the layers'"
+    if getattr(first.self_attn, "attention_dropout", 0.0):
+        return "attention dropout"
     for layer in inner.layers:
         for proj in projections(layer):
             reason = projection_problem(proj)
             if reason:
                 return reason
     return None
+
+
+def norm_eps(norm) -> float:
+    """An RMSNorm module's epsilon (Llama's ``variance_epsilon``, Gemma's ``eps``)."""
+    eps = getattr(norm, "variance_epsilon", None)
+    return float(norm.eps if eps is None else eps)
 
 
 def projections(layer) -> tuple:

@@ -43,6 +43,8 @@ class LayerWeights(NamedTuple):
     gate_up: Group
     down_proj: Projection
     qk_norm: tuple | None = None  # Qwen3's RMSNorm weights of the query and key heads, or None
+    pre_mlp_norm: torch.Tensor | None = None  # Gemma's norm before the MLP (``post_norm`` follows attention)
+    post_mlp_norm: torch.Tensor | None = None  # Gemma's norm after the MLP
 
 
 #: what :func:`group` puts in place of a stacked weight for NF4 projections that
@@ -91,10 +93,12 @@ def layer_weights(layer, stacked, training: bool) -> LayerWeights:
     attn, mlp = layer.self_attn, layer.mlp
     qkv, gate_up = stacked
     qk_norm = (attn.q_norm.weight, attn.k_norm.weight) if hasattr(attn, "q_norm") else None
+    gemma = hasattr(layer, "pre_feedforward_layernorm")
     return LayerWeights(layer.input_layernorm.weight, group((attn.q_proj, attn.k_proj, attn.v_proj), qkv, training),
                         projection(attn.o_proj, training), layer.post_attention_layernorm.weight,
                         group((mlp.gate_proj, mlp.up_proj), gate_up, training), projection(mlp.down_proj, training),
-                        qk_norm)
+                        qk_norm, layer.pre_feedforward_layernorm.weight if gemma else None,
+                        layer.post_feedforward_layernorm.weight if gemma else None)
 
 
 def row_blocks(stacked, projs, rows) -> list:
