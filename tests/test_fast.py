@@ -154,11 +154,31 @@ def tiny_gemma2(seed: int = 0, attn_softcap: float | None = 1.0, final_softcap: 
     return model
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_fast_path_equals_reference_for_gemma2(method):
-    """Gemma 2 on the fast path: the loss and every gradient of the model's own forward (its
+def tiny_gemma3(seed: int = 0):
+    """Gemma 3 (text): query/key norms of (1 + weight), a sliding window (5) shorter than the
+    documents on every layer but the last, whose rotary base differs from the sliding layers'."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(**{**CONFIG, "num_hidden_layers": 3}, head_dim=16, sliding_window=5,
+                              query_pre_attn_scalar=24, layer_types=["sliding_attention"] * 2 + ["full_attention"],
+                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                                               "full_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    config._attn_implementation = "eager"
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("build,method", [(tiny_gemma2, "lora"), (tiny_gemma2, "full"), (tiny_gemma3, "lora"),
+                                          (tiny_gemma3, "full")])
+def test_fast_path_equals_reference_for_gemma(build, method):
+    """Gemma 2 and 3 on the fast path: the loss and every gradient of the model's own forward (its
     documents apart, tunemake.train.documents, itself checked against each document alone)."""
-    model = tiny_gemma2()
+    model = build()
     if method == "lora":
         model = with_lora(model)
     assert unsupported(model, torch.bfloat16) is None
@@ -645,10 +665,11 @@ def test_compiled_cuda_path_close_to_reference_for_qwen3():
 
 
 @cuda
-def test_compiled_cuda_path_close_to_reference_for_gemma2():
-    """Gemma 2 in the compiled layer (flex attention with soft-capping and sliding windows), LoRA
-    under bf16 autocast, against the model's own forward with its documents apart."""
-    model = with_lora(tiny_gemma2()).cuda()
+@pytest.mark.parametrize("build", [tiny_gemma2, tiny_gemma3])
+def test_compiled_cuda_path_close_to_reference_for_gemma(build):
+    """Gemma 2 and 3 in the compiled layer (flex attention with soft-capping and sliding windows),
+    LoRA under bf16 autocast, against the model's own forward with its documents apart."""
+    model = with_lora(build()).cuda()
     fast = FastCausalLM(model, torch.bfloat16)
     assert fast.attention == "flex"
     for rows in (ROWS, [[30, 5], [12, 12, 3]]):

@@ -22,9 +22,10 @@ forward under autocast; it only computes it with fewer passes over memory:
   included, so the full logits are never held.
 
 Supported: Llama-architecture decoders (``model_type`` llama, mistral without sliding window,
-qwen2 without sliding window, qwen3 with its query/key norms), SiLU MLP; Gemma 2 (norms of
-(1 + weight) after attention and the MLP too, GeGLU, scaled embeddings, attention and final
-logits soft-capped, sliding-window layers: attention by flex attention on CUDA); q/k/v biases,
+qwen2 without sliding window, qwen3 with its query/key norms), SiLU MLP; Gemma 2 and Gemma 3's
+text model (norms of (1 + weight) after attention and the MLP too, GeGLU, scaled embeddings,
+Gemma 2's soft-capped attention and final logits, sliding-window layers with Gemma 3's own
+rotary base, Gemma 3's query/key norms: attention by flex attention on CUDA); q/k/v biases,
 grouped-query attention, rope scaling (the
 model's own rotary module is used), plain LoRA adapters (one active adapter, any dropout, rsLoRA
 scaling), NF4/FP4 bitsandbytes base weights, full fine-tuning, trainable embeddings / head

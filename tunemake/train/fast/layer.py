@@ -1,5 +1,5 @@
 """One decoder layer written out (:func:`decoder_layer`): Llama's (Mistral's, Qwen2's, Qwen3's with
-its query/key norms) or Gemma 2's; compiled once and run for every layer, and its recomputation
+its query/key norms) or Gemma 2's and 3's; compiled once and run for every layer, and its recomputation
 in the backward pass (:class:`Recomputed`).
 """
 
@@ -137,8 +137,8 @@ def decoder_layer(x, cos, sin, meta, weights: LayerWeights, shape: Shape):
     q = q.reshape(b, n, shape.heads, shape.head_dim)
     k = k.reshape(b, n, shape.kv_heads, shape.head_dim)
     v = v.reshape(b, n, shape.kv_heads, shape.head_dim)
-    if weights.qk_norm is not None:  # Qwen3: each head normalized before the rotation
-        q, k = rms_norm(q, weights.qk_norm[0], shape.eps), rms_norm(k, weights.qk_norm[1], shape.eps)
+    if weights.qk_norm is not None:  # Qwen3, Gemma 3: each head normalized before the rotation
+        q, k = norm(q, weights.qk_norm[0], shape.eps), norm(k, weights.qk_norm[1], shape.eps)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     q = (q * cos + rotate_half(q) * sin).to(dtype)
     k = (k * cos + rotate_half(k) * sin).to(dtype)

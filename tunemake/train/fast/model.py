@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,10 @@ class FastCausalLM(torch.nn.Module):
         # a layer's shape: its sliding window, if any (Gemma 2 alternates windowed and global layers)
         self._layer_shapes = {id(layer): dataclasses.replace(self._shape, window=window)
                               for layer, window in zip(self._inner.layers, windows)}
+        # Gemma 3's rotary module computes each layer type's own (its sliding layers have another base)
+        per_type = "layer_type" in inspect.signature(self._inner.rotary_emb.forward).parameters
+        self._rotary_keys = {id(layer): config.layer_types[i] if per_type else None
+                             for i, layer in enumerate(self._inner.layers)}
         # Gemma scales its embeddings by sqrt(hidden): in the model's forward in older transformers,
         # inside the embedding module (``embed_scale``) in newer ones
         scaled_inside = hasattr(base.get_input_embeddings(), "embed_scale")
@@ -172,13 +177,15 @@ class FastCausalLM(torch.nn.Module):
         x = self.module.get_input_embeddings()(input_ids)
         if self._embed_scale:  # rounded to the embeddings' dtype first, as Gemma does
             x = x * torch.tensor(self._embed_scale, dtype=x.dtype)
-        cos, sin = self._inner.rotary_emb(x, position_ids)
+        rotary = {key: self._inner.rotary_emb(x, position_ids, *([key] if key else []))
+                  for key in set(self._rotary_keys.values())}
         # LoRA dropout: one seed a forward pass from torch's generator (what seeding makes
         # reproducible), one a layer from it, for masks that the recomputation draws again
         step_seed = int(torch.randint(0, 2**62, ())) if self._dropout else None
         for index, layer in enumerate(self._inner.layers):
             seed = None if step_seed is None else (step_seed + 1_000_003 * (index + 1)) % 2**63
             meta = metas[self._layer_shapes[id(layer)].window]
+            cos, sin = rotary[self._rotary_keys[id(layer)]]
             if self._checkpoint and torch.is_grad_enabled():
                 x = self._recompute(layer, x, cos, sin, meta, seed)
             else:

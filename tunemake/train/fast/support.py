@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import torch
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 #: architectures whose layers are Gemma's: RMSNorm of (1 + weight), a norm after attention and
-#: after the MLP, GeGLU, embeddings scaled by sqrt(hidden), soft-capping, sliding-window layers
-GEMMA = ("gemma2",)
+#: after the MLP, GeGLU, embeddings scaled by sqrt(hidden), soft-capping (Gemma 2), sliding-window
+#: layers (with their own rotary base in Gemma 3), query/key norms (Gemma 3)
+GEMMA = ("gemma2", "gemma3_text")
 
 
 def base_model(model):
