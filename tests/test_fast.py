@@ -670,7 +670,7 @@ def test_compiled_cuda_path_close_to_reference_for_gemma(build):
     """Gemma 2 and 3 in the compiled layer (flex attention with soft-capping and sliding windows),
     LoRA under bf16 autocast, against the model's own forward with its documents apart."""
     model = with_lora(build()).cuda()
-    fast = FastCausalLM(model, torch.bfloat16)
+    fast = FastCausalLM(model, torch.bfloat16)  # what TUNEMAKE_FAST_GEMMA=1 gives a training job
     assert fast.attention == "flex"
     for rows in (ROWS, [[30, 5], [12, 12, 3]]):
         packed = packed_rows(rows)

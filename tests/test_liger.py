@@ -78,7 +78,7 @@ def test_the_route_names_liger_and_leaves_the_fast_path_alone(monkeypatch):
     torch.manual_seed(0)
     way = route(lora(phi3()), CUDA, torch.bfloat16, 2)  # an architecture the fast path does not cover
     assert way.liger and way.why.endswith("Liger-Kernel for RoPE, RMSNorm, SwiGLU, fused linear cross-entropy")
-    way = route(lora(MODELS["gemma2"]()), CUDA, torch.bfloat16, 3)  # ZeRO-3: the model's own loss
+    way = route(lora(MODELS["gemma2"]()), CUDA, torch.bfloat16, 3)  # under ZeRO-3, the model's own loss
     assert way.why.endswith("Liger-Kernel for RoPE, RMSNorm, GeGLU")
     assert route(lora(MODELS["llama"]()), CUDA, torch.bfloat16).liger is None  # the fast path
     monkeypatch.setenv("TUNEMAKE_LIGER", "0")
