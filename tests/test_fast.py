@@ -134,6 +134,18 @@ def test_fast_path_equals_reference_for_qwen3(method):
     assert_close(ref, got, rtol=1e-4)
 
 
+def gemma_weights(model, qk_scale: float = 1.0):
+    """``model`` with its norms' weights away from zero (Gemma's (1 + weight) would hide a norm
+    applied as Llama's) and its query/key projections scaled by ``qk_scale``."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5)
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(qk_scale)
+    return model
+
+
 def tiny_gemma2(seed: int = 0, attn_softcap: float | None = 1.0, final_softcap: float | None = 0.5):
     """Gemma 2 with every feature the fast path computes mattering: a sliding window (5) shorter
     than the documents, attention and final logits soft-capped low enough to change them, a
@@ -144,14 +156,7 @@ def tiny_gemma2(seed: int = 0, attn_softcap: float | None = 1.0, final_softcap: 
     config = Gemma2Config(**CONFIG, head_dim=16, sliding_window=5, attn_logit_softcapping=attn_softcap,
                           final_logit_softcapping=final_softcap, query_pre_attn_scalar=24)
     config._attn_implementation = "eager"
-    model = Gemma2ForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(-0.5, 0.5)
-            if "q_proj" in name or "k_proj" in name:  # attention logits of a few units: the cap bites
-                p.mul_(10)
-    return model
+    return gemma_weights(Gemma2ForCausalLM(config), qk_scale=10.0)  # attention logits of a few units: the cap bites
 
 
 def tiny_gemma3(seed: int = 0):
@@ -165,12 +170,7 @@ def tiny_gemma3(seed: int = 0):
                               rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
                                                "full_attention": {"rope_type": "default", "rope_theta": 10000.0}})
     config._attn_implementation = "eager"
-    model = Gemma3ForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(-0.5, 0.5)
-    return model
+    return gemma_weights(Gemma3ForCausalLM(config))
 
 
 @pytest.mark.parametrize("build,method", [(tiny_gemma2, "lora"), (tiny_gemma2, "full"), (tiny_gemma3, "lora"),

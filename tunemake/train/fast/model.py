@@ -169,8 +169,8 @@ class FastCausalLM(torch.nn.Module):
         targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1).reshape(-1)
         keep = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)
         # what attention reads, for each sliding window the layers have (None: none)
-        metas = {shape.window: None for shape in self._layer_shapes.values()}
-        metas = {window: attention_metadata(position_ids, self._shape.attention, window) for window in metas}
+        windows = {shape.window for shape in self._layer_shapes.values()}
+        metas = {window: attention_metadata(position_ids, self._shape.attention, window) for window in windows}
 
         if self._lora_b_slots:  # the B blocks of the concatenated products: this step's values
             self._lora_b_slots()
