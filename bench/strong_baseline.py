@@ -6,7 +6,9 @@ and Liger-Kernel's ``apply_liger_kernel_to_<model>`` (RMSNorm, RoPE, SwiGLU/GeGL
 cross-entropy: the one switch TRL, axolotl and LLaMA-Factory offer). Attention is transformers'
 ``flash_attention_4`` where FlashAttention-4 is installed, else torch's
 ``torch.nn.attention.varlen.varlen_attn`` registered in transformers' AttentionInterface (the
-same FlashAttention kernels; flash-attn 2 has no wheel for the GPU image).
+same FlashAttention kernels; flash-attn 2 has no wheel for the GPU image); for a model with
+soft-capped attention (Gemma 2), which ``varlen_attn`` cannot compute, transformers'
+``flex_attention`` (its mask keeps the documents of a packed row apart).
 
 Nothing here comes from tunemake: the baseline is what a user would write without it.
 CUDA only (Liger's kernels are Triton; varlen attention needs half precision on a GPU).
@@ -36,8 +38,9 @@ def unavailable(device) -> str | None:
     return None
 
 
-def attention_name() -> str | None:
-    """``flash_attention_4`` where transformers and FlashAttention-4 both have it, else torch's varlen kernel."""
+def attention_name(config=None) -> str | None:
+    """``flash_attention_4`` where transformers and FlashAttention-4 both have it, else torch's
+    varlen kernel, or flex attention for ``config``'s soft-capped attention."""
     try:
         from transformers.utils import is_flash_attn_4_available
 
@@ -49,7 +52,7 @@ def attention_name() -> str | None:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return None
-    return VARLEN
+    return "flex_attention" if getattr(config, "attn_logit_softcapping", None) else VARLEN
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
@@ -92,7 +95,7 @@ def strong(model):
 
     saved_modules = {m: dict(m.__dict__) for m in base.modules()}
     saved_modeling = dict(vars(modeling))
-    name = attention_name()
+    name = attention_name(base.config)
     if name == VARLEN:
         AttentionInterface.register(VARLEN, varlen_attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, flash_attention_mask)  # no mask: the documents say it all
@@ -112,7 +115,7 @@ def strong(model):
             setattr(modeling, key, value)
 
 
-def describe() -> dict:
+def describe(config=None) -> dict:
     """What the strong baseline ran with, for the bench's JSON."""
     import liger_kernel
 
@@ -121,4 +124,4 @@ def describe() -> dict:
         from importlib.metadata import version as dist_version
 
         version = dist_version("liger-kernel")
-    return {"attention": attention_name(), "liger_kernel": version, "torch": torch.__version__}
+    return {"attention": attention_name(config), "liger_kernel": version, "torch": torch.__version__}

@@ -1,7 +1,8 @@
 """Training throughput: tunemake's training step against plain transformers + PEFT, same card, same batch.
 
-Builds a Llama-2-7B-shaped model with random weights (saved once under --workdir, then loaded
-by ``tunemake.train.model.build_model``, as the train stage does) and one packed batch of documents
+Builds a model with random weights in the shape of a public one (``--shape``: Llama-2-7B by
+default, Qwen3-8B, Gemma-2-9B; saved once under --workdir, then loaded by
+``tunemake.train.model.build_model``, as the train stage does) and one packed batch of documents
 with ``position_ids``. For each setting (``lora``: LoRA bf16; ``lora_ckpt``: with gradient
 checkpointing; ``qlora``: NF4 + double quant + checkpointing) it times, from the same weights:
 
@@ -69,23 +70,56 @@ def method(kind: str, args) -> Method:
                   gradient_checkpointing=kind != "lora")
 
 
-def save_model(args, path: Path, device) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+#: ``--shape``: the transformers config class and the public model's sizes (its config.json).
+SHAPES = {
+    "llama2-7b": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)),
+    "qwen3-8b": ("Qwen3Config", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                     vocab_size=151936, tie_word_embeddings=False)),
+    "gemma2-9b": ("Gemma2Config", dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                       num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                                       vocab_size=256000, sliding_window=4096, query_pre_attn_scalar=256,
+                                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+}
+#: the options that shrink a shape (CPU smoke runs) and the config keys they set
+SIZES = {"layers": "num_hidden_layers", "hidden": "hidden_size", "intermediate": "intermediate_size",
+         "heads": "num_attention_heads", "vocab": "vocab_size"}
+
+
+def model_config(args):
+    """``--shape``'s config with the sizes given on the command line in place of its own; a
+    smaller head count keeps the shape's ratio of query to key/value heads."""
+    import transformers
+
+    name, sizes = SHAPES[args.shape]
+    sizes = {**sizes, "max_position_embeddings": max(8192, args.seq)}
+    given = {key: getattr(args, option) for option, key in SIZES.items() if getattr(args, option) is not None}
+    if given:
+        groups = sizes["num_attention_heads"] // sizes["num_key_value_heads"]
+        sizes.update(given)
+        heads = sizes["num_attention_heads"]
+        sizes["num_key_value_heads"] = max(1, heads // groups)
+        sizes["head_dim"] = sizes["hidden_size"] // heads
+        if "query_pre_attn_scalar" in sizes:
+            sizes["query_pre_attn_scalar"] = sizes["head_dim"]
+    return getattr(transformers, name)(**sizes)
+
+
+def save_model(config, path: Path, device) -> None:
+    from transformers import AutoModelForCausalLM
 
     if (path / "config.json").exists():
         return
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, max_position_embeddings=max(4096, args.seq))
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp, max_shard_size="4GB")
     os.replace(tmp, path)
 
 
-def packed_batch(args, rank: int) -> Rows:
+def packed_batch(args, vocab: int, rank: int) -> Rows:
     """``--batch`` rows of ``--seq`` tokens, each several documents of 128..1024 tokens."""
     rng = np.random.default_rng(1000 + rank)
     rows = Rows.__new__(Rows)
@@ -94,7 +128,7 @@ def packed_batch(args, rank: int) -> Rows:
         lengths = []
         while sum(lengths) < args.seq:
             lengths.append(int(min(rng.integers(128, 1025), args.seq - sum(lengths))))
-        ids.append(rng.integers(3, args.vocab, size=args.seq))
+        ids.append(rng.integers(3, vocab, size=args.seq))
         pos.append(np.concatenate([np.arange(n) for n in lengths]))
         offsets.append(offsets[-1] + args.seq)
     ids = np.concatenate(ids)
@@ -409,7 +443,7 @@ def setting(kind, args, model_dir, dist, results, out):
                 p.copy_(torch.randn(p.shape, generator=gen) * 1e-3)
     start = trainable_state(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    rows = packed_batch(args, dist.rank)
+    rows = packed_batch(args, model.config.vocab_size, dist.rank)
     user_batch = to_device(make_batch(rows, range(args.batch), 0, ROWS), device)
 
     def restore():
@@ -433,7 +467,7 @@ def setting(kind, args, model_dir, dist, results, out):
         else:
             flat = to_device(make_batch(rows, range(args.batch), 0, FLAT), device)
             steppers["strong"] = (model, baseline_optimizer, flat, lambda: strong_baseline.strong(model))
-            entry["strong"] = strong_baseline.describe()
+            entry["strong"] = strong_baseline.describe(model.config)
     for name, (stepper, make_opt, batch, context) in steppers.items():
         optimizer = make_opt()
         with context():
@@ -495,11 +529,12 @@ def host_cpu() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b", help="the public model whose sizes to take")
+    parser.add_argument("--layers", type=int, help="in place of the shape's (also --hidden, --intermediate, --heads, --vocab)")
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--intermediate", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--vocab", type=int)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (PEFT's default 0)")
@@ -516,10 +551,12 @@ def main() -> int:
     parser.add_argument("--json")
     args = parser.parse_args()
     dist = setup_processes(1 if torch.cuda.is_available() else 0)
-    model_dir = Path(args.workdir) / f"llama-{args.layers}x{args.hidden}-{args.vocab}"
+    config = model_config(args)
+    model_dir = Path(args.workdir) / (f"{args.shape}-{config.num_hidden_layers}x{config.hidden_size}"
+                                      f"-{config.vocab_size}")
     if dist.main:
         model_dir.parent.mkdir(parents=True, exist_ok=True)
-        save_model(args, model_dir, dist.device)
+        save_model(config, model_dir, dist.device)
     dist.barrier()
     out = Path(args.json) if args.json else None
     results = []
@@ -533,7 +570,7 @@ def main() -> int:
 
     if dist.main:
         env = environment(args, dist)
-        print(f"\ncard: {env['card']} x {dist.world}, host {env['host_cpu']}, torch {env['torch']}, seq {args.seq}, "
+        print(f"\n{args.shape} shape, card: {env['card']} x {dist.world}, host {env['host_cpu']}, torch {env['torch']}, seq {args.seq}, "
               f"batch {args.batch} per GPU, {env['cpus']} CPUs, {env['omp_threads']} threads")
         print(f"{'setting':10} {'variant':11} {'tok/s/GPU':>10} {'peak GiB':>9} {'ratio':>6} {'/strong':>7} {'loss':>9} "
               f"{'grad norm':>10} {'J/step':>7}")
