@@ -55,31 +55,9 @@ class FastCausalLM(torch.nn.Module):
         # plain attributes, not submodules: the parameters keep their one name under ``module``
         object.__setattr__(self, "_inner", base.model)
         object.__setattr__(self, "_head", base.get_output_embeddings())
-        config = base.config
         first = self._inner.layers[0]
-        heads = config.num_attention_heads
-        head_dim = getattr(first.self_attn, "head_dim", None) or config.hidden_size // heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        scale = float(getattr(first.self_attn, "scaling", head_dim ** -0.5))
         device = next(module.parameters()).device
-        gemma = config.model_type in GEMMA
-        softcap = getattr(config, "attn_logit_softcapping", None) if gemma else None
-        windows = [getattr(layer.self_attn, "sliding_window", None) if gemma else None for layer in self._inner.layers]
-        self._shape = Shape(heads, kv_heads, head_dim, norm_eps(first.input_layernorm), scale, compute_dtype,
-                            choose_attention(device, heads, kv_heads, head_dim, scale, bool(softcap or any(windows))),
-                            gemma, softcap)
-        # a layer's shape: its sliding window, if any (Gemma 2 alternates windowed and global layers)
-        self._layer_shapes = {id(layer): dataclasses.replace(self._shape, window=window)
-                              for layer, window in zip(self._inner.layers, windows)}
-        # Gemma 3's rotary module computes each layer type's own (its sliding layers have another base)
-        per_type = "layer_type" in inspect.signature(self._inner.rotary_emb.forward).parameters
-        self._rotary_keys = {id(layer): config.layer_types[i] if per_type else None
-                             for i, layer in enumerate(self._inner.layers)}
-        # Gemma scales its embeddings by sqrt(hidden): in the model's forward in older transformers,
-        # inside the embedding module (``embed_scale``) in newer ones
-        scaled_inside = hasattr(base.get_input_embeddings(), "embed_scale")
-        self._embed_scale = config.hidden_size ** 0.5 if gemma and not scaled_inside else None
-        self._logit_softcap = getattr(config, "final_logit_softcapping", None) if gemma else None
+        self._arch = architecture(base, compute_dtype, device)
         self._quantized = any(is_4bit(p) for p in projections(first))
         self._fp4 = any(is_4bit(p) and getattr(p, "base_layer", p).weight.quant_state.quant_type != "nf4"
                         for p in projections(first))
@@ -112,7 +90,7 @@ class FastCausalLM(torch.nn.Module):
     @property
     def attention(self) -> str:
         """The attention backend: "fa4", "flash", "varlen", "flex" or "dense"."""
-        return self._shape.attention
+        return self._arch.shape.attention
 
     def _layer_weights(self, layer):
         return layer_weights(layer, self._stacked[id(layer)], self.training)
@@ -146,10 +124,10 @@ class FastCausalLM(torch.nn.Module):
                 key = (id(layer), self.training)
                 if key not in self._nf4_plans:
                     self._nf4_plans[key] = plan(nf4_groups(weights))
-                weights = dequantized(weights, self._nf4_plans[key], self._shape.compute_dtype)
+                weights = dequantized(weights, self._nf4_plans[key], self._arch.shape.compute_dtype)
         if seed is not None:
             weights = with_masks(weights, x, seed)
-        return fn(x, cos, sin, meta, weights, self._layer_shapes[id(layer)])
+        return fn(x, cos, sin, meta, weights, self._arch.layer_shapes[id(layer)])
 
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None, **unused):
         """Mean loss over the target tokens (``labels`` shifted by one, -100 ignored).
@@ -169,23 +147,23 @@ class FastCausalLM(torch.nn.Module):
         targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1).reshape(-1)
         keep = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)
         # what attention reads, for each sliding window the layers have (None: none)
-        windows = {shape.window for shape in self._layer_shapes.values()}
-        metas = {window: attention_metadata(position_ids, self._shape.attention, window) for window in windows}
+        windows = {shape.window for shape in self._arch.layer_shapes.values()}
+        metas = {window: attention_metadata(position_ids, self._arch.shape.attention, window) for window in windows}
 
         if self._lora_b_slots:  # the B blocks of the concatenated products: this step's values
             self._lora_b_slots()
         x = self.module.get_input_embeddings()(input_ids)
-        if self._embed_scale:  # rounded to the embeddings' dtype first, as Gemma does
-            x = x * torch.tensor(self._embed_scale, dtype=x.dtype)
+        if self._arch.embed_scale:  # rounded to the embeddings' dtype first, as Gemma does
+            x = x * torch.tensor(self._arch.embed_scale, dtype=x.dtype)
         rotary = {key: self._inner.rotary_emb(x, position_ids, *([key] if key else []))
-                  for key in set(self._rotary_keys.values())}
+                  for key in set(self._arch.rotary_keys.values())}
         # LoRA dropout: one seed a forward pass from torch's generator (what seeding makes
         # reproducible), one a layer from it, for masks that the recomputation draws again
         step_seed = int(torch.randint(0, 2**62, ())) if self._dropout else None
         for index, layer in enumerate(self._inner.layers):
             seed = None if step_seed is None else (step_seed + 1_000_003 * (index + 1)) % 2**63
-            meta = metas[self._layer_shapes[id(layer)].window]
-            cos, sin = rotary[self._rotary_keys[id(layer)]]
+            meta = metas[self._arch.layer_shapes[id(layer)].window]
+            cos, sin = rotary[self._arch.rotary_keys[id(layer)]]
             if self._checkpoint and torch.is_grad_enabled():
                 x = self._recompute(layer, x, cos, sin, meta, seed)
             else:
@@ -193,7 +171,47 @@ class FastCausalLM(torch.nn.Module):
         x = self._inner.norm(x)
         hidden = x.reshape(b * n, -1).index_select(0, keep)
         loss = LinearCrossEntropy.apply(hidden, head_weight(self._head), targets.index_select(0, keep),
-                                        self._shape.compute_dtype, self._compile, self._logit_softcap)
+                                        self._arch.shape.compute_dtype, self._compile, self._arch.logit_softcap)
         # a transformers output, as the model's own forward returns: DDP's static graph and
         # unused-parameter search find the loss in it
         return CausalLMOutput(loss=loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """What the forward pass needs of the model beyond its weights."""
+
+    shape: Shape  # what every layer shares
+    layer_shapes: dict  # id(layer) -> its Shape: its sliding window, if any (Gemma 2 alternates)
+    rotary_keys: dict  # id(layer) -> the layer type whose rotary embedding it takes (Gemma 3), or None
+    embed_scale: float | None  # Gemma's sqrt(hidden), where the embedding module does not apply it
+    logit_softcap: float | None  # Gemma 2's soft-cap of the final logits
+
+
+def architecture(base, compute_dtype, device) -> Architecture:
+    """The shapes, windows, rotary keys and Gemma's scalings of ``base`` (the unwrapped model)."""
+    config, inner = base.config, base.model
+    first = inner.layers[0]
+    heads = config.num_attention_heads
+    head_dim = getattr(first.self_attn, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    scale = float(getattr(first.self_attn, "scaling", head_dim ** -0.5))
+    gemma = config.model_type in GEMMA
+    softcap = getattr(config, "attn_logit_softcapping", None) if gemma else None
+    windows = [getattr(layer.self_attn, "sliding_window", None) if gemma else None for layer in inner.layers]
+    attention = choose_attention(device, heads, kv_heads, head_dim, scale, bool(softcap or any(windows)))
+    shape = Shape(heads, kv_heads, head_dim, norm_eps(first.input_layernorm), scale, compute_dtype, attention,
+                  gemma, softcap)
+    # Gemma 3's rotary module computes each layer type's own (its sliding layers have another base)
+    per_type = "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters
+    # Gemma scales its embeddings by sqrt(hidden): in the model's forward in older transformers,
+    # inside the embedding module (``embed_scale``) in newer ones
+    scaled_inside = hasattr(base.get_input_embeddings(), "embed_scale")
+    return Architecture(
+        shape=shape,
+        layer_shapes={id(layer): dataclasses.replace(shape, window=window)
+                      for layer, window in zip(inner.layers, windows)},
+        rotary_keys={id(layer): config.layer_types[i] if per_type else None for i, layer in enumerate(inner.layers)},
+        embed_scale=config.hidden_size ** 0.5 if gemma and not scaled_inside else None,
+        logit_softcap=getattr(config, "final_logit_softcapping", None) if gemma else None,
+    )
