@@ -61,9 +61,12 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
 
 
 def test_the_tool_family_offers_the_built_in_calculate_plugin():
+    """The schema chat offers with --with-plugins calculate; it shows no number that the model
+    could copy into its calls in place of the question's."""
     from tunemake.toolbox import load_toolbox
 
     assert load_toolbox(["calculate"]).schemas == [demo.CALCULATE_TOOL]
+    assert not re.search(r"\d", json.dumps(demo.CALCULATE_TOOL))
 
 
 def test_the_other_families_do_not_depend_on_the_number_of_tool_tasks(tmp_path):
@@ -262,10 +265,14 @@ def test_any_utf8_text_round_trips(model_dir, text):
     assert tokenizer.decode(ids) == text
 
 
-def test_numbers_are_split_into_digits(model_dir):
+def test_numbers_are_tokens_of_their_own(model_dir):
+    """Digits never merge with the space or text around them, so a number is the same token in a
+    question and in a call's JSON (what the tool family copies), and a number the corpus uses
+    often is one token."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("12 + 345", add_special_tokens=False))
-    assert [p for p in pieces if any(c.isdigit() for c in p)] == ["1", "2", "3", "4", "5"]
+    ids = tokenizer.encode('What is 17 + 25? {"expression": "17 + 25"}', add_special_tokens=False)
+    numbers = [p for p in tokenizer.convert_ids_to_tokens(ids) if any(c.isdigit() for c in p)]
+    assert numbers == ["17", "25", "17", "25"]
 
 
 def test_saved_config_names_the_tokens_and_length(model_dir):

@@ -28,11 +28,13 @@ TASK_FAMILIES = ("arithmetic", "reversal", "facts", "multi_turn", "tool_arithmet
 
 #: The one tool of the ``tool_arithmetic`` family: the built-in ``calculate`` plugin's schema
 #: (``tunemake.toolbox``), so ``tunemake chat --with-plugins calculate`` offers the model what it
-#: was trained with.
+#: was trained with. Its description holds no number: the demo's 2-layer model copied an example's
+#: numbers into its calls in place of the question's.
 CALCULATE_TOOL = {"type": "function", "function": {
     "name": "calculate", "description": "Evaluate arithmetic.",
-    "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "like 17 + 25"}},
-                   "required": ["expression"]},
+    "parameters": {"type": "object", "properties": {
+        "expression": {"type": "string", "description": "arithmetic with + - * / ** and parentheses"}},
+        "required": ["expression"]},
     "return": {"type": "string"},
 }}
 
@@ -83,8 +85,9 @@ WORDS = (
 _NAMES = ("Anna", "Tom", "Mara", "Leo", "Ivy", "Sam", "Nora", "Ben")
 _ITEMS = ("apple", "cup", "book", "stone", "coin", "egg", "pen", "hat")
 
-#: Addition operands are drawn from 0..MAX_OPERAND. The tokenizer splits numbers into digits, so
-#: a model can learn the sums digit by digit rather than as a table.
+#: Addition operands are drawn from 0..MAX_OPERAND. A number is one token in the demo tokenizer (as
+#: short numbers are in most real tokenizers), so a sum is a table the model learns pair by pair:
+#: a held-out sum is out of its reach without the calculate tool, which it needs only to copy.
 MAX_OPERAND = 49
 
 _FACT_QUESTIONS = {
@@ -462,8 +465,10 @@ def build_demo_tokenizer(
 ) -> list[str]:
     """Train a byte-level BPE tokenizer on ``corpus`` and save it into ``out_dir``.
 
-    Any UTF-8 text round-trips (byte-level pre-tokenizer and decoder); digits are split one per
-    token, so numbers never eat the vocabulary and sums can be learnt digit by digit. ``<s>``,
+    Any UTF-8 text round-trips (byte-level pre-tokenizer and decoder). A run of digits is a word
+    of its own, never merged with the space or text around it, so a number is the same tokens
+    wherever it appears (a question, a tool call, a tool result); the numbers the corpus uses
+    often (0 to 97 at the demo's sizes) are one token each. ``<s>``,
     ``</s>``, ``<pad>``, every token of ``template.special_tokens()`` and the markers of its tool
     form (``tunemake.toolforms``) are special tokens (one id each, never split or merged); there
     is no unk token, as byte level never needs one. The tokenizer adds no bos/eos of its own: the
@@ -519,7 +524,7 @@ def build_demo_tokenizer(
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Digits(individual_digits=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )

@@ -105,7 +105,7 @@ def calculate(expression: str) -> str:
     """Evaluate arithmetic.
 
     Args:
-        expression: like 17 + 25
+        expression: arithmetic with + - * / ** and parentheses
     """
     return format_number(_number(_parse(expression)))
 
