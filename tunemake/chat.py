@@ -419,7 +419,7 @@ class ChatSession:
 
 def check_tool_template(template: Template | str, tokenizer) -> None:
     """Raise :class:`ChatError` when chat cannot read the calls ``template`` makes the model write."""
-    from tunemake.toolforms import TOOL_TEMPLATES
+    from tunemake.toolforms import TOOL_TEMPLATES, without_form
 
     if template == HF:
         if not getattr(tokenizer, "response_template", None):
@@ -427,8 +427,7 @@ def check_tool_template(template: Template | str, tokenizer) -> None:
                             "writes cannot be parsed (transformers' parse_response); chat with --prompt-template "
                             f"naming one of {', '.join(t for t in TOOL_TEMPLATES if t != HF)}")
     elif not template.tool_form:
-        raise ChatError(f"template {template.name!r} cannot write tool calls; the templates with a tool form are "
-                        f"{', '.join(TOOL_TEMPLATES)}")
+        raise ChatError(without_form(template.name))
 
 
 def call_line(call: dict) -> str:

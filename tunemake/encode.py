@@ -91,13 +91,12 @@ def tool_form(template: Template, turns: Sequence[dict]):
     Raises:
         DataError: the conversation has tools and the template no tool form.
     """
-    from tunemake.toolforms import FORMS, TOOL_TEMPLATES
+    from tunemake.toolforms import FORMS, without_form
 
     if not has_tools(turns):
         return None
     if not template.tool_form:
-        raise DataError(f"template {template.name!r} cannot write tool calls; the templates with a tool form are "
-                        f"{', '.join(TOOL_TEMPLATES)}")
+        raise DataError(without_form(template.name))
     return FORMS[template.tool_form]
 
 

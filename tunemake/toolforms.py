@@ -362,3 +362,8 @@ FORMS: dict[str, ToolForm] = {
 
 #: The templates that can render tool data: the forms above and ``hf`` (the tokenizer's own).
 TOOL_TEMPLATES = ("hf", *FORMS)
+
+
+def without_form(name: str) -> str:
+    """What to tell a user whose template ``name`` has no tool form."""
+    return f"template {name!r} cannot write tool calls; the templates with a tool form are {', '.join(TOOL_TEMPLATES)}"
