@@ -204,9 +204,6 @@ def test_models_the_fast_path_does_not_take_are_named(offline_hub, monkeypatch):
     assert "not the fast path: it does not support fp32 training" in route(lora(llama()), CUDA, None).why
     way = route(remote_code(offline_hub), CUDA, torch.bfloat16)
     assert way.layout == DOCUMENTS and "padded batch" in way.why
-    assert "not the fast path: Gemma's compiled layer is not yet checked on a GPU" in route(
-        lora(gemma2()), CUDA, torch.bfloat16).why
-    monkeypatch.setenv("TUNEMAKE_FAST_GEMMA", "1")
     assert route(lora(gemma2()), CUDA, torch.bfloat16).fast
     monkeypatch.setenv("TUNEMAKE_FAST", "0")
     assert "not the fast path: TUNEMAKE_FAST=0" in route(lora(llama()), CUDA, torch.bfloat16).why

@@ -668,18 +668,30 @@ def test_compiled_cuda_path_close_to_reference_for_qwen3():
 @pytest.mark.parametrize("build", [tiny_gemma2, tiny_gemma3])
 def test_compiled_cuda_path_close_to_reference_for_gemma(build):
     """Gemma 2 and 3 in the compiled layer (flex attention with soft-capping and sliding windows),
-    LoRA under bf16 autocast, against the model's own forward with its documents apart."""
+    LoRA under bf16 autocast: its loss and gradients are as close to the exact (fp32) maths as the
+    model's own forward under the same autocast. bf16 alone puts both 3-7% off on some tensor of
+    these tiny random models (soft-capped), so the two bf16 runs are not compared with each other."""
     model = with_lora(build()).cuda()
-    fast = FastCausalLM(model, torch.bfloat16)  # what TUNEMAKE_FAST_GEMMA=1 gives a training job
+    fast = FastCausalLM(model, torch.bfloat16)
     assert fast.attention == "flex"
     for rows in (ROWS, [[30, 5], [12, 12, 3]]):
         packed = packed_rows(rows)
         flat = {k: v.cuda() if isinstance(v, torch.Tensor) else v
                 for k, v in make_batch(packed, range(len(rows)), 0, documents.FLAT).items()}
+        with documents.apart(model, documents.FLAT, torch.float32):
+            exact = loss_and_grads(model, flat)
         with documents.apart(model, documents.FLAT, torch.bfloat16):
-            ref = loss_and_grads(model, flat, autocast=torch.bfloat16)
+            own = loss_and_grads(model, flat, autocast=torch.bfloat16)
         lean = {k: v.cuda() for k, v in make_batch(packed, range(len(rows)), 0, documents.ROWS).items()}
-        assert_close(ref, loss_and_grads(fast, lean, autocast=torch.bfloat16), rtol=3e-2)
+        assert_close(exact, loss_and_grads(fast, lean, autocast=torch.bfloat16), rtol=1.25 * largest_error(exact, own))
+
+
+def largest_error(ref, other) -> float:
+    """The largest relative error of ``other``'s loss and gradients against ``ref``'s."""
+    (loss_ref, grads_ref), (loss, grads) = ref, other
+    errors = [abs(loss.item() / loss_ref.item() - 1)]
+    errors += [((grads[n].float() - g.float()).norm() / g.float().norm()).item() for n, g in grads_ref.items()]
+    return max(errors)
 
 
 @cuda

@@ -257,20 +257,15 @@ def route(model, device: torch.device, amp_dtype, zero_stage: int | None = None)
     it supports the model and its weights are whole on every process (without DeepSpeed, ZeRO-1
     and ZeRO-2; ``zero_stage`` None: no DeepSpeed), else the model's own forward, its packed rows
     as documents, with Liger-Kernel where it applies (:mod:`tunemake.train.liger`).
-    ``TUNEMAKE_FAST=0`` in the environment turns the fast path off. Gemma takes it only with
-    ``TUNEMAKE_FAST_GEMMA=1``: its compiled layer (flex attention) is tested on the CPU, not yet
-    on a GPU, where its own forward with Liger-Kernel is."""
+    ``TUNEMAKE_FAST=0`` in the environment turns the fast path off."""
     from tunemake.train import fast, liger
 
-    gemma = fast.support.base_model(model).config.model_type in fast.support.GEMMA
     if device.type != "cuda":
         reason = "it runs on CUDA only"
     elif os.environ.get("TUNEMAKE_FAST", "1") == "0":
         reason = "TUNEMAKE_FAST=0"
     elif zero_stage == 3:
         reason = "ZeRO-3 partitions the weights it reads whole"
-    elif gemma and os.environ.get("TUNEMAKE_FAST_GEMMA") != "1":
-        reason = "Gemma's compiled layer is not yet checked on a GPU (TUNEMAKE_FAST_GEMMA=1 takes it)"
     else:
         reason = fast.unsupported(model, amp_dtype or torch.float32)  # no autocast: fp32
         if reason:
