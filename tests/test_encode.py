@@ -1,4 +1,4 @@
-"""Encoding: XTuner's label masks (REFERENCE.md §2), the batched encoder, ``hf`` and packing.
+"""Encoding: XTuner's label masks (its ``encode_fn``), the batched encoder, ``hf`` and packing.
 
 Expected ids are built by hand from ``tokenizer.encode(piece, add_special_tokens=False)`` of the
 pieces XTuner tokenizes separately, with the piece strings written out literally.

@@ -1,7 +1,7 @@
-"""Templates: the exact text XTuner trains on (REFERENCE.md §1), the Jinja chat_template that
+"""Templates: the exact text XTuner trains on (xtuner/utils/templates.py), the Jinja chat_template that
 renders the same text, custom templates and lookup errors.
 
-Expected strings are written out literally from REFERENCE.md §1, never derived from the
+Expected strings are written out literally from XTuner's PROMPT_TEMPLATE strings, never derived from the
 ``Template`` objects under test.
 """
 
@@ -111,12 +111,12 @@ EXPECTED = {
         "<s>" + VICUNA_SYSTEM + "USER: Q1 ASSISTANT:A1</s>\n<s>USER: Q2 ASSISTANT:A2</s>\n",
         "<s>USER: Q1 ASSISTANT:A1</s>\n<s>USER: Q2 ASSISTANT:A2</s>\n",
     ),
-    # REFERENCE §1's table leaves chatglm2's SYSTEM empty; XTuner's source has "{system}\n".
+    # Some summaries of XTuner's templates leave chatglm2's SYSTEM empty; its source has "{system}\n".
     "chatglm2": (
         "<s>SYS\n[Round 1]\n\n问：Q1\n\n答：A1</s>\n\n<s>[Round 2]\n\n问：Q2\n\n答：A2</s>\n\n",
         "<s>[Round 1]\n\n问：Q1\n\n答：A1</s>\n\n<s>[Round 2]\n\n问：Q2\n\n答：A2</s>\n\n",
     ),
-    # The other 12 names of XTuner 0.2.0's PROMPT_TEMPLATE (REFERENCE §1, its string literals).
+    # The other 12 names of XTuner 0.2.0's PROMPT_TEMPLATE (its string literals).
     "baichuan_chat": (
         "<s>SYS\n<reserved_102>Q1<reserved_103>A1</s>\n<s><reserved_102>Q2<reserved_103>A2</s>\n",
         "<s><reserved_102>Q1<reserved_103>A1</s>\n<s><reserved_102>Q2<reserved_103>A2</s>\n",

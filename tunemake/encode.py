@@ -1,6 +1,6 @@
 """Tokenize conversations with labels masked as XTuner does, fast, and pack them to max_length.
 
-The rules (REFERENCE §2): per turn, bos (unlabelled) when the previous turn ended with eos or at
+The rules (XTuner's ``encode_fn``, xtuner/dataset/utils.py): per turn, bos (unlabelled) when the previous turn ended with eos or at
 the start; (system +) instruction unlabelled; output (+ suffix) labelled; the tokenizer's eos,
 labelled, when the template's suffix is not the eos; the separator unlabelled. Tool calls are
 part of the output, tools and tool results part of the prompt (``tunemake.toolforms``). A turn whose
