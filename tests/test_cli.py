@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +73,21 @@ def test_build_data_writes_where_the_workflow_would(project, monkeypatch, capsys
     monkeypatch.chdir(project)
     assert main(["build-data", "tok_lora_chat"]) == 0
     key = load_config("config.yaml")["experiments"]["tok_lora_chat"]["data_key"]
-    assert (project / templated_dataset(key) / "stats.json").exists()
+    built = project / templated_dataset(key)
+    assert (built / "stats.json").exists()
+    capsys.readouterr()
+
+    # built and newer than its sources: left alone, or Snakemake would retrain every epoch on it
+    before = built.stat().st_mtime_ns
+    assert main(["build-data", "tok_lora_chat"]) == 0
+    assert "up to date with its sources, left as it is" in capsys.readouterr().out
+    assert built.stat().st_mtime_ns == before
+    # a source edited since: built again
+    later = before / 1e9 + 10
+    os.utime(project / "chat.jsonl", (later, later))
+    assert main(["build-data", "tok_lora_chat"]) == 0
+    assert "up to date" not in capsys.readouterr().out
+    assert built.stat().st_mtime_ns != before
 
 
 def test_errors_are_one_line_and_exit_1(project):
@@ -117,3 +132,29 @@ def test_only_commands_that_read_data_check_the_data_files(project, monkeypatch,
     assert main(["list-experiments"]) == 0
     assert main(["check-dataset", "chat"]) == 1
     assert "error: config.yaml: datasets.chat.path: 'raw/*.jsonl' matches no file" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`tunemake list-templates | head -1`: the reader leaves early; no traceback, exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "tunemake.cli", "list-templates"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command writes anything
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["chat", "m", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 is out of range (must be > 0)"),
+    (["chat", "m", "--repetition-penalty", "0"], "argument --repetition-penalty: 0 is out of range (must be > 0)"),
+    (["chat", "m", "--top-p", "2"], "argument --top-p: 2 is out of range (must be > 0 and <= 1)"),
+    (["chat", "m", "--temperature", "-1"], "argument --temperature: -1 is out of range (must be >= 0)"),
+    (["check-dataset", "d", "--max-length", "-5"], "argument --max-length: -5 is out of range (must be > 0)"),
+    (["check-dataset", "d", "-n", "x"], "argument -n/--count: 'x' is not an integer"),
+])
+def test_out_of_range_options_are_usage_errors(argv, message, capsys):
+    """Caught before anything loads (transformers would raise a traceback later, or slicing would
+    quietly drop tokens)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")

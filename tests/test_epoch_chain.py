@@ -127,3 +127,27 @@ def test_pruned_state_rebuilds_nothing_and_says_why_when_needed(wsd, tmp_path):
     proc = snakemake(work, target="adapters", check=False)
     assert proc.returncode != 0
     assert "epoch_1.state: this resume state was pruned" in proc.stdout + proc.stderr
+    assert "rebuild epoch 1 first, in one run: snakemake --forcerun checkpoints/chain/epoch_1.pth" in proc.stderr
+
+
+@pytest.mark.parametrize("pruned, first", [((3,), 3), ((2, 3), 2), ((1, 2, 3), 1), ((1, 3), 3)])
+def test_a_pruned_chain_names_the_first_epoch_to_rebuild(pruned, first, tmp_path, monkeypatch):
+    """Epoch 4 after `prune-state`: the advice names the earliest epoch that can train again, so
+    one --forcerun rebuilds the whole span (following it one epoch at a time would meet the next
+    pruned state each time)."""
+    from types import SimpleNamespace
+
+    from tunemake import paths
+    from tunemake.train.checkpoint import PRUNED_MARKER, find_start
+    from tunemake.train.spec import Previous, TrainError
+
+    monkeypatch.chdir(tmp_path)
+    for epoch in range(1, 4):
+        state = tmp_path / paths.train_state("x", epoch)
+        state.mkdir(parents=True)
+        if epoch in pruned:
+            (state / PRUNED_MARKER).touch()
+    previous = Previous(paths.checkpoint("x", 3), paths.train_state("x", 3))
+    spec = SimpleNamespace(experiment="x", epoch=4, previous=previous)
+    with pytest.raises(TrainError, match=rf"snakemake --forcerun {paths.checkpoint('x', first)}$"):
+        find_start(spec, dist=None)

@@ -7,8 +7,11 @@ Each subcommand calls the same stage entry point the Snakemake rule calls. Bad i
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 from tunemake.errors import ConfigError, TunemakeError
 
@@ -95,9 +98,27 @@ def cmd_build_data(args) -> None:
     config = _load(args)
     exp = _experiment(config, args.experiment)
     out = args.out or templated_dataset(exp["data_key"])
-    stats = build_templated_dataset(exp["data_recipe"], out, threads=args.threads)
+    if args.out is None and _newer_than_its_inputs(Path(out), config, exp):
+        # rewriting it would make every epoch trained on it stale to Snakemake
+        stats = json.loads((Path(out) / "stats.json").read_text())
+        print(f"{out}: up to date with its sources, left as it is (--out DIR builds a copy)")
+    else:
+        stats = build_templated_dataset(exp["data_recipe"], out, threads=args.threads)
     print(f"{out}: {stats['records_out']['train']} train / {stats['records_out']['heldout']} held-out "
           f"records, {stats['tokens']} tokens, packing efficiency {stats['packing_efficiency']:.1%}")
+
+
+def _newer_than_its_inputs(out: Path, config: dict, exp: dict) -> bool:
+    """Whether the workflow's templated dataset ``out`` is built and newer than its local sources
+    and tokenizer files, as Snakemake judges it (a hub dataset's snapshot is pinned by revision)."""
+    if not (out / "stats.json").exists():
+        return False
+    sources = [Path(f) for d in exp["data_recipe"]["datasets"] if "hub" not in d
+               for f in config["source_files"][d["name"]]]
+    root = Path(config["models"][exp["root_model"]]["path"])
+    sources += [f for f in root.glob("*") if f.is_file()] if root.is_dir() else []
+    built = out.stat().st_mtime
+    return all(f.stat().st_mtime <= built for f in sources)
 
 
 def cmd_prune_state(args) -> None:
@@ -190,15 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="take model, template and max_length from this experiment")
     p.add_argument("--model", help="a model name from the config (instead of --experiment)")
     p.add_argument("--template", help="override the template")
-    p.add_argument("--max-length", type=int)
-    p.add_argument("-n", "--count", type=int, default=3, help="records to show (default 3)")
+    p.add_argument("--max-length", type=_number(int, above=0))
+    p.add_argument("-n", "--count", type=_number(int, above=0), default=3, help="records to show (default 3)")
     p.add_argument("--no-color", action="store_true", help="mark trained spans with [[ ]] even on a terminal")
     p.set_defaults(fn=cmd_check_dataset)
 
     p = with_config(sub.add_parser("build-data", help="build an experiment's templated dataset"))
     p.add_argument("experiment")
     p.add_argument("--out", help="output directory (default: where the workflow puts it)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=_number(int, above=0), default=1)
     p.set_defaults(fn=cmd_build_data)
 
     p = with_config(sub.add_parser("lock", help="the hub commits tunemake.lock pins; --update moves them"))
@@ -248,11 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="hub revision (branch, tag or commit) when MODEL is a hub id")
     p.add_argument("--trust-remote-code", action="store_true", help="let transformers run the model's own code")
     p.add_argument("--system", default="", help="system text of every conversation")
-    p.add_argument("--temperature", type=float, default=0.1, help="0 for greedy (default 0.1)")
-    p.add_argument("--top-k", type=int, default=40, help="default 40")
-    p.add_argument("--top-p", type=float, default=0.75, help="default 0.75")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="default 1.0")
-    p.add_argument("--max-new-tokens", type=int, default=2048, help="default 2048")
+    p.add_argument("--temperature", type=_number(float, at_least=0), default=0.1, help="0 for greedy (default 0.1)")
+    p.add_argument("--top-k", type=_number(int, at_least=0), default=40, help="0: off (default 40)")
+    p.add_argument("--top-p", type=_number(float, above=0, at_most=1), default=0.75, help="default 0.75")
+    p.add_argument("--repetition-penalty", type=_number(float, above=0), default=1.0, help="default 1.0")
+    p.add_argument("--max-new-tokens", type=_number(int, above=0), default=2048, help="default 2048")
     p.add_argument("--seed", type=int, default=0, help="set once at start: same inputs, same answers (default 0)")
     p.add_argument("--stop-words", nargs="+", default=[], metavar="W", help="more words that end an answer")
     p.add_argument("--no-streamer", action="store_true", help="print each answer whole, not as it is generated")
@@ -260,10 +281,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-plugins", nargs="+", default=[], metavar="NAME",
                    help="built-in tools the model may call: calculate, solve (XTuner's names)")
     p.add_argument("--tools", metavar="FILE", help="a Python module whose typed, documented functions are tools")
-    p.add_argument("--max-tool-rounds", type=int, default=5, metavar="N",
+    p.add_argument("--max-tool-rounds", type=_number(int, at_least=0), default=5, metavar="N",
                    help="tool calls run per prompt before the model must answer (default 5)")
     p.set_defaults(fn=cmd_chat)
     return parser
+
+
+def _number(kind, above=None, at_least=None, at_most=None):
+    """An argparse type: ``kind`` (int or float) within the bounds given, else a usage error."""
+    bounds = [f"> {above}" if above is not None else "", f">= {at_least}" if at_least is not None else "",
+              f"<= {at_most}" if at_most is not None else ""]
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if ((above is not None and value <= above) or (at_least is not None and value < at_least)
+                or (at_most is not None and value > at_most)):
+            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {' and '.join(b for b in bounds if b)})")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,9 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         args.fn(args)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would print a traceback
     except TunemakeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from tunemake import paths as layout
 from tunemake.atomic import atomic_file, write_json
 from tunemake.hub import is_hub_id
 from tunemake.templates import template_to_dict
@@ -131,9 +132,11 @@ def find_start(spec: EpochSpec, dist: Dist) -> Start:
     previous, prev_ckpt = spec.previous, None
     if previous:
         if (Path(previous.state) / PRUNED_MARKER).exists():
+            first = first_to_rebuild(spec)
+            span = f"epoch {first}" if first == spec.epoch - 1 else f"epochs {first}-{spec.epoch - 1}"
             raise TrainError(
                 f"{previous.state}: this resume state was pruned, so epoch {spec.epoch} cannot start from it; "
-                f"rebuild the previous epoch with snakemake --forcerun {previous.pth}"
+                f"rebuild {span} first, in one run: snakemake --forcerun {layout.checkpoint(spec.experiment, first)}"
             )
         prev_ckpt = torch.load(previous.pth, map_location="cpu", weights_only=True, mmap=True)
     start = Start(fingerprint(spec, prev_ckpt["fingerprint"] if prev_ckpt else None))
@@ -151,6 +154,16 @@ def find_start(spec: EpochSpec, dist: Dist) -> Start:
     elif resume_dir.exists() and dist.main:
         log.warning("%s: ignoring a resume point made with another config, data or code", resume_dir)
     return start
+
+
+def first_to_rebuild(spec: EpochSpec) -> int:
+    """The earliest epoch to train again before epoch ``spec.epoch`` can start: its previous
+    epoch, and further back while the epoch before that one has its state pruned too (epoch 1
+    starts from the base model)."""
+    epoch = spec.epoch - 1
+    while epoch > 1 and (Path(layout.train_state(spec.experiment, epoch - 1)) / PRUNED_MARKER).exists():
+        epoch -= 1
+    return epoch
 
 
 def save_resume_point(resume_dir: Path, engine: Engine, dist: Dist, fp: dict, step: int, counters: dict, metrics: dict) -> None:
