@@ -372,3 +372,17 @@ def test_summary_errors_write_nothing(tmp_path):
     with pytest.raises(EvaluateError, match=r"missing.json: no such evaluation"):
         summarize([a, tmp_path / "missing.json"], out)
     assert leftovers(out.parent) == []
+
+
+def test_an_experiment_has_one_colour_in_every_panel(monkeypatch, tmp_path):
+    """The legend is drawn in the first panel only: an experiment missing from a panel must not
+    shift the others' colours there."""
+    from tunemake import evaluate
+
+    figures = []
+    monkeypatch.setattr(evaluate, "_save", lambda figure, target: figures.append(figure))
+    rows = [{"experiment": "a_full", "epoch": 1, "heldout_loss": 2.0, "exact_match_qa": None},
+            {"experiment": "b_lora", "epoch": 1, "heldout_loss": 2.5, "exact_match_qa": 0.5}]
+    evaluate.plot_metrics(rows, ["exact_match_qa"], tmp_path / "plot.png")
+    colours = {(line.get_label(), line.get_color()) for ax in figures[0].axes for line in ax.get_lines()}
+    assert len(colours) == len({label for label, _ in colours}) == 2, colours

@@ -537,11 +537,13 @@ def plot_metrics(rows: list[dict], score_columns: list[str], target: str | os.Pa
     panels = [("heldout_loss", "held-out loss")] + [(column, titles[column]) for column in score_columns]
     figure, axes = _figure(len(panels))
     experiments = sorted({row["experiment"] for row in rows})
+    # one colour an experiment in every panel (the legend is drawn in the first only)
+    colors = {experiment: f"C{i % 10}" for i, experiment in enumerate(experiments)}
     for ax, (column, title) in zip(axes, panels):
         for experiment in experiments:
             points = [(r["epoch"], r[column]) for r in rows if r["experiment"] == experiment and r[column] is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", label=experiment)
+                ax.plot(*zip(*points), marker="o", label=experiment, color=colors[experiment])
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
