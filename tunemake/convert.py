@@ -57,8 +57,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConvertError(f"{path}: no such checkpoint") from None
-    except Exception as exc:
-        raise ConvertError(f"{path}: not a readable tunemake checkpoint ({exc})") from None
+    except Exception as exc:  # torch's own message suggests unsafe loading: not advice to pass on
+        raise ConvertError(f"{path}: not a readable tunemake checkpoint ({type(exc).__name__} from torch.load; "
+                           "an epoch_N.pth of checkpoints/ is one)") from None
     if not isinstance(ckpt, dict) or not str(ckpt.get("format", "")).startswith("tunemake.epoch/"):
         raise ConvertError(f"{path}: not a tunemake epoch checkpoint (no 'format' field)")
     return ckpt
