@@ -18,6 +18,7 @@ import torch
 from tunemake.chat import ChatError, ChatSession, read_batch, run_batch
 from tunemake.templates import HF, TEMPLATES
 from tunemake.toolbox import ToolError, Toolbox, calculate, load_toolbox, solve
+from tunemake.toolforms import FORMS
 
 
 class ScriptedModel:
@@ -197,12 +198,25 @@ def test_batch_lines_list_the_calls(tool_tokenizer):
     assert second == {"line": 2, "turn": 2, "prompt": "Hello", "answer": "Hi!", "tool_calls": []}
 
 
-def test_the_stream_shows_each_call_and_result(tool_tokenizer):
-    chat, _ = session(tool_tokenizer, [qwen_call("calculate", {"expression": "2+3"}), "It is 5."])
+@pytest.mark.parametrize("template", sorted(FORMS))
+@pytest.mark.parametrize("markers_special", [True, False])
+def test_the_stream_shows_each_call_and_result_never_the_raw_call(template, markers_special, tool_tokenizer,
+                                                                   tokenizer_dir):
+    """The raw call is held back as it is generated (its opener a special token, or visible
+    text), and shown as the call and its result once run."""
+    from transformers import AutoTokenizer
+
+    call = {"name": "calculate", "arguments": {"expression": "2+3"}}
+    answers = [FORMS[template].calls("Let me see.", [call]), "It is 5."]
+    if markers_special:
+        tokenizer = tool_tokenizer(template)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(template)))
+    chat = ChatSession(ScriptedModel(tokenizer, answers), tokenizer, TEMPLATES[template], temperature=0,
+                       toolbox=load_toolbox(["calculate"]))
     out = io.StringIO()
     chat.ask("2+3?", stream=out)
-    assert '[calculate({"expression": "2+3"}) -> 5]\n' in out.getvalue()
-    assert out.getvalue().endswith("It is 5.\n")
+    assert out.getvalue() == 'Let me see.\n[calculate({"expression": "2+3"}) -> 5]\nIt is 5.\n'
 
 
 def test_chat_refuses_tools_with_a_template_that_cannot_write_or_read_them(tool_tokenizer, tokenizer_for):

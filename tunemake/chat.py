@@ -327,7 +327,9 @@ class ChatSession:
 
         turn, done = self._turn(prompt, system), []
         self.tool_calls = []
-        stream = _streamer_class()(self.tokenizer, self._visible_stops(), stream) if stream is not None else None
+        if stream is not None:
+            opener_text, opener_ids = self._call_opener()
+            stream = _streamer_class()(self.tokenizer, self._visible_stops() + opener_text, stream, opener_ids)
         for round_ in range(self.max_tool_rounds + 1):
             ids = prompt_ids([*self.history, *done, turn], self.template, self.tokenizer)[1]
             new_ids = self._generate(ids, stream)
@@ -394,6 +396,19 @@ class ChatSession:
             return (parsed.get("content") or "", calls) if calls else None
         content, calls = FORMS[self.template.tool_form].parse(self._raw(new_ids))
         return (content, [bind_arguments(call, self.toolbox.schemas) for call in calls]) if calls else None
+    def _call_opener(self) -> tuple[list[str], set[int]]:
+        """What starts a tool call, for the streamer to hold back: the opener's visible text, or
+        its token id where it is a special token (invisible in the stream). Nothing without tools,
+        or for ``hf``, whose tokenizer parses calls its own way (its calls stream as text)."""
+        if self.toolbox is None or self.template == HF:
+            return [], set()
+        from tunemake.toolforms import FORMS
+
+        opener = FORMS[self.template.tool_form].markers[0]
+        ids = self.tokenizer.encode(opener, add_special_tokens=False)
+        visible = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return ([visible] if visible else []), (set(ids) if not visible and len(ids) == 1 else set())
+
     def _visible_stops(self) -> list[str]:
         """The stop words' text without special tokens: what a streamer sees."""
         encode, decode = self.tokenizer.encode, self.tokenizer.decode
@@ -452,15 +467,22 @@ def _streamer_class():
     class StopAwareStreamer(TextStreamer):
         """A TextStreamer into ``stream`` that never prints a stop word, nor what may start one."""
 
-        def __init__(self, tokenizer, visible_stops: list[str], stream: TextIO):
+        def __init__(self, tokenizer, visible_stops: list[str], stream: TextIO, hold_ids: set[int] = frozenset()):
+            """``hold_ids``: tokens after which nothing more is printed (a tool call's special
+            opener: the calls are shown by :meth:`show_calls` once run)."""
             super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-            self.visible_stops, self.stream = visible_stops, stream
-            self.text, self.printed = "", 0
+            self.visible_stops, self.stream, self.hold_ids = visible_stops, stream, hold_ids
+            self.start()
 
         def start(self) -> None:
             """A new generation (after tool results): what it prints starts afresh."""
             self.token_cache, self.print_len, self.next_tokens_are_prompt = [], 0, True
-            self.text, self.printed = "", 0
+            self.text, self.printed, self.held = "", 0, False
+
+        def put(self, value) -> None:
+            if not self.next_tokens_are_prompt and self.hold_ids:
+                self.held = self.held or any(token in self.hold_ids for token in value.flatten().tolist())
+            super().put(value)
 
         def show_calls(self, content: str, calls: list[dict]) -> None:
             """End the text before the calls, then one line per call and its result."""
@@ -472,7 +494,7 @@ def _streamer_class():
 
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             self.text += text
-            if stream_end:
+            if stream_end or self.held:
                 return  # finish() prints the rest, from the final answer
             limit = len(self.text)
             for stop in self.visible_stops:
@@ -490,8 +512,11 @@ def _streamer_class():
                 self.printed = limit
 
         def finish(self, answer: str) -> None:
+            """Print what of ``answer`` is not shown yet, then end the line (once: the text before
+            a call may have ended it already)."""
             shown = self.text[:self.printed]
-            self.stream.write((answer[len(shown):] if answer.startswith(shown) else "") + "\n")
+            rest = answer[len(shown):] if answer.startswith(shown) else ""
+            self.stream.write(rest + ("" if (shown + rest).endswith("\n") else "\n"))
             self.stream.flush()
 
     return StopAwareStreamer
