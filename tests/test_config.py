@@ -308,6 +308,15 @@ def test_duplicate_names():
     assert "'x'" in message and "twice" in message
 
 
+def test_a_typo_in_a_chains_root_model_is_named_where_it_is():
+    """Not as the downstream experiment's unknown upstream (its default name came from the typo)."""
+    message = config_error(config_with(experiments=[
+        exp(model="tinyy"),
+        exp(model={"experiment": "tiny_lora_chat"}, datasets="alpaca"),
+    ]))
+    assert message.startswith("config: experiments[0].model: unknown model 'tinyy'"), message
+
+
 def test_chain_cycle():
     message = config_error(config_with(experiments=[
         exp(name="a", model={"experiment": "b"}),

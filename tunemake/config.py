@@ -443,6 +443,10 @@ def _name_experiments(indexed: dict[str, dict], config: dict, origin: str) -> di
     A chained experiment's default name starts with its upstream experiment's name, so names are
     settled in rounds until every upstream is known.
     """
+    for exp in indexed.values():  # found here: a default name built from a typo hides it downstream
+        if isinstance(exp["model"], str) and exp["model"] not in config["models"]:
+            raise ConfigError(f"{exp['_key']}.model: unknown model {exp['model']!r}; "
+                              f"defined models: {', '.join(config['models'])}")
     names: dict[str, str] = {}  # index -> name
     pending = dict(indexed)
     while pending:
