@@ -158,3 +158,10 @@ def test_out_of_range_options_are_usage_errors(argv, message, capsys):
         main(argv)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
+
+
+def test_lock_without_hub_sources_says_so_and_writes_nothing(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert main(["lock", "--update"]) == 0
+    assert "no model or dataset from the hub, nothing to pin" in capsys.readouterr().out
+    assert not (project / "tunemake.lock").exists()

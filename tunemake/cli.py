@@ -147,6 +147,9 @@ def cmd_lock(args) -> None:
     from tunemake.config import load_config
 
     config = load_config(args.config, check_files=False)
+    if not entries(config):
+        print(f"{args.config}: no model or dataset from the hub, nothing to pin; {LOCK_FILE} left as it is")
+        return
     locked = read_lock(LOCK_FILE)
     if args.update is not None:
         wanted = set(args.update) or {key for entry in entries(config) for key in entry.keys}
