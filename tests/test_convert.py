@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -91,6 +92,18 @@ def test_converted_artefact_loads_in_vanilla_transformers_and_peft(project, tmp_
     meta = read_metadata(out)
     assert meta["epoch"] == 1 and meta["template"]["name"] == "internlm2_chat"
     assert meta["fingerprint"] == checkpoint(spec)["fingerprint"]
+
+
+def test_another_base_than_the_trained_one_is_warned_of(project, tmp_path, caplog):
+    spec = prepare(project, tmp_path / "w", base_config(method="lora", epochs=1))
+    assert train_epoch(spec) == 0
+    recorded = torch.load(spec.out.pth, map_location="cpu", weights_only=True)["base_model"]
+    copy = shutil.copytree(tmp_path / "w" / recorded, tmp_path / "copy")
+    with caplog.at_level(logging.WARNING, logger="tunemake.convert"):
+        convert_checkpoint(spec.out.pth, tmp_path / "same", base_model=recorded)
+        assert "was trained on" not in caplog.text
+        convert_checkpoint(spec.out.pth, tmp_path / "other", base_model=str(copy))
+    assert f"was trained on {recorded}, converted here against {copy}" in caplog.text
 
 
 def test_adapter_and_base_that_do_not_match(project, tmp_path):

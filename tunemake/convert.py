@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -43,6 +44,8 @@ from tunemake.shards import (
     safetensors_order,
     write_tensor,
 )
+
+log = logging.getLogger(__name__)
 
 METADATA_FILE = "tunemake.json"
 PEFT_PREFIX = "base_model.model."
@@ -89,6 +92,9 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
 
     ckpt = read_checkpoint(checkpoint)
     named = base_model or ckpt["base_model"]
+    if base_model and os.path.normpath(base_model) != os.path.normpath(ckpt["base_model"]):
+        log.warning("%s was trained on %s, converted here against %s: the adapter is exact only on the "
+                    "weights it was trained on", checkpoint, ckpt["base_model"], base_model)
     local = model_dir(named, revision)
     if not (local / "config.json").exists():
         raise ConvertError(f"{named}: not a model directory (no config.json)")
