@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 from tunemake.errors import ConfigError, TunemakeError
+from tunemake.rule_entry import setup_logging
 
 
 def _load(args, check_files: bool = True):
@@ -310,7 +310,7 @@ def _number(kind, above=None, at_least=None, at_most=None):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    setup_logging("%(name)s: %(message)s")
     try:
         args.fn(args)
         sys.stdout.flush()  # here, not at exit, where a closed pipe would print a traceback

@@ -17,6 +17,20 @@ from tunemake.errors import TunemakeError
 from tunemake.gpus import claimed_gpus
 
 
+#: Warnings a user cannot act on: bitsandbytes' CPU backend tries, on import, to fetch a kernel
+#: from the hub (through ``kernels``, which warns of its trust check), and warns when it may not;
+#: its own fallback then serves.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+
+
+def setup_logging(fmt: str) -> None:
+    """INFO and above to stderr in ``fmt``, without :data:`QUIET_LOGGERS`' warnings (the rules'
+    entry and the ``tunemake`` command share it)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=fmt, force=True)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def run(smk, entry: Callable, **kwargs):
     """Call ``entry(**kwargs)`` with stdout/stderr going to the rule's log (when it has one).
 
@@ -32,7 +46,7 @@ def run(smk, entry: Callable, **kwargs):
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s", force=True)
+    setup_logging("%(asctime)s %(name)s: %(message)s")
     job = _job_name(smk)
 
     def tell_console(message: str) -> None:  # a job waiting on busy GPUs says so where the user looks
