@@ -10,6 +10,15 @@ min_version("9.0")
 # The offline demo's config.yaml, unless --configfile names others: Snakemake would merge those
 # over it, and the demo's models and experiments would build beside an example's.
 if not workflow.config_settings.configfiles:
+    import sys
+
+    from tunemake.config import read_config_file
+    from tunemake.errors import TunemakeError
+
+    try:  # first, for a syntax error named by line: Snakemake's own reading names none
+        read_config_file("config.yaml")
+    except TunemakeError as exc:
+        sys.exit(f"error: {exc}")
 
     configfile: "config.yaml"
 

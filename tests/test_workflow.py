@@ -329,3 +329,19 @@ def test_every_recorded_param_is_canonical(trained):
     for record in records:
         for param in record["params"]:
             assert repr(canonical(ast.literal_eval(param))) == param, (record["rule"], param)
+
+
+def test_a_syntax_error_in_the_default_config_is_named_by_line(tmp_path):
+    """`snakemake` without --configfile reads ./config.yaml: its syntax error names the line, in
+    one line of output, before Snakemake's own reading (which names none)."""
+    import subprocess
+    import sys
+
+    text = (REPO / "config.yaml").read_text().replace("seed: 0", "seed: [0", 1)
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if "seed: [0" in row)
+    (tmp_path / "config.yaml").write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "-n", "--cores", "1"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: config.yaml:{line + 1}: invalid YAML"), proc.stderr
+    assert "Traceback" not in proc.stderr
