@@ -355,3 +355,16 @@ def test_an_uncached_hub_dataset_fails_the_data_stage_in_one_line(offline_hub, t
     with pytest.raises(TunemakeError, match=r"dataset org/absent-data at revision main is not in the Hugging Face cache"):
         build_templated_dataset(only(resolved)["data_recipe"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_names_its_config_file_for_an_uncached_hub_model(offline_hub, tmp_path, monkeypatch, capsys):
+    from tunemake.cli import main
+
+    settings = {"models": {"m": {"path": "org/nowhere", "template": "llama3_chat"}},
+                "datasets": {"d": {"hub": GUANACO, "format": "oasst1"}},
+                "experiments": [{"model": "m", "datasets": "d", "method": "lora"}]}
+    (tmp_path / "mine.yaml").write_text(json.dumps(settings))
+    monkeypatch.chdir(tmp_path)
+    assert main(["list-experiments", "-c", "mine.yaml"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: mine.yaml: models.m.path: org/nowhere at revision main is not in the Hugging Face cache")

@@ -141,7 +141,8 @@ def load_pinned(source, *, may_resolve: bool, lock_file: str | os.PathLike = LOC
     from tunemake.config import load_config
 
     config = load_config(source, **kwargs)
-    pin(config, resolve(config, read_lock(lock_file), may_resolve=may_resolve, origin=kwargs.get("origin") or "config"))
+    origin = kwargs.get("origin") or (str(source) if isinstance(source, (str, os.PathLike)) else "config")
+    pin(config, resolve(config, read_lock(lock_file), may_resolve=may_resolve, origin=origin))
     return config
 
 
