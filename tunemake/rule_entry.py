@@ -23,10 +23,10 @@ from tunemake.gpus import claimed_gpus
 QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
 
 
-def setup_logging(fmt: str) -> None:
+def setup_logging(fmt: str, force: bool = False) -> None:
     """INFO and above to stderr in ``fmt``, without :data:`QUIET_LOGGERS`' warnings (the rules'
-    entry and the ``tunemake`` command share it)."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=fmt, force=True)
+    entry and the ``tunemake`` command share it); ``force``: replace handlers already set up."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=fmt, force=force)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -46,7 +46,7 @@ def run(smk, entry: Callable, **kwargs):
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
-    setup_logging("%(asctime)s %(name)s: %(message)s")
+    setup_logging("%(asctime)s %(name)s: %(message)s", force=True)  # to the log now behind stderr
     job = _job_name(smk)
 
     def tell_console(message: str) -> None:  # a job waiting on busy GPUs says so where the user looks
