@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -98,27 +99,16 @@ def cmd_build_data(args) -> None:
     config = _load(args)
     exp = _experiment(config, args.experiment)
     out = args.out or templated_dataset(exp["data_key"])
-    if args.out is None and _newer_than_its_inputs(Path(out), config, exp):
-        # rewriting it would make every epoch trained on it stale to Snakemake
+    if args.out is None and (Path(out) / "stats.json").exists():
+        # rewriting it would make every epoch trained on it stale to Snakemake, which rebuilds it
+        # itself when its sources change
         stats = json.loads((Path(out) / "stats.json").read_text())
-        print(f"{out}: up to date with its sources, left as it is (--out DIR builds a copy)")
+        print(f"{out}: already built, left as it is (snakemake rebuilds it when its sources change; "
+              "--out DIR builds a copy)")
     else:
         stats = build_templated_dataset(exp["data_recipe"], out, threads=args.threads)
     print(f"{out}: {stats['records_out']['train']} train / {stats['records_out']['heldout']} held-out "
           f"records, {stats['tokens']} tokens, packing efficiency {stats['packing_efficiency']:.1%}")
-
-
-def _newer_than_its_inputs(out: Path, config: dict, exp: dict) -> bool:
-    """Whether the workflow's templated dataset ``out`` is built and newer than its local sources
-    and tokenizer files, as Snakemake judges it (a hub dataset's snapshot is pinned by revision)."""
-    if not (out / "stats.json").exists():
-        return False
-    sources = [Path(f) for d in exp["data_recipe"]["datasets"] if "hub" not in d
-               for f in config["source_files"][d["name"]]]
-    root = Path(config["models"][exp["root_model"]]["path"])
-    sources += [f for f in root.glob("*") if f.is_file()] if root.is_dir() else []
-    built = out.stat().st_mtime
-    return all(f.stat().st_mtime <= built for f in sources)
 
 
 def cmd_prune_state(args) -> None:
@@ -300,12 +290,21 @@ def _number(kind, above=None, at_least=None, at_most=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if ((above is not None and value <= above) or (at_least is not None and value < at_least)
-                or (at_most is not None and value > at_most)):
+        if (not math.isfinite(value) or (above is not None and value <= above)
+                or (at_least is not None and value < at_least) or (at_most is not None and value > at_most)):
             raise argparse.ArgumentTypeError(f"{text} is out of range (must be {' and '.join(b for b in bounds if b)})")
         return value
 
     return parse
+
+
+def _reader_gone(stream) -> bool:
+    """Whether ``stream`` is a pipe whose reading end is closed."""
+    import select
+
+    poll = select.poll()
+    poll.register(stream.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,9 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     except TunemakeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
+    except BrokenPipeError:
+        if not _reader_gone(sys.stdout):
+            raise
+        # the output's reader went away (`| head`): no traceback; exit 1, as Python's docs advise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return 1
     return 0
 
 

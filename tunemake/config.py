@@ -522,11 +522,7 @@ def resolve_experiment(exp: dict, config: dict, origin: str) -> None:
             raise ConfigError(f"{key}.model.experiment: unknown experiment {upstream!r}")
         exp["upstream"] = upstream
         exp["root_model"] = _root_model(upstream, config, key)
-    else:
-        if model not in config["models"]:
-            raise ConfigError(
-                f"{key}.model: unknown model {model!r}; defined models: {', '.join(config['models'])}"
-            )
+    else:  # a known model: :func:`_name_experiments` checked
         exp["upstream"] = None
         exp["root_model"] = model
     for index, name in enumerate(exp["datasets"]):
@@ -637,9 +633,7 @@ def _root_model(experiment: str, config: dict, key: str) -> str:
         seen.add(experiment)
         model = config["experiments"][experiment]["model"]
         if not isinstance(model, dict):
-            if model not in config["models"]:
-                raise ConfigError(f"{key}.model: unknown model {model!r} at the root of the chain")
-            return model
+            return model  # a known model: :func:`_name_experiments` checked
         experiment = model["experiment"]
         if experiment not in config["experiments"]:
             raise ConfigError(f"{key}.model: unknown experiment {experiment!r} in the chain")

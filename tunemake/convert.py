@@ -68,6 +68,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def _where(model: str) -> str:
+    """A hub id as it is, a local directory as its real path (however it was written)."""
+    return model if is_hub_id(model) else os.path.realpath(model)
+
+
 def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, base_model: str | None = None,
                        dtype: str | None = None, tokenizer_path: str | None = None,
                        revision: str | None = None, trust_remote_code: bool = False) -> Path:
@@ -92,7 +97,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
 
     ckpt = read_checkpoint(checkpoint)
     named = base_model or ckpt["base_model"]
-    if base_model and os.path.normpath(base_model) != os.path.normpath(ckpt["base_model"]):
+    if base_model and _where(base_model) != _where(ckpt["base_model"]):
         log.warning("%s was trained on %s, converted here against %s: the adapter is exact only on the "
                     "weights it was trained on", checkpoint, ckpt["base_model"], base_model)
     local = model_dir(named, revision)

@@ -2,17 +2,17 @@
 :meth:`tunemake.train.EpochSpec.to_json`, written by :func:`tunemake.train.launch`)."""
 
 import json
-import logging
 import sys
 
 from tunemake.errors import TunemakeError
+from tunemake.rule_entry import setup_logging
 from tunemake.train.loop import train_epoch
 from tunemake.train.spec import EpochSpec
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging("%(asctime)s %(name)s: %(message)s")
     with open(argv[0], encoding="utf-8") as handle:
         spec = EpochSpec.from_json(json.load(handle))
     try:
