@@ -396,6 +396,7 @@ class ChatSession:
             return (parsed.get("content") or "", calls) if calls else None
         content, calls = FORMS[self.template.tool_form].parse(self._raw(new_ids))
         return (content, [bind_arguments(call, self.toolbox.schemas) for call in calls]) if calls else None
+
     def _call_opener(self) -> tuple[list[str], set[int]]:
         """What starts a tool call, for the streamer to hold back: the opener's visible text, or
         its token id where it is a special token (invisible in the stream). Nothing without tools,

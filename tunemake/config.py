@@ -40,7 +40,8 @@ DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 ZERO3_LIVE_PARAMETERS = 300_000_000
 _ZERO3_LIVE = {"stage3_max_live_parameters": ZERO3_LIVE_PARAMETERS, "stage3_max_reuse_distance": ZERO3_LIVE_PARAMETERS}
 #: DeepSpeed configs tunemake ships, by XTuner's names without the ``deepspeed_`` prefix: XTuner's
-#: ZeRO configs (xtuner/configs/deepspeed/), ZeRO-3's live parameters capped, the batch fields left to ``tunemake.train`` to fill.
+#: ZeRO configs (xtuner/configs/deepspeed/), ZeRO-3's live parameters capped, the batch fields
+#: left to ``tunemake.train`` to fill.
 DEEPSPEED_PRESETS = {
     "zero1": {"zero_optimization": {"stage": 1}},
     "zero2": {"zero_optimization": {"stage": 2, "overlap_comm": True}},

@@ -1,7 +1,7 @@
 """Tokenize conversations with labels masked as XTuner does, fast, and pack them to max_length.
 
-The rules (XTuner's ``encode_fn``, xtuner/dataset/utils.py): per turn, bos (unlabelled) when the previous turn ended with eos or at
-the start; (system +) instruction unlabelled; output (+ suffix) labelled; the tokenizer's eos,
+The rules (XTuner's ``encode_fn``, xtuner/dataset/utils.py): per turn, bos (unlabelled) when the
+previous turn ended with eos or at the start; (system +) instruction unlabelled; output (+ suffix) labelled; the tokenizer's eos,
 labelled, when the template's suffix is not the eos; the separator unlabelled. Tool calls are
 part of the output, tools and tool results part of the prompt (``tunemake.toolforms``). A turn whose
 ``output_with_loss`` is false (XTuner's per-turn loss) has its output, suffix and eos unlabelled
